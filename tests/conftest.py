@@ -1,0 +1,45 @@
+"""Shared test setup: offline environment, the location of ../shared/data, small helpers."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+# Offline and quiet before any library import reads these.
+_SCRATCH = Path(tempfile.mkdtemp(prefix="retriever-tests-"))
+for key, value in {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_AUTH_MODE": "disabled",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "DO_NOT_TRACK": "true",
+    "DS_ACCELERATOR": "cpu",
+    "TOKENIZERS_PARALLELISM": "false",
+    "IR_DATASETS_DL_TRIES": "1",
+}.items():
+    os.environ.setdefault(key, value)
+os.environ.setdefault("IR_DATASETS_HOME", str(_SCRATCH / "ir_datasets"))
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("RETRIEVER_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
+
+
+def shared_path(*parts: str) -> Path:
+    """A path under ../shared/data; the calling test is skipped when it is absent."""
+    path = SHARED_DATA.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"needs {path} (real offline data; see ../shared/data/README.md)")
+    return path
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"needs {SHARED_DATA} (real offline data)")
+    return SHARED_DATA
