@@ -58,7 +58,9 @@ class EncoderConfig(StrictModel):
     query_max_length: int = Field(64, gt=0)
     passage_max_length: int = Field(128, gt=0)
     temperature: float = Field(0.01, gt=0, description="dense training logits are divided by this")
-    sparse_chunk_size: int = Field(32, gt=0, description="positions per LM-head chunk (bounds memory)")
+    sparse_chunk_tokens: int = Field(
+        2048, gt=0, description="(text, position) cells per LM-head chunk: bounds the [cells, vocab] logits memory"
+    )
 
 
 class LossConfig(StrictModel):
