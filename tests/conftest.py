@@ -43,3 +43,32 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"needs {SHARED_DATA} (real offline data)")
     return SHARED_DATA
+
+
+TINY_CORPUS = [
+    "the quick brown fox jumps over the lazy dog",
+    "a retriever encodes queries and passages into vectors",
+    "sparse vectors live in the vocabulary space of the language model",
+    "dense vectors are normalised token states averaged over the text",
+    "bidirectional attention lets every token see every other token",
+    "low rank adapters train a small number of parameters",
+    "the budget planner turns a flop budget into training steps",
+    "contrastive learning pulls positives close and pushes negatives away",
+    "distillation matches the margins of a cross encoder teacher",
+    "ray shards the data and runs the workers on the cluster",
+] * 3
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    """A byte-level BPE tokenizer trained offline on a few sentences (deterministic)."""
+    from retriever.models.tokenizers import train_bpe_tokenizer
+
+    return train_bpe_tokenizer(TINY_CORPUS, vocab_size=400)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(tmp_path_factory, tiny_tokenizer) -> Path:
+    path = tmp_path_factory.mktemp("tokenizer")
+    tiny_tokenizer.save_pretrained(path)
+    return path

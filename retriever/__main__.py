@@ -1,0 +1,5 @@
+import sys
+
+from retriever.cli import main
+
+sys.exit(main())

@@ -1,0 +1,247 @@
+"""Decoder-only backbones: named presets (the paper's Llama-3 shapes, tiny random Llamas) and any HF model.
+
+A backbone reference is a string: a preset name from `BACKBONES`, a Hugging Face hub id, or a local directory.
+Paper presets can be built on the meta device for planning without any weights; tiny presets are built from
+config with random weights (seeded) for tests and the offline quickstart.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, PretrainedConfig, PreTrainedModel
+
+from retriever.registry import Registry
+
+PresetKind = Literal["paper", "tiny"]
+
+
+@dataclass(frozen=True)
+class BackbonePreset:
+    """A named model shape; `hub_id` is where pretrained weights come from (None: random init)."""
+
+    name: str
+    kind: PresetKind
+    config: dict[str, Any]
+    hub_id: str | None = None
+    aliases: tuple[str, ...] = field(default=())
+
+    def llama_config(self, vocab_size: int | None = None) -> LlamaConfig:
+        kwargs = dict(self.config)
+        if vocab_size is not None:
+            kwargs["vocab_size"] = vocab_size
+        return LlamaConfig(**kwargs)
+
+
+BACKBONES: Registry[BackbonePreset] = Registry("backbone preset")
+
+_LLAMA3 = dict(
+    vocab_size=128_256,
+    rms_norm_eps=1e-5,
+    rope_theta=500_000.0,
+    bos_token_id=128_000,
+    eos_token_id=128_001,
+    max_position_embeddings=131_072,
+    hidden_act="silu",
+)
+_LLAMA32_ROPE = {
+    "rope_type": "llama3",
+    "factor": 32.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}
+
+for _preset in (
+    BackbonePreset(
+        "llama-3.2-1b",
+        "paper",
+        dict(
+            _LLAMA3,
+            hidden_size=2048,
+            intermediate_size=8192,
+            num_hidden_layers=16,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            head_dim=64,
+            tie_word_embeddings=True,
+            rope_scaling=_LLAMA32_ROPE,
+        ),
+        hub_id="meta-llama/Llama-3.2-1B",
+        aliases=("meta-llama/Llama-3.2-1B",),
+    ),
+    BackbonePreset(
+        "llama-3.2-3b",
+        "paper",
+        dict(
+            _LLAMA3,
+            hidden_size=3072,
+            intermediate_size=8192,
+            num_hidden_layers=28,
+            num_attention_heads=24,
+            num_key_value_heads=8,
+            head_dim=128,
+            tie_word_embeddings=True,
+            rope_scaling=_LLAMA32_ROPE,
+        ),
+        hub_id="meta-llama/Llama-3.2-3B",
+        aliases=("meta-llama/Llama-3.2-3B",),
+    ),
+    BackbonePreset(
+        "llama-3-8b",
+        "paper",
+        dict(
+            _LLAMA3,
+            hidden_size=4096,
+            intermediate_size=14336,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            head_dim=128,
+            tie_word_embeddings=False,
+            max_position_embeddings=8192,
+        ),
+        hub_id="meta-llama/Meta-Llama-3-8B",
+        aliases=("meta-llama/Meta-Llama-3-8B",),
+    ),
+    # Tiny Llama-shaped presets, about 4x apart in parameters at the default 4,096-token vocabulary.
+    BackbonePreset(
+        "tiny-s",
+        "tiny",
+        dict(
+            vocab_size=4096,
+            hidden_size=32,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            tie_word_embeddings=True,
+            max_position_embeddings=1024,
+        ),
+    ),
+    BackbonePreset(
+        "tiny-m",
+        "tiny",
+        dict(
+            vocab_size=4096,
+            hidden_size=64,
+            intermediate_size=256,
+            num_hidden_layers=6,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            tie_word_embeddings=True,
+            max_position_embeddings=1024,
+        ),
+    ),
+    BackbonePreset(
+        "tiny-l",
+        "tiny",
+        dict(
+            vocab_size=4096,
+            hidden_size=128,
+            intermediate_size=384,
+            num_hidden_layers=10,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            tie_word_embeddings=True,
+            max_position_embeddings=1024,
+        ),
+    ),
+):
+    BACKBONES.add(_preset.name, _preset)
+
+_ALIASES = {alias: preset.name for _, preset in BACKBONES.items() for alias in preset.aliases}
+
+
+class BackboneUnavailable(RuntimeError):
+    """The backbone's weights or config cannot be obtained (e.g. offline without a local copy)."""
+
+
+def find_preset(name: str) -> BackbonePreset | None:
+    name = _ALIASES.get(name, name)
+    return BACKBONES.get(name) if name in BACKBONES else None
+
+
+def _unavailable_message(name: str, what: str, exc: Exception) -> str:
+    from huggingface_hub import constants
+
+    mode = "offline (HF_HUB_OFFLINE=1)" if constants.HF_HUB_OFFLINE else "from the Hugging Face hub"
+    where = constants.HF_HUB_CACHE
+    return (
+        f"backbone {name!r}: cannot load its {what} {mode}: {exc.__class__.__name__}: {str(exc).splitlines()[0]}\n"
+        f"  fix: download it with `huggingface-cli download {name}` (cache: {where}), "
+        f"or put the model files (config.json, *.safetensors, tokenizer files) in a directory and pass that "
+        f"directory as backbone.name."
+    )
+
+
+def backbone_config(name: str, vocab_size: int | None = None) -> PretrainedConfig:
+    """The model config of a reference, without weights (presets need no download)."""
+    preset = find_preset(name)
+    if preset is not None:
+        return preset.llama_config(vocab_size)
+    try:
+        config = AutoConfig.from_pretrained(name)
+    except (OSError, ValueError) as exc:
+        raise BackboneUnavailable(_unavailable_message(name, "config", exc)) from None
+    if vocab_size is not None:
+        config.vocab_size = vocab_size
+    return config
+
+
+def build_meta_model(name: str, vocab_size: int | None = None) -> PreTrainedModel:
+    """The model on the meta device: shapes and parameter counts, no memory, no weights."""
+    config = backbone_config(name, vocab_size)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def count_parameters(model: torch.nn.Module, trainable_only: bool = False) -> int:
+    """Distinct parameters (tied weights counted once)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_backbone(
+    name: str,
+    *,
+    dtype: str = "float32",
+    attn_implementation: str = "sdpa",
+    vocab_size: int | None = None,
+    seed: int = 0,
+    random_init: bool | None = None,
+) -> PreTrainedModel:
+    """A causal LM for a backbone reference.
+
+    Tiny presets (and `random_init=True`) give seeded random weights built from config; paper presets load their
+    hub weights; anything else is loaded by `AutoModelForCausalLM.from_pretrained` (hub id or local directory).
+    `vocab_size` resizes a random model to its tokenizer.
+    """
+    torch_dtype = _DTYPES[dtype]
+    preset = find_preset(name)
+    if random_init is None:
+        random_init = preset is not None and preset.kind == "tiny"
+    if random_init:
+        config = backbone_config(name, vocab_size)
+        config._attn_implementation = attn_implementation
+        generator_state = torch.random.get_rng_state()
+        torch.manual_seed(seed)
+        try:
+            model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
+        finally:
+            torch.random.set_rng_state(generator_state)
+        return model.to(torch_dtype)
+    source = preset.hub_id if preset is not None and preset.hub_id else name
+    try:
+        return AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, attn_implementation=attn_implementation)
+    except (OSError, ValueError) as exc:
+        raise BackboneUnavailable(_unavailable_message(source, "weights", exc)) from None
+
+
+def is_random_preset(name: str) -> bool:
+    preset = find_preset(name)
+    return preset is not None and preset.kind == "tiny"

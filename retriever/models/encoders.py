@@ -1,0 +1,330 @@
+"""Dense and sparse retrieval encoders behind one contract: `encode_queries`, `encode_passages`, `score`.
+
+Both run the (optionally bidirectional, LoRA-adapted) decoder over left-padded texts and differ only in how the
+token states become one vector:
+
+- dense: L2-normalise every token state, mean over non-pad tokens (norm <= 1); or the last token (`last`).
+  Training logits are dot products divided by the temperature (`score_scale` = 1/T).
+- sparse: LM-head logits * hidden_size^(-1/4), pads excluded, max over positions, log(1 + ReLU(.)): a
+  vocabulary-sized vector; training logits are plain dot products. The head runs in chunks of positions with a
+  running max and a custom backward, so memory is bounded by `sparse_chunk_tokens` x vocabulary, not by
+  batch x length x vocabulary.
+
+The encoder is an `nn.Module` whose `forward(input_ids, attention_mask)` returns representations, so it can be the
+root of FSDP sharding. A saved encoder directory holds everything needed to rebuild it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from peft import PeftModel
+from torch import nn
+from transformers import PreTrainedModel
+
+from retriever.config import BackboneConfig, EncoderConfig
+from retriever.models.backbone import is_random_preset, load_backbone
+from retriever.models.bidirectional import bidirectional_mask, check_supported, set_bidirectional
+from retriever.models.lora import apply_lora, base_model, load_adapter
+from retriever.models.tokenizers import load_tokenizer, prepare_for_retrieval, tokenize
+from retriever.registry import Registry
+
+ENCODER_FORMAT_VERSION = 1
+TextKind = Literal["query", "passage"]
+
+
+class RetrievalEncoder(nn.Module):
+    """Shared machinery; subclasses implement `represent(hidden, attention_mask)`."""
+
+    paradigm: ClassVar[str]
+
+    def __init__(
+        self,
+        model: PreTrainedModel | PeftModel,
+        tokenizer: Any,
+        settings: EncoderConfig,
+        backbone: BackboneConfig,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.tokenizer = prepare_for_retrieval(tokenizer, settings.add_bos)
+        self.settings = settings
+        self.backbone = backbone
+        self.lm = base_model(model)
+        self.bidirectional = backbone.bidirectional
+        if self.bidirectional:
+            check_supported(self.lm.config)
+            set_bidirectional(self.lm, True)
+
+    # -- the differentiable path --------------------------------------------------------------------------
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Last-layer token states [batch, length, hidden]."""
+        decoder = self.lm.get_decoder()
+        embeds = self.lm.get_input_embeddings()(input_ids)
+        mask = bidirectional_mask(self.lm.config, embeds, attention_mask) if self.bidirectional else attention_mask
+        return decoder(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.represent(self.hidden_states(input_ids, attention_mask), attention_mask)
+
+    def represent(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    @property
+    def score_scale(self) -> float:
+        """Training logits = dot product x score_scale."""
+        return 1.0
+
+    @staticmethod
+    def score(queries: torch.Tensor, passages: torch.Tensor) -> torch.Tensor:
+        """Relevance of every query to every passage: [n_queries, n_passages] dot products."""
+        return queries @ passages.T
+
+    # -- texts -------------------------------------------------------------------------------------------
+    def max_length(self, kind: TextKind) -> int:
+        return self.settings.query_max_length if kind == "query" else self.settings.passage_max_length
+
+    def tokenize(
+        self, texts: Sequence[str], kind: TextKind, max_length: int | None = None, pad_to_max_length: bool = False
+    ) -> dict[str, torch.Tensor]:
+        return tokenize(
+            self.tokenizer,
+            list(texts),
+            max_length=max_length or self.max_length(kind),
+            add_bos=self.settings.add_bos,
+            pad_to_max_length=pad_to_max_length,
+        )
+
+    @torch.no_grad()
+    def encode(
+        self, texts: Sequence[str], kind: TextKind, batch_size: int = 32, max_length: int | None = None
+    ) -> torch.Tensor:
+        """Representations of `texts` (eval mode, no gradients), batched; rows follow the input order."""
+        was_training = self.training
+        self.eval()
+        device = next(self.parameters()).device
+        try:
+            outputs = []
+            for start in range(0, len(texts), batch_size):
+                batch = self.tokenize(texts[start : start + batch_size], kind, max_length)
+                batch = {key: value.to(device) for key, value in batch.items()}
+                outputs.append(self(**batch).float().cpu())
+            if not outputs:
+                return torch.empty(0, self.dimension)
+            return torch.cat(outputs)
+        finally:
+            self.train(was_training)
+
+    def encode_queries(self, texts: Sequence[str], batch_size: int = 32, max_length: int | None = None):
+        return self.encode(texts, "query", batch_size, max_length)
+
+    def encode_passages(self, texts: Sequence[str], batch_size: int = 32, max_length: int | None = None):
+        return self.encode(texts, "passage", batch_size, max_length)
+
+    @property
+    def dimension(self) -> int:
+        raise NotImplementedError
+
+    # -- persistence -------------------------------------------------------------------------------------
+    def save(self, directory: str | Path, include_backbone: bool | None = None) -> Path:
+        """Write encoder.json, the tokenizer, the LoRA adapter and (for random-init backbones) the base weights."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        if include_backbone is None:
+            include_backbone = is_random_preset(self.backbone.name) or not isinstance(self.model, PeftModel)
+        has_adapter = isinstance(self.model, PeftModel)
+        self.tokenizer.save_pretrained(directory / "tokenizer")
+        if has_adapter:
+            self.model.save_pretrained(directory / "adapter")
+        if include_backbone:
+            self.lm_without_adapter().save_pretrained(directory / "backbone")
+        meta = {
+            "format_version": ENCODER_FORMAT_VERSION,
+            "paradigm": self.paradigm,
+            "encoder": self.settings.model_dump(mode="json"),
+            "backbone": self.backbone.model_dump(mode="json"),
+            "has_adapter": has_adapter,
+            "has_backbone_weights": include_backbone,
+            "vocab_size": int(self.lm.config.vocab_size),
+            "hidden_size": int(self.lm.config.hidden_size),
+        }
+        (directory / "encoder.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        return directory
+
+    def lm_without_adapter(self) -> PreTrainedModel:
+        """The base model with its original weights (adapters are saved separately)."""
+        if not isinstance(self.model, PeftModel):
+            return self.lm
+        # Saving the base through peft's unload would mutate this model; copy its state instead.
+        state = {
+            key.replace("base_layer.", ""): value for key, value in self.lm.state_dict().items() if "lora_" not in key
+        }
+        clone = type(self.lm)(self.lm.config)
+        clone.load_state_dict(state)
+        return clone
+
+
+ENCODERS: Registry[type[RetrievalEncoder]] = Registry("paradigm")
+
+
+@ENCODERS.register("dense")
+class DenseEncoder(RetrievalEncoder):
+    paradigm = "dense"
+
+    def represent(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        if self.settings.pooling == "last":
+            # Left padding puts every text's last token in the last position.
+            return F.normalize(hidden[:, -1], dim=-1)
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        summed = (F.normalize(hidden, dim=-1) * mask).sum(dim=1)
+        return summed / mask.sum(dim=1).clamp(min=1.0)
+
+    @property
+    def score_scale(self) -> float:
+        return 1.0 / self.settings.temperature
+
+    @property
+    def dimension(self) -> int:
+        return int(self.lm.config.hidden_size)
+
+
+class _ChunkedMaxLogits(torch.autograd.Function):
+    """max over valid positions of hidden @ weight.T, computed in position chunks.
+
+    Forward keeps a running max and its argmax ([batch, vocab]); backward routes each vocabulary entry's gradient
+    to its argmax position, again chunk by chunk, so no [batch, length, vocab] tensor is ever stored.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, valid, chunk):  # type: ignore[override]
+        batch, length, _ = hidden.shape
+        floor = torch.finfo(hidden.dtype).min
+        best = hidden.new_full((batch, weight.shape[0]), floor)
+        where = torch.zeros(best.shape, dtype=torch.long, device=hidden.device)
+        for start in range(0, length, chunk):
+            stop = min(start + chunk, length)
+            logits = hidden[:, start:stop] @ weight.T
+            logits.masked_fill_(~valid[:, start:stop, None], floor)
+            values, index = logits.max(dim=1)
+            better = values > best
+            best = torch.where(better, values, best)
+            where = torch.where(better, index + start, where)
+        ctx.save_for_backward(hidden, weight, where)
+        ctx.chunk = chunk
+        return best
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        hidden, weight, where = ctx.saved_tensors
+        need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_hidden = torch.zeros_like(hidden) if need_hidden else None
+        grad_weight = torch.zeros_like(weight) if need_weight else None
+        batch, length, _ = hidden.shape
+        grad = grad.to(hidden.dtype)
+        for start in range(0, length, ctx.chunk):
+            stop = min(start + ctx.chunk, length)
+            inside = (where >= start) & (where < stop)
+            routed = hidden.new_zeros((batch, stop - start, weight.shape[0]))
+            routed.scatter_(1, (where - start).clamp(0, stop - start - 1).unsqueeze(1), (grad * inside).unsqueeze(1))
+            if need_hidden:
+                grad_hidden[:, start:stop] = routed @ weight
+            if need_weight:
+                grad_weight += routed.flatten(0, 1).T @ hidden[:, start:stop].flatten(0, 1)
+        return grad_hidden, grad_weight, None, None
+
+
+def sparse_max_logits(hidden: torch.Tensor, weight: torch.Tensor, valid: torch.Tensor, chunk_tokens: int):
+    """Max over valid positions of the LM-head logits, with memory bounded by chunk_tokens x vocabulary."""
+    positions = max(1, chunk_tokens // max(1, hidden.shape[0]))
+    return _ChunkedMaxLogits.apply(hidden, weight, valid.bool(), positions)
+
+
+@ENCODERS.register("sparse")
+class SparseEncoder(RetrievalEncoder):
+    paradigm = "sparse"
+
+    def represent(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        head = self.lm.get_output_embeddings()
+        if getattr(head, "bias", None) is not None:
+            raise ValueError("sparse encoders expect an LM head without bias")
+        peak = sparse_max_logits(hidden, head.weight, attention_mask, self.settings.sparse_chunk_tokens)
+        # max commutes with the positive scale and the monotone log1p(relu(.)).
+        return torch.log1p(torch.relu(peak * self.lm.config.hidden_size**-0.25))
+
+    @property
+    def dimension(self) -> int:
+        return int(self.lm.config.vocab_size)
+
+    @staticmethod
+    def to_terms(reps: torch.Tensor) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Per text: (token ids int32 ascending, weights float32) of the non-zero entries, for indexing."""
+        out = []
+        for row in reps.detach().float().cpu():
+            ids = torch.nonzero(row, as_tuple=False).squeeze(1)
+            out.append((ids.numpy().astype(np.int32), row[ids].numpy().astype(np.float32)))
+        return out
+
+    def encode_terms(
+        self, texts: Sequence[str], kind: TextKind, batch_size: int = 32, max_length: int | None = None
+    ) -> list[tuple[np.ndarray, np.ndarray]]:
+        terms: list[tuple[np.ndarray, np.ndarray]] = []
+        for start in range(0, len(texts), batch_size):
+            terms.extend(self.to_terms(self.encode(texts[start : start + batch_size], kind, batch_size, max_length)))
+        return terms
+
+
+def build_encoder(
+    backbone: BackboneConfig, settings: EncoderConfig, *, tokenizer: Any = None, trainable: bool = True
+) -> RetrievalEncoder:
+    """Backbone (+ bidirectional + LoRA or a continued adapter) wrapped as the configured paradigm."""
+    if tokenizer is None:
+        tokenizer = load_tokenizer(backbone.tokenizer or backbone.name)
+    vocab = len(tokenizer) if is_random_preset(backbone.name) else None
+    model = load_backbone(
+        backbone.name,
+        dtype=backbone.dtype,
+        attn_implementation=backbone.attn_implementation,
+        vocab_size=vocab,
+        seed=backbone.seed,
+    )
+    if backbone.init_adapter:
+        model = load_adapter(model, backbone.init_adapter, trainable=trainable)
+    elif backbone.lora.enabled:
+        model = apply_lora(model, backbone.lora)
+    if backbone.gradient_checkpointing:
+        base_model(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return ENCODERS.get(settings.paradigm)(model, tokenizer, settings, backbone)
+
+
+def load_encoder(directory: str | Path, *, trainable: bool = False) -> RetrievalEncoder:
+    """Rebuild an encoder from a directory written by `RetrievalEncoder.save`."""
+    directory = Path(directory)
+    meta_path = directory / "encoder.json"
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{directory}: not an encoder directory (encoder.json missing)")
+    meta = json.loads(meta_path.read_text())
+    if meta.get("format_version") != ENCODER_FORMAT_VERSION:
+        raise ValueError(
+            f"{meta_path}: encoder format version {meta.get('format_version')!r} is not supported "
+            f"(this version reads {ENCODER_FORMAT_VERSION})"
+        )
+    settings = EncoderConfig.model_validate(meta["encoder"])
+    backbone = BackboneConfig.model_validate(meta["backbone"])
+    tokenizer = load_tokenizer(directory / "tokenizer")
+    if meta["has_backbone_weights"]:
+        model = load_backbone(
+            str(directory / "backbone"), dtype=backbone.dtype, attn_implementation=backbone.attn_implementation
+        )
+    else:
+        model = load_backbone(backbone.name, dtype=backbone.dtype, attn_implementation=backbone.attn_implementation)
+    if meta["has_adapter"]:
+        model = load_adapter(model, directory / "adapter", trainable=trainable)
+    encoder = ENCODERS.get(meta["paradigm"])(model, tokenizer, settings, backbone)
+    encoder.train(trainable)
+    return encoder
