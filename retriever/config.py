@@ -111,6 +111,7 @@ class MntpConfig(StrictModel):
     """Masked next-token prediction: the optional bidirectional adaptation stage."""
 
     enabled: bool = False
+    corpus: str = Field("synthetic", description="texts to adapt on: `synthetic`, a dataset id, or a text file")
     steps: int = Field(10_000, gt=0)
     batch_size: int = Field(32, gt=0)
     max_length: int = Field(512, gt=1)

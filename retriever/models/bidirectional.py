@@ -83,3 +83,10 @@ def bidirectional_mask(config: PretrainedConfig, inputs_embeds: torch.Tensor, at
         attention_mask=attention_mask,
         allow_is_bidirectional_skip=False,
     )
+
+
+def decoder_states(lm: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, bidirectional: bool):
+    """Last-layer token states of a causal LM's decoder, with the padding-only mask when bidirectional."""
+    embeds = lm.get_input_embeddings()(input_ids)
+    mask = bidirectional_mask(lm.config, embeds, attention_mask) if bidirectional else attention_mask
+    return lm.get_decoder()(inputs_embeds=embeds, attention_mask=mask).last_hidden_state

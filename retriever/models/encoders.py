@@ -30,7 +30,7 @@ from transformers import PreTrainedModel
 
 from retriever.config import BackboneConfig, EncoderConfig
 from retriever.models.backbone import is_random_preset, load_backbone
-from retriever.models.bidirectional import bidirectional_mask, check_supported, set_bidirectional
+from retriever.models.bidirectional import check_supported, decoder_states, set_bidirectional
 from retriever.models.lora import apply_lora, base_model, load_adapter
 from retriever.models.tokenizers import load_tokenizer, prepare_for_retrieval, tokenize
 from retriever.registry import Registry
@@ -65,10 +65,7 @@ class RetrievalEncoder(nn.Module):
     # -- the differentiable path --------------------------------------------------------------------------
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Last-layer token states [batch, length, hidden]."""
-        decoder = self.lm.get_decoder()
-        embeds = self.lm.get_input_embeddings()(input_ids)
-        mask = bidirectional_mask(self.lm.config, embeds, attention_mask) if self.bidirectional else attention_mask
-        return decoder(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+        return decoder_states(self.lm, input_ids, attention_mask, self.bidirectional)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.represent(self.hidden_states(input_ids, attention_mask), attention_mask)
@@ -132,18 +129,27 @@ class RetrievalEncoder(nn.Module):
         raise NotImplementedError
 
     # -- persistence -------------------------------------------------------------------------------------
-    def save(self, directory: str | Path, include_backbone: bool | None = None) -> Path:
-        """Write encoder.json, the tokenizer, the LoRA adapter and (for random-init backbones) the base weights."""
+    def save(
+        self,
+        directory: str | Path,
+        include_backbone: bool | None = None,
+        state_dict: dict[str, torch.Tensor] | None = None,
+    ) -> Path:
+        """Write encoder.json, the tokenizer, the LoRA adapter and (for random-init backbones) the base weights.
+
+        `state_dict` (keys relative to `self.model`) replaces the live parameters, e.g. a full state gathered
+        from FSDP shards on rank 0.
+        """
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        if include_backbone is None:
-            include_backbone = is_random_preset(self.backbone.name) or not isinstance(self.model, PeftModel)
         has_adapter = isinstance(self.model, PeftModel)
+        if include_backbone is None:
+            include_backbone = is_random_preset(self.backbone.name) or not has_adapter
         self.tokenizer.save_pretrained(directory / "tokenizer")
         if has_adapter:
-            self.model.save_pretrained(directory / "adapter")
+            self.model.save_pretrained(directory / "adapter", state_dict=state_dict)
         if include_backbone:
-            self.lm_without_adapter().save_pretrained(directory / "backbone")
+            self._save_base_weights(directory / "backbone", state_dict)
         meta = {
             "format_version": ENCODER_FORMAT_VERSION,
             "paradigm": self.paradigm,
@@ -157,17 +163,22 @@ class RetrievalEncoder(nn.Module):
         (directory / "encoder.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
         return directory
 
-    def lm_without_adapter(self) -> PreTrainedModel:
-        """The base model with its original weights (adapters are saved separately)."""
+    def _save_base_weights(self, directory: Path, state_dict: dict[str, torch.Tensor] | None) -> None:
+        """The base model's own weights (without adapters) in transformers format."""
+        state = state_dict if state_dict is not None else self.model.state_dict()
         if not isinstance(self.model, PeftModel):
-            return self.lm
-        # Saving the base through peft's unload would mutate this model; copy its state instead.
-        state = {
-            key.replace("base_layer.", ""): value for key, value in self.lm.state_dict().items() if "lora_" not in key
+            self.lm.save_pretrained(directory, state_dict=state)
+            return
+        # peft keys look like base_model.model.<lm key with .base_layer>; adapters are saved separately.
+        prefix = "base_model.model."
+        base = {
+            key[len(prefix) :].replace(".base_layer.", "."): value
+            for key, value in state.items()
+            if key.startswith(prefix) and "lora_" not in key
         }
         clone = type(self.lm)(self.lm.config)
-        clone.load_state_dict(state)
-        return clone
+        clone.load_state_dict(base)
+        clone.to(self.lm.dtype).save_pretrained(directory)
 
 
 ENCODERS: Registry[type[RetrievalEncoder]] = Registry("paradigm")

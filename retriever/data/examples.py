@@ -1,0 +1,488 @@
+"""Training examples: one parquet row per (query, positive) pair with its hard-negative pool and teacher scores.
+
+Schema (``read_training_examples`` checks it):
+
+=============  =================  ==========================================================================
+column         type               content
+=============  =================  ==========================================================================
+query_id       string
+query          string             query text
+positive_id    string             a judged-relevant document (qrels grade > 0)
+positive       string             its text (only with ``inline_text``)
+negative_ids   list<string>       the query's run candidates that are not judged relevant, in run rank order
+negatives      list<string>       their texts, aligned with negative_ids (only with ``inline_text``)
+teacher_pos    float32 (null)     teacher score of (query, positive); null without a teacher file
+teacher_negs   list<float32>      teacher scores aligned 1:1 with negative_ids; null without a teacher file
+=============  =================  ==========================================================================
+
+The whole pool is kept (up to ``max_candidates``); the trainer draws ``num_negatives`` of them per epoch with
+``sample_negatives`` and indexes ``negative_ids``/``negatives``/``teacher_negs`` with the same indices, which keeps the
+teacher scores aligned with the sampled negatives.
+
+Input files (errors name ``file:line`` and what was expected):
+
+* qrels: BEIR ``query-id<TAB>corpus-id<TAB>score`` (header optional) or TREC ``qid iter docid grade``;
+* candidates: a TREC run ``qid Q0 docid rank score tag``;
+* queries: BEIR ``queries.jsonl`` (``{"_id", "text"}``) or a ``qid<TAB>text`` TSV (MS MARCO);
+* teacher: ``qid<TAB>docid<TAB>score`` (header ``qid docid score`` optional).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+if TYPE_CHECKING:
+    from retriever.data.synthetic import SyntheticBenchmark
+
+logger = logging.getLogger(__name__)
+
+SCHEMA_VERSION = "1"
+_QRELS_HEADERS = {"query-id", "query_id", "qid"}
+
+
+@dataclass(frozen=True)
+class ExamplesReport:
+    """What ``build_training_examples`` wrote."""
+
+    path: Path
+    rows: int
+    queries: int
+    num_negatives: int
+    min_negatives: int
+    mean_negatives: float
+    max_negatives: int
+    rows_below_num_negatives: int  # rows whose pool is smaller than num_negatives
+    with_teacher: bool
+    inline_text: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "path": str(self.path)}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# public API
+
+
+def build_training_examples(
+    qrels: Path | Mapping[str, Mapping[str, int]],
+    candidates: Path,
+    queries: Path | Mapping[str, str],
+    docs: Any,
+    out: Path,
+    *,
+    teacher: Path | None = None,
+    num_negatives: int = 16,
+    max_candidates: int | None = None,
+    inline_text: bool = True,
+) -> ExamplesReport:
+    """Write the training-examples parquet ``out`` and report its pool sizes.
+
+    ``docs`` maps document id → text: a ``Mapping`` or any object with ``.get(id)`` (an ir_datasets docs store
+    works; documents with ``default_text()`` or ``.text`` are turned into text). Every document id in the qrels, the
+    run and the teacher file must be known to it. One row per (query, positive) in qrels order; queries without a
+    positive judgment are skipped. ``max_candidates`` caps the negatives kept per row (after removing positives).
+    """
+    if num_negatives < 1:
+        raise ValueError(f"num_negatives must be ≥ 1, got {num_negatives}")
+    if max_candidates is not None and max_candidates < 1:
+        raise ValueError(f"max_candidates must be ≥ 1 or None, got {max_candidates}")
+    lookup = _DocLookup(docs)
+    judgments = _read_qrels(qrels)
+    query_text = _read_queries(queries)
+    run = _read_run(Path(candidates))
+    scores = _read_teacher(Path(teacher)) if teacher is not None else None
+
+    for rows in judgments.values():
+        for docid, _, where in rows:
+            lookup.require(docid, where)
+    for ranked in run.values():
+        for docid, where in ranked:
+            lookup.require(docid, where)
+    if scores is not None:
+        for (_, docid), (_, where) in scores.items():
+            lookup.require(docid, where)
+
+    def teacher_score(qid: str, docid: str, needed_by: str) -> float:
+        assert scores is not None
+        try:
+            return scores[(qid, docid)][0]
+        except KeyError:
+            raise ValueError(
+                f"{teacher}: no teacher score for query {qid!r} and document {docid!r} (needed by {needed_by}); "
+                "score every (query, positive) and (query, candidate) pair, or build without a teacher file"
+            ) from None
+
+    columns: dict[str, list[Any]] = {name: [] for name in _column_names(inline_text)}
+    pool_sizes: list[int] = []
+    queries_used = 0
+    for qid, rows in judgments.items():
+        positives = [(docid, where) for docid, grade, where in rows if grade > 0]
+        if not positives:
+            continue
+        if qid not in query_text:
+            raise ValueError(
+                f"{positives[0][1]}: query id {qid!r} has no text in {_describe(queries)}; "
+                "add the query or remove its judgments"
+            )
+        queries_used += 1
+        judged = {docid for docid, _ in positives}
+        pool = [(docid, where) for docid, where in run.get(qid, []) if docid not in judged]
+        if max_candidates is not None:
+            pool = pool[:max_candidates]
+        negative_ids = [docid for docid, _ in pool]
+        negative_texts = [lookup.text(docid) for docid in negative_ids] if inline_text else []
+        teacher_negs = [teacher_score(qid, d, where) for d, where in pool] if scores is not None else None
+        for docid, where in positives:
+            columns["query_id"].append(qid)
+            columns["query"].append(query_text[qid])
+            columns["positive_id"].append(docid)
+            columns["negative_ids"].append(negative_ids)
+            if inline_text:
+                columns["positive"].append(lookup.text(docid))
+                columns["negatives"].append(negative_texts)
+            columns["teacher_pos"].append(teacher_score(qid, docid, where) if scores is not None else None)
+            columns["teacher_negs"].append(teacher_negs)
+            pool_sizes.append(len(negative_ids))
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    metadata = {
+        "retriever.examples.version": SCHEMA_VERSION,
+        "inline_text": str(inline_text).lower(),
+        "with_teacher": str(scores is not None).lower(),
+    }
+    schema = _schema(inline_text).with_metadata(metadata)
+    pq.write_table(pa.table(columns, schema=schema), out)
+
+    below = sum(n < num_negatives for n in pool_sizes)
+    report = ExamplesReport(
+        path=out,
+        rows=len(pool_sizes),
+        queries=queries_used,
+        num_negatives=num_negatives,
+        min_negatives=min(pool_sizes, default=0),
+        mean_negatives=float(np.mean(pool_sizes)) if pool_sizes else 0.0,
+        max_negatives=max(pool_sizes, default=0),
+        rows_below_num_negatives=below,
+        with_teacher=scores is not None,
+        inline_text=inline_text,
+    )
+    if below:
+        logger.warning(
+            "%d of %d rows have fewer than %d hard negatives (smallest pool: %d); the trainer samples %d per epoch "
+            "where the pool allows and repeats negatives otherwise",
+            below,
+            report.rows,
+            num_negatives,
+            report.min_negatives,
+            num_negatives,
+        )
+    return report
+
+
+def build_synthetic_examples(bench: SyntheticBenchmark, out: Path, num_negatives: int = 16) -> ExamplesReport:
+    """The synthetic benchmark's training parquet (train qrels, BM25 candidates, teacher scores, inline texts)."""
+    return build_training_examples(
+        bench.qrels_train,
+        bench.candidates_train,
+        bench.queries,
+        bench.docs(),
+        out,
+        teacher=bench.teacher_train,
+        num_negatives=num_negatives,
+    )
+
+
+def read_training_examples(path: Path) -> pa.Table:
+    """Read a training-examples parquet and check its schema (names every missing or mistyped column)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such training-examples file; build it with build_training_examples()")
+    table = pq.read_table(path)
+    fields = {f.name: f.type for f in table.schema}
+    checks: dict[str, tuple[Callable[[pa.DataType], bool], str]] = {
+        "query_id": (_is_string, "string"),
+        "query": (_is_string, "string"),
+        "positive_id": (_is_string, "string"),
+        "negative_ids": (_is_list_of(_is_string), "list<string>"),
+        "teacher_pos": (pa.types.is_floating, "float"),
+        "teacher_negs": (_is_list_of(pa.types.is_floating), "list<float>"),
+        "positive": (_is_string, "string"),
+        "negatives": (_is_list_of(_is_string), "list<string>"),
+    }
+    required = list(checks)[:6]
+    inline = [name for name in ("positive", "negatives") if name in fields]
+    problems = [f"missing column {name!r}" for name in required if name not in fields]
+    if len(inline) == 1:
+        other = "negatives" if inline[0] == "positive" else "positive"
+        problems.append(f"missing column {other!r} (inline texts need both 'positive' and 'negatives')")
+    for name, (ok, expected) in checks.items():
+        if name in fields and not ok(fields[name]):
+            problems.append(f"column {name!r} is {fields[name]}, expected {expected}")
+    if problems:
+        raise ValueError(f"{path}: not a training-examples parquet: {'; '.join(problems)}")
+
+    n_neg = pc.list_value_length(table["negative_ids"])
+    for name in ("teacher_negs", *(["negatives"] if inline else [])):
+        lengths = pc.list_value_length(table[name])
+        bad = pc.and_(pc.is_valid(lengths), pc.not_equal(lengths, n_neg))
+        if pc.any(bad).as_py():
+            row = int(np.flatnonzero(bad.to_numpy(zero_copy_only=False))[0])
+            raise ValueError(
+                f"{path}: row {row}: column {name!r} has a different length than 'negative_ids'; "
+                "the file is corrupt, rebuild it"
+            )
+    return table
+
+
+def sample_negatives(negative_ids: list[Any], k: int, epoch: int, seed: int, key: str) -> list[int]:
+    """Indices of ``k`` negatives drawn from ``negative_ids`` for one epoch.
+
+    Without replacement when the pool holds at least ``k`` items. When it is smaller, every item is used once
+    (in a random order) and the remaining ``k - len(pool)`` slots are drawn with replacement, so batches keep a fixed
+    shape. Deterministic in (``seed``, ``epoch``, ``key``) — ``key`` is the row's identity, e.g. query and positive
+    id — and different across epochs. Index ``negative_ids``, ``negatives`` and ``teacher_negs`` with the result.
+    """
+    n = len(negative_ids)
+    if k < 0:
+        raise ValueError(f"k must be ≥ 0, got {k}")
+    if k == 0:
+        return []
+    if n == 0:
+        raise ValueError(f"row {key!r} has no negatives to sample from; rebuild the examples with a candidate run")
+    digest = hashlib.sha256(f"{seed}\x1f{epoch}\x1f{key}".encode()).digest()
+    rng = np.random.Generator(np.random.PCG64(int.from_bytes(digest[:16], "little")))
+    if n >= k:
+        return [int(i) for i in rng.choice(n, size=k, replace=False)]
+    return [int(i) for i in rng.permutation(n)] + [int(i) for i in rng.integers(0, n, size=k - n)]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# input readers
+
+
+class _DocLookup:
+    """Document id → text over a mapping or any ``.get`` store, caching what it has resolved."""
+
+    def __init__(self, docs: Any) -> None:
+        if not callable(getattr(docs, "get", None)):
+            raise TypeError(f"docs must be a mapping or have .get(doc_id), got {type(docs).__name__}")
+        self._docs = docs
+        self._texts: dict[str, str] = {}
+
+    def require(self, docid: str, where: str) -> None:
+        if docid in self._texts:
+            return
+        try:
+            value = self._docs.get(docid)
+        except KeyError:
+            value = None
+        if value is None:
+            raise ValueError(f"{where}: unknown document id {docid!r} (not in the docs store); fix the id or the docs")
+        self._texts[docid] = _as_text(value, docid)
+
+    def text(self, docid: str) -> str:
+        return self._texts[docid]
+
+
+def _as_text(value: Any, docid: str) -> str:
+    if isinstance(value, str):
+        return value
+    if callable(getattr(value, "default_text", None)):
+        return str(value.default_text())
+    if isinstance(getattr(value, "text", None), str):
+        return value.text
+    raise TypeError(f"document {docid!r}: cannot turn a {type(value).__name__} into text (expected str or .text)")
+
+
+def _lines(path: Path) -> Iterator[tuple[int, str]]:
+    """Non-blank lines with their 1-based numbers."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    with path.open(encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            line = line.rstrip("\r\n")
+            if line.strip():
+                yield number, line
+
+
+def _read_qrels(qrels: Path | Mapping[str, Mapping[str, int]]) -> dict[str, list[tuple[str, int, str]]]:
+    """qid → [(docid, grade, where)] in file order."""
+    out: dict[str, list[tuple[str, int, str]]] = {}
+    if isinstance(qrels, Mapping):
+        for qid, judged in qrels.items():
+            out[str(qid)] = [(str(d), int(g), f"qrels[{qid!r}][{d!r}]") for d, g in judged.items()]
+        return out
+    path = Path(qrels)
+    width: int | None = None
+    seen: dict[tuple[str, str], int] = {}
+    for number, line in _lines(path):
+        cols = line.split()
+        where = f"{path}:{number}"
+        if width is None and cols[0] in _QRELS_HEADERS:
+            continue
+        if width is None:
+            width = len(cols)
+            if width not in (3, 4):
+                raise ValueError(
+                    f"{where}: expected 3 columns (query-id corpus-id score) or 4 (qid iter docid grade), "
+                    f"got {len(cols)}"
+                )
+        if len(cols) != width:
+            raise ValueError(f"{where}: expected {width} columns like the first line, got {len(cols)}")
+        qid, docid, grade = (cols[0], cols[1], cols[2]) if width == 3 else (cols[0], cols[2], cols[3])
+        value = _parse_int(grade, where, "relevance grade")
+        if (qid, docid) in seen:
+            raise ValueError(
+                f"{where}: duplicate judgment of {docid!r} for query {qid!r} (first at line {seen[qid, docid]})"
+            )
+        seen[(qid, docid)] = number
+        out.setdefault(qid, []).append((docid, value, where))
+    return out
+
+
+def _read_queries(queries: Path | Mapping[str, str]) -> dict[str, str]:
+    if isinstance(queries, Mapping):
+        return {str(k): str(v) for k, v in queries.items()}
+    path = Path(queries)
+    out: dict[str, str] = {}
+    first_line: dict[str, int] = {}
+    for number, line in _lines(path):
+        where = f"{path}:{number}"
+        if line.lstrip().startswith("{"):
+            try:
+                row = json.loads(line)
+                qid, text = str(row["_id"]), row["text"]
+            except (json.JSONDecodeError, KeyError, TypeError) as err:
+                raise ValueError(f'{where}: expected a JSON object with "_id" and "text" ({err})') from None
+            if not isinstance(text, str):
+                raise ValueError(f'{where}: "text" must be a string, got {type(text).__name__}')
+        else:
+            cols = line.split("\t")
+            if len(cols) != 2:
+                raise ValueError(f"{where}: expected 2 tab-separated columns (qid, text), got {len(cols)}")
+            qid, text = cols
+        if qid in out:
+            raise ValueError(
+                f"{where}: duplicate query id {qid!r} (first at line {first_line[qid]}); ids must be unique"
+            )
+        out[qid] = text
+        first_line[qid] = number
+    return out
+
+
+def _read_run(path: Path) -> dict[str, list[tuple[str, str]]]:
+    """qid → [(docid, where)] sorted by rank (file order among equal ranks)."""
+    rows: dict[str, list[tuple[int, int, str, str]]] = {}
+    seen: dict[tuple[str, str], int] = {}
+    for number, line in _lines(path):
+        cols = line.split()
+        where = f"{path}:{number}"
+        if len(cols) != 6:
+            raise ValueError(
+                f"{where}: expected a TREC run line 'qid Q0 docid rank score tag' (6 columns), got {len(cols)}"
+            )
+        qid, _, docid, rank, score, _ = cols
+        rank_value = _parse_int(rank, where, "rank (column 4)")
+        _parse_float(score, where, "score (column 5)")
+        if (qid, docid) in seen:
+            raise ValueError(
+                f"{where}: document {docid!r} listed twice for query {qid!r} (first at line {seen[qid, docid]})"
+            )
+        seen[(qid, docid)] = number
+        rows.setdefault(qid, []).append((rank_value, number, docid, where))
+    return {qid: [(docid, where) for _, _, docid, where in sorted(ranked)] for qid, ranked in rows.items()}
+
+
+def _read_teacher(path: Path) -> dict[tuple[str, str], tuple[float, str]]:
+    out: dict[tuple[str, str], tuple[float, str]] = {}
+    for number, line in _lines(path):
+        cols = line.split("\t") if "\t" in line else line.split()
+        where = f"{path}:{number}"
+        if len(cols) != 3:
+            raise ValueError(f"{where}: expected 3 columns (qid, docid, score), got {len(cols)}")
+        if number == 1 and cols[0] in _QRELS_HEADERS and cols[2] == "score":
+            continue
+        qid, docid, score = cols
+        value = _parse_float(score, where, "teacher score (column 3)")
+        if not math.isfinite(value):
+            raise ValueError(f"{where}: teacher score is {score!r}; scores must be finite numbers")
+        if (qid, docid) in out:
+            raise ValueError(
+                f"{where}: duplicate teacher score for ({qid!r}, {docid!r}) (first at {out[qid, docid][1]})"
+            )
+        out[(qid, docid)] = (value, where)
+    return out
+
+
+def _parse_int(text: str, where: str, what: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"{where}: expected an integer {what}, got {text!r}") from None
+
+
+def _parse_float(text: str, where: str, what: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"{where}: expected a number as {what}, got {text!r}") from None
+
+
+def _describe(source: Path | Mapping[str, Any]) -> str:
+    return "the queries mapping" if isinstance(source, Mapping) else str(source)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# schema
+
+
+def _column_names(inline_text: bool) -> list[str]:
+    return _schema(inline_text).names
+
+
+def _schema(inline_text: bool) -> pa.Schema:
+    fields = [
+        pa.field("query_id", pa.string(), nullable=False),
+        pa.field("query", pa.string(), nullable=False),
+        pa.field("positive_id", pa.string(), nullable=False),
+    ]
+    if inline_text:
+        fields.append(pa.field("positive", pa.string(), nullable=False))
+    fields.append(pa.field("negative_ids", pa.list_(pa.string()), nullable=False))
+    if inline_text:
+        fields.append(pa.field("negatives", pa.list_(pa.string()), nullable=False))
+    fields += [pa.field("teacher_pos", pa.float32()), pa.field("teacher_negs", pa.list_(pa.float32()))]
+    return pa.schema(fields)
+
+
+def _is_string(t: pa.DataType) -> bool:
+    return pa.types.is_string(t) or pa.types.is_large_string(t)
+
+
+def _is_list_of(inner: Callable[[pa.DataType], bool]) -> Callable[[pa.DataType], bool]:
+    def check(t: pa.DataType) -> bool:
+        return (pa.types.is_list(t) or pa.types.is_large_list(t)) and inner(t.value_type)
+
+    return check
+
+
+__all__ = [
+    "ExamplesReport",
+    "build_synthetic_examples",
+    "build_training_examples",
+    "read_training_examples",
+    "sample_negatives",
+]
