@@ -76,12 +76,169 @@ def _plan_args(parser: argparse.ArgumentParser) -> None:
 def _plan(args: argparse.Namespace) -> int:
     from retriever.flops import format_plan, plan_grid, plan_to_json
 
-    cfg = load_config(args.config, args.overrides)
+    from retriever.data.catalog import resolve_references
+
+    cfg = resolve_references(load_config(args.config, args.overrides))
     cells = plan_grid(cfg)
     if args.json:
         _print_json(plan_to_json(cells))
     else:
         print(format_plan(cells))
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------- data
+DATA_COMMANDS: Registry[tuple[str, Callable[[argparse.ArgumentParser], None], Command]] = Registry("data command")
+
+
+def data_command(name: str, help_text: str, configure: Callable[[argparse.ArgumentParser], None]):
+    def add(func: Command) -> Command:
+        DATA_COMMANDS.add(name, (help_text, configure, func))
+        return func
+
+    return add
+
+
+def _import_classic_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("source", type=Path, help="folder with cran/ med/ cisi/ npl/ (e.g. ../shared/data/classic)")
+    parser.add_argument("--home", type=Path, default=None, help="IR_DATASETS_HOME (default: the environment's)")
+
+
+@data_command(
+    "import-classic", "place Cranfield/NPL(vaswani) for ir_datasets, register MED and CISI", _import_classic_args
+)
+def _import_classic(args: argparse.Namespace) -> int:
+    from retriever.data.classic import import_classic
+
+    for dataset_id in import_classic(args.source, args.home):
+        print(dataset_id)
+    return 0
+
+
+def _register_beir_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("name")
+    parser.add_argument("path", type=Path, help="BEIR folder: corpus.jsonl, queries.jsonl, qrels/<split>.tsv")
+    parser.add_argument("--split", default="test")
+
+
+@data_command("register-beir", "register a local BEIR folder as local/NAME", _register_beir_args)
+def _register_beir(args: argparse.Namespace) -> int:
+    from retriever.data.local import register_beir_folder
+
+    print(register_beir_folder(args.name, args.path, split=args.split))
+    return 0
+
+
+def _register_trec_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("name")
+    parser.add_argument("--docs", type=Path, help="TSV (id<TAB>text) or JSONL collection")
+    parser.add_argument("--topics", type=Path, help="TSV, JSONL or TREC topics")
+    parser.add_argument("--qrels", type=Path, help="TREC qrels")
+
+
+@data_command("register-trec", "register local TREC/TSV/JSONL files as local/NAME", _register_trec_args)
+def _register_trec(args: argparse.Namespace) -> int:
+    from retriever.data.local import register_trec
+
+    print(register_trec(args.name, docs=args.docs, topics=args.topics, qrels=args.qrels))
+    return 0
+
+
+def _register_pool_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("name")
+    parser.add_argument("results_dir", type=Path, help="folder of rank_llm retrieve_results_*.json.gz files")
+    parser.add_argument("--topics", type=Path, required=True)
+    parser.add_argument("--qrels", type=Path, required=True)
+
+
+@data_command(
+    "register-pool", "register the passages of retrieval-result JSON files as local/NAME", _register_pool_args
+)
+def _register_pool(args: argparse.Namespace) -> int:
+    from retriever.data.passage_pool import register_passage_pool
+
+    print(register_passage_pool(args.name, args.results_dir, args.topics, args.qrels))
+    return 0
+
+
+@data_command("list", "list the locally registered datasets", lambda p: None)
+def _list_local(args: argparse.Namespace) -> int:
+    from retriever.data.sources import local_datasets
+
+    for dataset_id in sorted(local_datasets()):
+        print(dataset_id)
+    return 0
+
+
+@data_command("synthetic", "generate the synthetic benchmark and its training examples for a config", _config_args)
+def _synthetic(args: argparse.Namespace) -> int:
+    from retriever.train.trainer import prepare_training_data
+
+    cfg = load_config(args.config, args.overrides)
+    path = prepare_training_data(cfg)
+    print(f"benchmark: {path.parent}")
+    print(f"training examples: {path}")
+    return 0
+
+
+def _examples_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--qrels", required=True, help="qrels file (TREC or BEIR TSV)")
+    parser.add_argument("--candidates", type=Path, required=True, help="TREC run of candidates (hard negatives)")
+    parser.add_argument("--queries", required=True, help="queries file (TSV or BEIR JSONL)")
+    parser.add_argument("--docs", required=True, help="dataset id whose docs store gives passage texts")
+    parser.add_argument("--teacher", type=Path, default=None, help="qid<TAB>docid<TAB>score teacher scores")
+    parser.add_argument("--out", type=Path, required=True, help="output parquet")
+    parser.add_argument("--num-negatives", type=int, default=16)
+    parser.add_argument("--max-candidates", type=int, default=None)
+    parser.add_argument("--ids-only", action="store_true", help="store passage ids, not texts")
+
+
+@data_command("examples", "build training examples (parquet) from qrels + candidates + teacher scores", _examples_args)
+def _examples(args: argparse.Namespace) -> int:
+    from retriever.data.examples import build_training_examples
+    from retriever.data.sources import load_source
+
+    report = build_training_examples(
+        Path(args.qrels),
+        args.candidates,
+        Path(args.queries),
+        load_source(args.docs).docs_store(),
+        args.out,
+        teacher=args.teacher,
+        num_negatives=args.num_negatives,
+        max_candidates=args.max_candidates,
+        inline_text=not args.ids_only,
+    )
+    _print_json(report.to_dict())
+    return 0
+
+
+def _data_args(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
+    for name, (help_text, configure, func) in DATA_COMMANDS.items():
+        child = sub.add_parser(name, help=help_text, description=help_text)
+        configure(child)
+        child.set_defaults(func=func)
+
+
+@command("data", "prepare datasets: import, register, synthetic benchmark, training examples", _data_args)
+def _data(args: argparse.Namespace) -> int:
+    return 2  # never called: a data subcommand is required and its own func replaces this one
+
+
+# --------------------------------------------------------------------------------------------------- evaluate
+def _evaluate_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--run", required=True, type=Path, help="TREC run file (.gz ok)")
+    parser.add_argument("--qrels", required=True, help="TREC qrels file or an ir_datasets id")
+    parser.add_argument("--protocol", default=None, help="msmarco-dev | trec-dl | beir | synthetic (default: by id)")
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+@command("evaluate", "evaluate a TREC run with a protocol (ranx)", _evaluate_args)
+def _evaluate(args: argparse.Namespace) -> int:
+    from retriever.evaluation import evaluate_command
+
+    evaluate_command(args.run, args.qrels, args.protocol, as_json=args.json)
     return 0
 
 

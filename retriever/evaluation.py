@@ -21,7 +21,6 @@ import gzip
 import json
 import logging
 import math
-import re
 import sys
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
@@ -30,7 +29,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Literal
 
+from retriever.data.sources import BEIR_13
 from retriever.registry import Registry
+from retriever.tracking import safe_metric_name
 
 logger = logging.getLogger(__name__)
 
@@ -73,21 +74,7 @@ class EvaluationProtocol:
 PROTOCOLS: Registry[EvaluationProtocol] = Registry("evaluation protocol")
 
 # The 13 public BEIR test sets averaged in the paper, as ir_datasets ids (Touché is BEIR's v2 of the qrels).
-BEIR_13_DATASETS: tuple[str, ...] = (
-    "beir/arguana",
-    "beir/climate-fever",
-    "beir/dbpedia-entity/test",
-    "beir/fever/test",
-    "beir/fiqa/test",
-    "beir/hotpotqa/test",
-    "beir/nfcorpus/test",
-    "beir/nq",
-    "beir/quora/test",
-    "beir/scidocs",
-    "beir/scifact/test",
-    "beir/trec-covid",
-    "beir/webis-touche2020/v2",
-)
+BEIR_13_DATASETS: tuple[str, ...] = tuple(BEIR_13.values())
 
 
 def _register(protocol: EvaluationProtocol) -> None:
@@ -115,6 +102,17 @@ _register(
         passage_max_length=192,
         datasets=("msmarco-passage/trec-dl-2019/judged", "msmarco-passage/trec-dl-2020/judged"),
         description="TREC DL 2019/2020 passage: nDCG@10 (graded), MRR@10 and Recall@1000 at relevance level 2",
+    )
+)
+_register(
+    EvaluationProtocol(
+        name="synthetic",
+        metrics=("ndcg@10", "mrr@10", "recall@100"),
+        depth=100,
+        query_max_length=64,
+        passage_max_length=128,
+        datasets=("synthetic/",),
+        description="the offline synthetic benchmark: nDCG@10 (graded), MRR@10 and Recall@100 on the top-100",
     )
 )
 _register(
@@ -498,13 +496,9 @@ def evaluate_run(
     return evaluate_detailed(run, qrels, protocol, metrics).metrics
 
 
-_MLFLOW_BAD_CHARS = re.compile(r"[^A-Za-z0-9_\-. :/]")
-
-
 def mlflow_metric_name(metric: str) -> str:
     """An MLflow-safe metric name: ``ndcg@10`` -> ``ndcg_at_10``, ``mrr@10-l2`` -> ``mrr_at_10_l2``."""
-    name = metric.replace("@", "_at_").replace("-", "_")
-    return _MLFLOW_BAD_CHARS.sub("_", name)
+    return safe_metric_name(metric)
 
 
 def mlflow_metrics(metrics: Mapping[str, float], prefix: str = "") -> dict[str, float]:

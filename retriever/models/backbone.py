@@ -245,3 +245,18 @@ def load_backbone(
 def is_random_preset(name: str) -> bool:
     preset = find_preset(name)
     return preset is not None and preset.kind == "tiny"
+
+
+def tokenizer_reference(name: str, tokenizer: str | None) -> str:
+    """Where a backbone's tokenizer comes from: the configured one, else the preset's hub id or the model itself."""
+    if tokenizer:
+        return tokenizer
+    preset = find_preset(name)
+    if preset is None:
+        return name
+    if preset.hub_id is None:
+        raise ValueError(
+            f"backbone {name!r} has random weights and no tokenizer of its own: set backbone.tokenizer to a "
+            "tokenizer directory or file (or `synthetic` for one trained on the synthetic benchmark)"
+        )
+    return preset.hub_id

@@ -29,7 +29,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from retriever.config import BackboneConfig, EncoderConfig
-from retriever.models.backbone import is_random_preset, load_backbone
+from retriever.models.backbone import is_random_preset, load_backbone, tokenizer_reference
 from retriever.models.bidirectional import check_supported, decoder_states, set_bidirectional
 from retriever.models.lora import apply_lora, base_model, load_adapter
 from retriever.models.tokenizers import load_tokenizer, prepare_for_retrieval, tokenize
@@ -295,7 +295,7 @@ def build_encoder(
 ) -> RetrievalEncoder:
     """Backbone (+ bidirectional + LoRA or a continued adapter) wrapped as the configured paradigm."""
     if tokenizer is None:
-        tokenizer = load_tokenizer(backbone.tokenizer or backbone.name)
+        tokenizer = load_tokenizer(tokenizer_reference(backbone.name, backbone.tokenizer))
     vocab = len(tokenizer) if is_random_preset(backbone.name) else None
     model = load_backbone(
         backbone.name,

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import gzip
+import json
 from pathlib import Path
 
 import pytest
 from conftest import shared_path
 
+from retriever.cli import main
 from retriever.evaluation import QrelsDict, RunDict, evaluate_run, read_qrels, read_run
 
 pytestmark = pytest.mark.real
@@ -37,6 +39,16 @@ def test_dl19_ndcg_matches_trec_eval(qrels: QrelsDict, retriever: str, expected:
     metrics = evaluate_run(read_run(_run_path(retriever)), qrels, "trec-dl")
     assert set(metrics) == {"ndcg@10", "mrr@10-l2", "recall@1000-l2"}
     assert round(metrics["ndcg@10"], 4) == expected
+
+
+@pytest.mark.parametrize(("retriever", "expected"), sorted(GOLDEN_NDCG_AT_10.items()))
+def test_cli_evaluate_json_matches_trec_eval(capsys, retriever: str, expected: float) -> None:
+    qrels_path = shared_path("msmarco_trecdl", "qrels.dl19-passage.txt")
+    argv = ["evaluate", "--run", str(_run_path(retriever)), "--qrels", str(qrels_path), "--protocol", "trec-dl"]
+    assert main([*argv, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert round(report["metrics"]["ndcg@10"], 4) == expected
+    assert report["queries_evaluated"] == 43 and report["queries_missing_from_run"] == 0
 
 
 def _rescored(order: dict[str, list[str]]) -> RunDict:

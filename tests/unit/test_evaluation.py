@@ -61,7 +61,7 @@ NDCG_Q2 = 1 / math.log2(3)
 
 
 def test_protocol_registry_and_defaults() -> None:
-    assert set(PROTOCOLS.names()) == {"msmarco-dev", "trec-dl", "beir"}
+    assert set(PROTOCOLS.names()) == {"msmarco-dev", "trec-dl", "beir", "synthetic"}
     msmarco, dl, beir = (get_protocol(n) for n in ("msmarco-dev", "trec-dl", "beir"))
     assert msmarco.metrics == ("mrr@10", "recall@1000") and msmarco.depth == 1000
     assert dl.metrics == ("ndcg@10", "mrr@10-l2", "recall@1000-l2") and dl.depth == 1000
@@ -70,7 +70,7 @@ def test_protocol_registry_and_defaults() -> None:
     assert (dl.query_max_length, dl.passage_max_length) == (64, 192)
     assert (beir.query_max_length, beir.passage_max_length) == (512, 512)
     assert get_protocol(dl) is dl
-    with pytest.raises(KeyError, match="known: beir, msmarco-dev, trec-dl"):
+    with pytest.raises(KeyError, match="known: beir, msmarco-dev, synthetic, trec-dl"):
         get_protocol("msmarco")
 
 

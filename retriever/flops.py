@@ -1,0 +1,794 @@
+"""Analytic training FLOPs of one retrieval step, and the budget planner that turns a FLOP budget into steps.
+
+What is counted is what `torch.utils.flop_counter.FlopCounterMode` counts: matrix products (2 FLOPs per
+multiply-add); elementwise work (norms, softmax, RoPE, activations, pooling) and embedding lookups are free.
+For one step of a Llama-style encoder (q/k/v/o/gate/up/down linears) over B queries of padded length Lq and
+B·(1+n) passages of padded length Lp:
+
+- forward, per token: 2·N_matmul (decoder linears) + 2·r·(d_in + d_out) per LoRA-adapted linear
+  + per layer attention QKᵀ and AV, 4·ctx·heads·head_dim with ctx the padded length (bidirectional attention
+  computes the full L×L) + for sparse the LM head 2·d·|V| at every position (pads included);
+- backward, input gradients: each matmul costs its forward again for every operand that requires a gradient.
+  With a frozen embedding nothing upstream of layer 0's q/k/v base projections needs a gradient, so those three
+  get none (their LoRA B matrices still do). Attention's QKᵀ and AV get gradients for both operands (2x forward);
+  the sparse head returns the hidden-state gradient with one matmul;
+- backward, weight gradients: 2·(weights) per token only for trainable weights: LoRA A and B, or every linear
+  including the LM head when the whole model is fine-tuned;
+- gradient checkpointing re-runs each decoder layer's forward during backward. PyTorch's non-reentrant checkpoint
+  stops the re-run as soon as the last tensor saved for backward is restored (early stop, on by default), and that
+  tensor is saved by the layer's last matmul before it runs: the down projection (its LoRA B when adapted) is not
+  recomputed. transformers also makes the embedding output require grad when checkpointing is enabled, which
+  gives layer 0's q/k/v their input gradients back;
+- scoring: InfoNCE scores every query against all B·(1+n) passages (B·B·(1+n) dot products of dimension D), KD
+  and KL only each query's own 1+n candidates; backward costs twice the forward (both operands). D = hidden size
+  (dense) or |V| (sparse). Precomputed teacher scores cost 0. With W workers every rank computes the global loss
+  (`retriever.distributed`), so scoring is counted W times.
+
+`attention="fused"` counts fused SDPA kernels as FlopCounterMode does on GPU: the same forward, a backward of five
+L×L matmuls (scores recomputed, then dP, dV, dQ, dK), always computed in full.
+
+Entry points: `step_flops` (one global retrieval step), `mntp_flops` (one MNTP step: the head only on masked
+positions), `StepCostModel` (per-rank costs of the actual batches, for the training loop), and the planner
+(`plan_cell`, `plan_grid`, `format_plan`, `plan_to_json`) that turns budget.flops into steps per sweep cell.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from fractions import Fraction
+from pathlib import Path
+from typing import Any, Literal
+
+from transformers import PretrainedConfig
+
+from retriever.config import DEFAULT_LORA_TARGETS, ExperimentConfig
+from retriever.registry import Registry
+
+AttentionKernel = Literal["eager", "fused"]
+COMPONENTS = ("linear", "lora", "attention", "lm_head", "scoring")
+# Model types whose decoder layers are q/k/v/o attention + gate/up/down MLP with standard attention.
+SUPPORTED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
+LAYER_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+# ---------------------------------------------------------------------------------------------------- shapes
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The dimensions of a Llama-style decoder that determine its matmul FLOPs."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    tie_word_embeddings: bool = True
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name != "tie_word_embeddings" and (not isinstance(value, int) or value <= 0):
+                raise ValueError(f"ModelShape.{f.name} must be a positive integer, got {value!r}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"ModelShape: num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})"
+            )
+
+    @classmethod
+    def from_config(cls, config: PretrainedConfig) -> ModelShape:
+        model_type = getattr(config, "model_type", None)
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(
+                f"the FLOP model covers Llama-style decoders (model types {', '.join(sorted(SUPPORTED_MODEL_TYPES))}) "
+                f"with q/k/v/o and gate/up/down linears; got model type {model_type!r}"
+            )
+        heads = int(config.num_attention_heads)
+        return cls(
+            hidden_size=int(config.hidden_size),
+            intermediate_size=int(config.intermediate_size),
+            num_layers=int(config.num_hidden_layers),
+            num_heads=heads,
+            num_kv_heads=int(getattr(config, "num_key_value_heads", None) or heads),
+            head_dim=int(getattr(config, "head_dim", None) or config.hidden_size // heads),
+            vocab_size=int(config.vocab_size),
+            tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+        )
+
+    @classmethod
+    def from_name(cls, name: str, vocab_size: int | None = None) -> ModelShape:
+        """From a preset name, hub id or local model directory (no weights are loaded)."""
+        from retriever.models.backbone import backbone_config
+
+        return cls.from_config(backbone_config(name, vocab_size))
+
+    def layer_linears(self) -> dict[str, tuple[int, int]]:
+        """(d_in, d_out) of every linear of one decoder layer, in execution order."""
+        d, kv, ffn = self.hidden_size, self.num_kv_heads * self.head_dim, self.intermediate_size
+        q = self.num_heads * self.head_dim
+        shapes = [(d, q), (d, kv), (d, kv), (q, d), (d, ffn), (d, ffn), (ffn, d)]
+        return dict(zip(LAYER_LINEARS, shapes))
+
+    @property
+    def matmul_parameters(self) -> int:
+        """N_matmul: weights of all decoder-layer linears (embedding and LM head excluded)."""
+        return self.num_layers * sum(din * dout for din, dout in self.layer_linears().values())
+
+    @property
+    def lm_head_parameters(self) -> int:
+        return self.vocab_size * self.hidden_size
+
+    def lora_parameters(self, rank: int, targets: Sequence[str]) -> int:
+        """Trainable LoRA parameters: r·(d_in + d_out) per adapted linear per layer."""
+        linears = self.layer_linears()
+        check_lora_targets(targets)
+        return self.num_layers * sum(rank * (linears[t][0] + linears[t][1]) for t in set(targets))
+
+
+def check_lora_targets(targets: Sequence[str]) -> None:
+    unknown = sorted(set(targets) - set(LAYER_LINEARS))
+    if unknown:
+        raise ValueError(
+            f"LoRA targets {unknown} are not decoder-layer linears of a Llama-style model; the FLOP model knows "
+            f"{', '.join(LAYER_LINEARS)} (set backbone.lora.target_modules to names among them)"
+        )
+
+
+@dataclass(frozen=True)
+class BatchShape:
+    """One step's padded shapes: `queries` texts of `query_length`, `queries * passages_per_query` passages."""
+
+    queries: int
+    passages_per_query: int
+    query_length: int
+    passage_length: int
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"BatchShape.{f.name} must be a positive integer, got {value!r}")
+
+    @property
+    def passages(self) -> int:
+        return self.queries * self.passages_per_query
+
+    @property
+    def tokens(self) -> int:
+        """Tokens the encoder computes per step, padding included."""
+        return self.queries * self.query_length + self.passages * self.passage_length
+
+
+# ------------------------------------------------------------------------------------------------ breakdown
+
+
+def _zeros() -> dict[str, int]:
+    return dict.fromkeys(COMPONENTS, 0)
+
+
+@dataclass(frozen=True)
+class FlopBreakdown:
+    """FLOPs of one training step by phase and component (components: `COMPONENTS`)."""
+
+    forward: dict[str, int] = field(default_factory=_zeros)
+    input_grad: dict[str, int] = field(default_factory=_zeros)
+    weight_grad: dict[str, int] = field(default_factory=_zeros)
+    recompute: dict[str, int] = field(default_factory=_zeros)
+    tokens: int = 0
+
+    @property
+    def forward_total(self) -> int:
+        return sum(self.forward.values())
+
+    @property
+    def backward_total(self) -> int:
+        """Input and weight gradients (the recomputed forward of checkpointing is `recompute_total`)."""
+        return sum(self.input_grad.values()) + sum(self.weight_grad.values())
+
+    @property
+    def recompute_total(self) -> int:
+        return sum(self.recompute.values())
+
+    @property
+    def total(self) -> int:
+        return self.forward_total + self.backward_total + self.recompute_total
+
+    def component(self, name: str) -> int:
+        """All phases of one component."""
+        if name not in COMPONENTS:
+            raise KeyError(f"unknown FLOP component {name!r}; known: {', '.join(COMPONENTS)}")
+        return sum(phase[name] for phase in (self.forward, self.input_grad, self.weight_grad, self.recompute))
+
+    def by_component(self) -> dict[str, int]:
+        return {name: self.component(name) for name in COMPONENTS}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "forward": dict(self.forward),
+            "input_grad": dict(self.input_grad),
+            "weight_grad": dict(self.weight_grad),
+            "recompute": dict(self.recompute),
+            "tokens": self.tokens,
+            "total": self.total,
+        }
+
+
+# ---------------------------------------------------------------------------------- paradigms, losses, scoring
+
+
+@dataclass(frozen=True)
+class ParadigmCost:
+    """What a paradigm adds on top of the decoder: the representation size and whether the LM head runs."""
+
+    dimension: Callable[[ModelShape], int]
+    lm_head: bool
+
+
+PARADIGM_COSTS: Registry[ParadigmCost] = Registry("paradigm")
+PARADIGM_COSTS.add("dense", ParadigmCost(lambda shape: shape.hidden_size, lm_head=False))
+PARADIGM_COSTS.add("sparse", ParadigmCost(lambda shape: shape.vocab_size, lm_head=True))
+
+# Scoring kind → dot products per step for (queries B, passages per query k).
+SCORING: Registry[Callable[[int, int], int]] = Registry("scoring")
+SCORING.add("all", lambda b, k: b * b * k)  # InfoNCE: every query against every passage of the batch
+SCORING.add("own", lambda b, k: b * k)  # MarginMSE / KL: each query against its own candidates
+
+# Distillation loss of the "kd" objective → passages per query for n hard negatives.
+KD_PASSAGES: Registry[Callable[[int], int]] = Registry("distillation loss")
+KD_PASSAGES.add("margin_mse", lambda n: 2)  # the positive and one sampled negative
+KD_PASSAGES.add("kl", lambda n: 1 + n)
+
+
+@dataclass(frozen=True)
+class LossCost:
+    """How an objective shapes a step: passages per query (from kd, num_negatives) and the score matrices it builds."""
+
+    passages_per_query: Callable[[str, int], int]
+    scoring: tuple[str, ...]
+
+
+LOSS_COSTS: Registry[LossCost] = Registry("loss")
+LOSS_COSTS.add("cl", LossCost(lambda kd, n: 1 + n, ("all",)))
+LOSS_COSTS.add("kd", LossCost(lambda kd, n: KD_PASSAGES.get(kd)(n), ("own",)))
+# ½·InfoNCE over the batch + ½·KL over each query's own candidates: both score matrices are built.
+LOSS_COSTS.add("cl+kd", LossCost(lambda kd, n: 1 + n, ("all", "own")))
+
+
+def passages_per_query(loss: str, kd: str, num_negatives: int) -> int:
+    """1 + n for cl, cl+kd and kd=kl; 2 for kd=margin_mse."""
+    if num_negatives < 1:
+        raise ValueError(f"num_negatives must be >= 1, got {num_negatives}")
+    return LOSS_COSTS.get(loss).passages_per_query(kd, num_negatives)
+
+
+# ---------------------------------------------------------------------------------------------- the counter
+
+
+class _Phases:
+    """Mutable accumulator behind `FlopBreakdown`."""
+
+    def __init__(self) -> None:
+        self.forward, self.input_grad, self.weight_grad, self.recompute = _zeros(), _zeros(), _zeros(), _zeros()
+
+
+class _Layer:
+    """One decoder layer's cost as its matmuls run; tracks which outputs require grad."""
+
+    def __init__(self, p: _Phases, tokens: int, lora_rank: int | None, lora_targets: frozenset[str]) -> None:
+        self.p, self.tokens, self.rank, self.targets = p, tokens, lora_rank, lora_targets
+        self.full = lora_rank is None
+        self.forward = _zeros()  # kept apart for the checkpoint re-run
+        # The matmul whose saved inputs end an early-stopped re-run: the layer's last one (component, FLOPs).
+        self.last_saving: tuple[str, int] = ("linear", 0)
+
+    def linear(self, din: int, dout: int, name: str, in_grad: bool) -> bool:
+        """Base linear (+ LoRA); returns whether the output requires grad."""
+        p, base = self.p, 2 * self.tokens * din * dout
+        self.forward["linear"] += base
+        p.input_grad["linear"] += base if in_grad else 0
+        p.weight_grad["linear"] += base if self.full else 0
+        self.last_saving = ("linear", base)
+        if self.rank is None or name not in self.targets:
+            return in_grad or self.full
+        a, b = 2 * self.tokens * din * self.rank, 2 * self.tokens * self.rank * dout
+        self.forward["lora"] += a + b
+        p.weight_grad["lora"] += a + b
+        # B's input (A's output) always requires grad; A's input only when x does.
+        p.input_grad["lora"] += b + (a if in_grad else 0)
+        self.last_saving = ("lora", b)
+        return True
+
+
+@dataclass(frozen=True)
+class _Setup:
+    """How the weights train and how the step runs (shared by every pass of a step)."""
+
+    lora_rank: int | None
+    lora_targets: frozenset[str]
+    embeds_require_grad: bool
+    checkpointing: bool
+    early_stop: bool
+    attention: AttentionKernel
+
+    @classmethod
+    def make(
+        cls,
+        lora_rank: int | None,
+        lora_targets: Sequence[str],
+        gradient_checkpointing: bool,
+        attention: AttentionKernel,
+        embedding_output_requires_grad: bool | None,
+        checkpoint_early_stop: bool,
+    ) -> _Setup:
+        if lora_rank is not None:
+            if lora_rank <= 0:
+                raise ValueError(f"lora_rank must be positive (or None for full fine-tuning), got {lora_rank}")
+            check_lora_targets(lora_targets)
+        if attention not in ("eager", "fused"):
+            raise ValueError(f"attention must be 'eager' or 'fused', got {attention!r}")
+        if embedding_output_requires_grad is None:
+            # The project's encoders: a trainable embedding, or transformers' enable_input_require_grads hook that
+            # activation_checkpointing_enable installs.
+            embedding_output_requires_grad = lora_rank is None or gradient_checkpointing
+        return cls(
+            lora_rank,
+            frozenset(lora_targets) if lora_rank is not None else frozenset(),
+            embedding_output_requires_grad,
+            gradient_checkpointing,
+            checkpoint_early_stop,
+            attention,
+        )
+
+
+def _encode(p: _Phases, shape: ModelShape, setup: _Setup, texts: int, length: int, head_positions: int) -> None:
+    """Add the cost of running `texts` sequences padded to `length` through the decoder (forward, backward,
+    recompute), then the LM head on `head_positions` of their final states."""
+    tokens = texts * length
+    full = setup.lora_rank is None
+    dims = shape.layer_linears()
+    attn_mm = 2 * texts * shape.num_heads * length * length * shape.head_dim  # one of QKᵀ / AV
+    x_grad = setup.embeds_require_grad
+    for _ in range(shape.num_layers):
+        layer = _Layer(p, tokens, setup.lora_rank, setup.lora_targets)
+        normed = x_grad or full  # a trainable RMSNorm weight makes the normed input require grad
+        q, k, v = (layer.linear(*dims[name], name, normed) for name in ("q_proj", "k_proj", "v_proj"))
+        layer.forward["attention"] += 2 * attn_mm
+        scores = q or k
+        if setup.attention == "eager":
+            p.input_grad["attention"] += attn_mm * (int(q) + int(k) + int(scores) + int(v))
+        elif q or k or v:
+            p.input_grad["attention"] += 5 * attn_mm
+        o = layer.linear(*dims["o_proj"], "o_proj", scores or v)
+        h = x_grad or o
+        normed = h or full
+        gate = layer.linear(*dims["gate_proj"], "gate_proj", normed)
+        up = layer.linear(*dims["up_proj"], "up_proj", normed)
+        down = layer.linear(*dims["down_proj"], "down_proj", gate or up)
+        x_grad = h or down
+        for name, value in layer.forward.items():
+            p.forward[name] += value
+        if setup.checkpointing and x_grad:  # layers whose output needs no gradient are never re-run
+            for name, value in layer.forward.items():
+                p.recompute[name] += value
+            if setup.early_stop:
+                component, flops = layer.last_saving
+                p.recompute[component] -= flops
+    head = 2 * head_positions * shape.hidden_size * shape.vocab_size
+    p.forward["lm_head"] += head
+    p.input_grad["lm_head"] += head if (x_grad or full) else 0
+    p.weight_grad["lm_head"] += head if full else 0  # the (tied or untied) head trains only when all weights do
+
+
+def _score(p: _Phases, dimension: int, queries: int, per_query: int, scoring: Sequence[str], copies: int) -> None:
+    """Score matrices of dimension D, forward + gradients for both operands, computed `copies` times."""
+    for kind in scoring:
+        dots = SCORING.get(kind)(queries, per_query)
+        p.forward["scoring"] += copies * 2 * dots * dimension
+        p.input_grad["scoring"] += copies * 4 * dots * dimension
+
+
+def _breakdown(p: _Phases, tokens: int) -> FlopBreakdown:
+    return FlopBreakdown(p.forward, p.input_grad, p.weight_grad, p.recompute, tokens=tokens)
+
+
+def step_flops(
+    shape: ModelShape,
+    paradigm: str,
+    batch: BatchShape,
+    *,
+    scoring: Sequence[str] = ("all",),
+    lora_rank: int | None = 16,
+    lora_targets: Sequence[str] = tuple(DEFAULT_LORA_TARGETS),
+    gradient_checkpointing: bool = False,
+    attention: AttentionKernel = "eager",
+    world_size: int = 1,
+    embedding_output_requires_grad: bool | None = None,
+    checkpoint_early_stop: bool = True,
+) -> FlopBreakdown:
+    """FLOPs of one training step (forward + backward of queries and passages, and the loss's score matrices),
+    summed over all workers; `batch` is the global batch.
+
+    `lora_rank=None` is full fine-tuning (every weight trainable); otherwise LoRA of that rank on `lora_targets`
+    over a frozen base. `scoring` lists the score matrices the loss builds ("all": B x B·(1+n), "own": B x (1+n);
+    see `LOSS_COSTS`). With `world_size` W every rank scores the gathered global batch, so scoring counts W times.
+    `embedding_output_requires_grad` defaults to what the project's encoder does: true with full fine-tuning or
+    gradient checkpointing (transformers then calls `enable_input_require_grads`).
+    """
+    cost = PARADIGM_COSTS.get(paradigm)
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    setup = _Setup.make(
+        lora_rank,
+        lora_targets,
+        gradient_checkpointing,
+        attention,
+        embedding_output_requires_grad,
+        checkpoint_early_stop,
+    )
+    p = _Phases()
+    for texts, length in ((batch.queries, batch.query_length), (batch.passages, batch.passage_length)):
+        _encode(p, shape, setup, texts, length, head_positions=texts * length if cost.lm_head else 0)
+    _score(p, cost.dimension(shape), batch.queries, batch.passages_per_query, scoring, world_size)
+    return _breakdown(p, batch.tokens)
+
+
+def mntp_flops(
+    shape: ModelShape,
+    rows: int,
+    length: int,
+    predicted: int,
+    *,
+    lora_rank: int | None = 16,
+    lora_targets: Sequence[str] = tuple(DEFAULT_LORA_TARGETS),
+    gradient_checkpointing: bool = False,
+    attention: AttentionKernel = "eager",
+    embedding_output_requires_grad: bool | None = None,
+    checkpoint_early_stop: bool = True,
+) -> FlopBreakdown:
+    """FLOPs of one masked next-token prediction step: the bidirectional decoder over `rows` x `length` tokens and
+    the LM head only on the `predicted` (masked) positions."""
+    if rows <= 0 or length <= 0 or not 0 <= predicted <= rows * length:
+        raise ValueError(
+            f"mntp_flops: need rows, length > 0 and 0 <= predicted <= rows*length, got {rows}, {length}, {predicted}"
+        )
+    setup = _Setup.make(
+        lora_rank,
+        lora_targets,
+        gradient_checkpointing,
+        attention,
+        embedding_output_requires_grad,
+        checkpoint_early_stop,
+    )
+    p = _Phases()
+    _encode(p, shape, setup, rows, length, head_positions=predicted)
+    return _breakdown(p, rows * length)
+
+
+def _attention_kernel(attn_implementation: str) -> AttentionKernel:
+    # sdpa runs fused kernels (flash / memory-efficient, on CPU too) whose backward recomputes the scores.
+    return "eager" if attn_implementation == "eager" else "fused"
+
+
+def _adapter_lora(directory: str) -> tuple[int, list[str]]:
+    """(r, target_modules) of a saved peft LoRA adapter that training will continue."""
+    path = Path(directory) / "adapter_config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: backbone.init_adapter is not a LoRA adapter directory (file missing)")
+    data = json.loads(path.read_text())
+    targets = data.get("target_modules")
+    if not isinstance(targets, list):
+        raise ValueError(f"{path}: target_modules is {targets!r}; the FLOP model needs an explicit list of names")
+    return int(data["r"]), [str(t) for t in targets]
+
+
+def lora_setup(cfg: ExperimentConfig, always: bool = False) -> tuple[int | None, tuple[str, ...]]:
+    """(rank, targets) training will use: a continued adapter's, the configured LoRA's, or (None, ()) for full
+    fine-tuning. `always`: MNTP always trains a LoRA adapter."""
+    if cfg.backbone.init_adapter:
+        rank, targets = _adapter_lora(cfg.backbone.init_adapter)
+        return rank, tuple(targets)
+    if cfg.backbone.lora.enabled or always:
+        return cfg.backbone.lora.r, tuple(cfg.backbone.lora.target_modules)
+    return None, ()
+
+
+@dataclass(frozen=True)
+class StepCostModel:
+    """Per-rank FLOPs of the training loop's steps, from the shapes of each step's actual batch.
+
+    Summed over ranks (the loop all-reduces them) this equals `step_flops` of the global batch: each rank encodes
+    its own texts and scores the gathered global batch.
+    """
+
+    shape: ModelShape
+    paradigm: str
+    scoring: tuple[str, ...]
+    lora_rank: int | None
+    lora_targets: tuple[str, ...]
+    gradient_checkpointing: bool
+    attention: AttentionKernel
+    world_size: int = 1
+
+    @classmethod
+    def for_experiment(cls, cfg: ExperimentConfig, config: PretrainedConfig) -> StepCostModel:
+        """Retrieval training of `cfg` on a model with `config` (the built encoder's, so the vocabulary is real)."""
+        rank, targets = lora_setup(cfg)
+        return cls(
+            shape=ModelShape.from_config(config),
+            paradigm=cfg.encoder.paradigm,
+            scoring=LOSS_COSTS.get(cfg.loss.name).scoring,
+            lora_rank=rank,
+            lora_targets=targets,
+            gradient_checkpointing=cfg.backbone.gradient_checkpointing,
+            attention=_attention_kernel(cfg.backbone.attn_implementation),
+            world_size=max(1, cfg.train.num_workers),
+        )
+
+    @classmethod
+    def for_mntp(cls, cfg: ExperimentConfig, config: PretrainedConfig) -> StepCostModel:
+        rank, targets = lora_setup(cfg, always=True)
+        return cls(
+            shape=ModelShape.from_config(config),
+            paradigm="dense",
+            scoring=(),
+            lora_rank=rank,
+            lora_targets=targets,
+            gradient_checkpointing=cfg.backbone.gradient_checkpointing,
+            attention=_attention_kernel(cfg.backbone.attn_implementation),
+            world_size=max(1, cfg.train.num_workers),
+        )
+
+    def _options(self) -> dict[str, Any]:
+        return {
+            "lora_rank": self.lora_rank,
+            "lora_targets": self.lora_targets,
+            "gradient_checkpointing": self.gradient_checkpointing,
+            "attention": self.attention,
+        }
+
+    def step_breakdown(
+        self, *, queries: int, query_length: int, passages_per_query: int, passage_length: int
+    ) -> FlopBreakdown:
+        """This rank's step: its `queries` texts and their passages, plus the loss over all ranks' gathered batch."""
+        local = BatchShape(queries, passages_per_query, query_length, passage_length)
+        encoding = step_flops(self.shape, self.paradigm, local, scoring=(), **self._options())
+        p = _Phases()
+        p.forward, p.input_grad = dict(encoding.forward), dict(encoding.input_grad)
+        p.weight_grad, p.recompute = dict(encoding.weight_grad), dict(encoding.recompute)
+        dim = PARADIGM_COSTS.get(self.paradigm).dimension(self.shape)
+        _score(p, dim, queries * self.world_size, passages_per_query, self.scoring, copies=1)
+        return _breakdown(p, local.tokens)
+
+    def step_flops(self, *, queries: int, query_length: int, passages_per_query: int, passage_length: int) -> int:
+        return self.step_breakdown(
+            queries=queries,
+            query_length=query_length,
+            passages_per_query=passages_per_query,
+            passage_length=passage_length,
+        ).total
+
+    def mntp_step_flops(self, *, rows: int, length: int, predicted: int) -> int:
+        return mntp_flops(self.shape, rows, length, predicted, **self._options()).total
+
+
+# ------------------------------------------------------------------------------------------------- planner
+
+
+class BudgetTooSmall(ValueError):
+    """The FLOP budget does not pay for a single training step of a cell."""
+
+
+def planned_steps(budget_flops: float, flops_per_step: int, where: str = "this cell") -> int:
+    """floor(budget / flops_per_step), exactly (no float rounding); at least one step or `BudgetTooSmall`."""
+    if flops_per_step <= 0:
+        raise ValueError(f"{where}: flops_per_step must be positive, got {flops_per_step}")
+    steps = int(Fraction(budget_flops) // flops_per_step)
+    if steps < 1:
+        raise BudgetTooSmall(
+            f"budget.flops = {budget_flops:.4g} is too small for {where}: one training step costs "
+            f"{flops_per_step:.4g} FLOPs; set budget.flops >= {flops_per_step} "
+            f"(or lower train.batch_size / lengths / loss.num_negatives)"
+        )
+    return steps
+
+
+@dataclass(frozen=True)
+class PlanCell:
+    """The plan of one sweep cell: model size, step shape and cost, and the steps the budget buys."""
+
+    backbone: str
+    paradigm: str
+    loss: str
+    total_parameters: int
+    trainable_parameters: int
+    queries_per_step: int
+    passages_per_query: int
+    query_length: int
+    passage_length: int
+    tokens_per_step: int
+    flops_per_step: int
+    forward_flops: int
+    backward_flops: int
+    recompute_flops: int
+    steps: int
+    total_flops: int
+    budget_flops: float | None
+    exact: bool  # fixed (max-length) shapes: the per-step count is exact; otherwise an upper bound
+
+
+@dataclass(frozen=True)
+class _Backbone:
+    shape: ModelShape
+    total_parameters: int
+
+
+def _resolve_backbone(name: str, vocab_size: int | None) -> _Backbone:
+    from retriever.models.backbone import backbone_config, build_meta_model, count_parameters
+
+    shape = ModelShape.from_config(backbone_config(name, vocab_size))
+    # Counted on a meta-device model: exact for any architecture, tied weights once, no memory, no download.
+    return _Backbone(shape, count_parameters(build_meta_model(name, vocab_size)))
+
+
+def _vocab_size(
+    cfg: ExperimentConfig, name: str, vocab_sizes: Mapping[str, int] | None, cache: dict[str, int]
+) -> int | None:
+    """The vocabulary the encoder will have: random (tiny) presets take their tokenizer's size, as `build_encoder`."""
+    from retriever.models.backbone import is_random_preset
+
+    if vocab_sizes and name in vocab_sizes:
+        return int(vocab_sizes[name])
+    if is_random_preset(name) and cfg.backbone.tokenizer:
+        if cfg.backbone.tokenizer not in cache:
+            from retriever.models.tokenizers import load_tokenizer
+
+            cache[cfg.backbone.tokenizer] = len(load_tokenizer(cfg.backbone.tokenizer))
+        return cache[cfg.backbone.tokenizer]
+    return None
+
+
+def _plan(cfg: ExperimentConfig, name: str, backbone: _Backbone, paradigm: str, loss: str) -> PlanCell:
+    where = f"cell ({name}, {paradigm}, {loss})"
+    lora_rank, lora_targets = lora_setup(cfg)
+    batch = BatchShape(
+        queries=cfg.train.batch_size,
+        passages_per_query=passages_per_query(loss, cfg.loss.kd, cfg.loss.num_negatives),
+        query_length=cfg.encoder.query_max_length,
+        passage_length=cfg.encoder.passage_max_length,
+    )
+    flops = step_flops(
+        backbone.shape,
+        paradigm,
+        batch,
+        scoring=LOSS_COSTS.get(loss).scoring,
+        lora_rank=lora_rank,
+        lora_targets=lora_targets,
+        gradient_checkpointing=cfg.backbone.gradient_checkpointing,
+        attention=_attention_kernel(cfg.backbone.attn_implementation),
+        world_size=max(1, cfg.train.num_workers),
+    )
+    per_step = flops.total
+    if cfg.budget.flops is not None:
+        steps = planned_steps(cfg.budget.flops, per_step, where)
+    else:
+        assert cfg.budget.max_steps is not None  # the config schema requires exactly one of the two
+        steps = cfg.budget.max_steps
+    trainable = (
+        backbone.total_parameters if lora_rank is None else backbone.shape.lora_parameters(lora_rank, lora_targets)
+    )
+    return PlanCell(
+        backbone=name,
+        paradigm=paradigm,
+        loss=loss,
+        total_parameters=backbone.total_parameters,
+        trainable_parameters=trainable,
+        queries_per_step=batch.queries,
+        passages_per_query=batch.passages_per_query,
+        query_length=batch.query_length,
+        passage_length=batch.passage_length,
+        tokens_per_step=batch.tokens,
+        flops_per_step=per_step,
+        forward_flops=flops.forward_total,
+        backward_flops=flops.backward_total,
+        recompute_flops=flops.recompute_total,
+        steps=steps,
+        total_flops=steps * per_step,
+        budget_flops=cfg.budget.flops,
+        exact=cfg.train.pad_to_max_length,
+    )
+
+
+def plan_cell(
+    cfg: ExperimentConfig,
+    backbone: str | None = None,
+    paradigm: str | None = None,
+    loss: str | None = None,
+    *,
+    vocab_size: int | None = None,
+) -> PlanCell:
+    """The plan of one cell; backbone / paradigm / loss default to cfg.backbone.name, cfg.encoder.paradigm,
+    cfg.loss.name. Raises `BudgetTooSmall` when budget.flops does not pay for one step."""
+    name = backbone or cfg.backbone.name
+    paradigm = paradigm or cfg.encoder.paradigm
+    loss = loss or cfg.loss.name
+    # Unknown names fail before any model is built.
+    PARADIGM_COSTS.get(paradigm)
+    LOSS_COSTS.get(loss)
+    vocab = vocab_size if vocab_size is not None else _vocab_size(cfg, name, None, {})
+    return _plan(cfg, name, _resolve_backbone(name, vocab), paradigm, loss)
+
+
+def plan_grid(cfg: ExperimentConfig, vocab_sizes: dict[str, int] | None = None) -> list[PlanCell]:
+    """One cell per backbone x paradigm x loss of cfg.sweep, in that nesting order.
+
+    `vocab_sizes` (backbone name → vocabulary) overrides the vocabulary otherwise taken from the backbone's config,
+    or for random (tiny) presets from backbone.tokenizer. Raises `BudgetTooSmall` naming the first cell the budget
+    cannot pay one step of, with the minimum budget it needs.
+    """
+    tokenizers: dict[str, int] = {}
+    cells = []
+    for name in cfg.sweep.backbones:
+        backbone = _resolve_backbone(name, _vocab_size(cfg, name, vocab_sizes, tokenizers))
+        for paradigm in cfg.sweep.paradigms:
+            for loss in cfg.sweep.losses:
+                cells.append(_plan(cfg, name, backbone, paradigm, loss))
+    return cells
+
+
+def plan_to_json(cells: Iterable[PlanCell]) -> list[dict[str, Any]]:
+    """JSON-ready rows (exact integers; `plan_from_json` reverses it)."""
+    return [asdict(cell) for cell in cells]
+
+
+def plan_from_json(rows: Iterable[Mapping[str, Any]]) -> list[PlanCell]:
+    names = {f.name for f in fields(PlanCell)}
+    cells = []
+    for index, row in enumerate(rows):
+        missing, extra = names - set(row), set(row) - names
+        if missing or extra:
+            raise ValueError(f"plan row {index}: missing keys {sorted(missing)}, unknown keys {sorted(extra)}")
+        cells.append(PlanCell(**row))
+    return cells
+
+
+_COLUMNS: list[tuple[str, Callable[[PlanCell], str], str]] = [
+    ("backbone", lambda c: c.backbone, "<"),
+    ("paradigm", lambda c: c.paradigm, "<"),
+    ("loss", lambda c: c.loss, "<"),
+    ("params", lambda c: f"{c.total_parameters:,}", ">"),
+    ("trainable", lambda c: f"{c.trainable_parameters:,}", ">"),
+    ("batch", lambda c: f"{c.queries_per_step}x(1+{c.passages_per_query - 1})", ">"),
+    ("len q/p", lambda c: f"{c.query_length}/{c.passage_length}", ">"),
+    ("tokens/step", lambda c: f"{c.tokens_per_step:,}", ">"),
+    ("FLOPs/step", lambda c: f"{c.flops_per_step:.2e}", ">"),
+    ("steps", lambda c: f"{c.steps:,}", ">"),
+    ("total FLOPs", lambda c: f"{c.total_flops:.2e}", ">"),
+]
+
+
+def format_plan(cells: Sequence[PlanCell]) -> str:
+    """An aligned text table of the plan, with the budget on the first line."""
+    if not cells:
+        return "(empty plan)"
+    budgets = {c.budget_flops for c in cells}
+    if budgets == {None}:
+        head = f"budget: {cells[0].steps:,} steps per cell" if len({c.steps for c in cells}) == 1 else "budget: steps"
+    else:
+        head = "budget: " + ", ".join(f"{b:.2e} FLOPs" for b in sorted(b for b in budgets if b is not None))
+        head += " per cell"
+    if not all(c.exact for c in cells):
+        head += " (texts padded to the batch's longest: FLOPs/step are upper bounds)"
+    rows = [[render(c) for _, render, _ in _COLUMNS] for c in cells]
+    widths = [max(len(title), *(len(r[i]) for r in rows)) for i, (title, _, _) in enumerate(_COLUMNS)]
+
+    def line(values: Sequence[str]) -> str:
+        parts = [f"{v:{align}{w}}" for v, w, (_, _, align) in zip(values, widths, _COLUMNS)]
+        return "  ".join(parts).rstrip()
+
+    out = [head, line([title for title, _, _ in _COLUMNS]), line(["-" * w for w in widths])]
+    out.extend(line(r) for r in rows)
+    return "\n".join(out)

@@ -1,0 +1,138 @@
+"""MLflow tracking: SQLite by default (file stores are refused by MLflow >= 3.13), any tracking URI by config.
+
+One parent run per sweep, one child run per cell (tag `mlflow.parentRunId`), logged from one process (the driver or
+rank 0 of a trainer). Metric names are made MLflow-safe (`ndcg@10` → `ndcg_at_10`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from retriever.config import TrackingConfig
+
+log = logging.getLogger(__name__)
+
+_UNSAFE = re.compile(r"[^0-9A-Za-z_\-. :/]")
+
+
+def safe_metric_name(name: str) -> str:
+    """An MLflow-safe metric name: `ndcg@10` → `ndcg_at_10`, `mrr@10-l2` → `mrr_at_10_l2`.
+
+    MLflow accepts alphanumerics and `_ - . space : /`; `@` becomes `_at_`, `-` and anything else `_`.
+    """
+    return _UNSAFE.sub("_", name.replace("@", "_at_").replace("-", "_"))
+
+
+def tracking_uri(settings: TrackingConfig, output_dir: str | Path) -> str:
+    if settings.tracking_uri:
+        return settings.tracking_uri
+    db = (Path(output_dir) / "mlflow.db").resolve()
+    db.parent.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{db}"
+
+
+def artifact_location(settings: TrackingConfig, output_dir: str | Path) -> str:
+    if settings.artifact_location:
+        return settings.artifact_location
+    path = (Path(output_dir) / "mlartifacts").resolve()
+    path.mkdir(parents=True, exist_ok=True)
+    return path.as_uri()
+
+
+def _client(uri: str):
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def ensure_experiment(uri: str, name: str, artifacts: str) -> str:
+    """The experiment's id, creating it with an explicit artifact location when missing."""
+    client = _client(uri)
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    return client.create_experiment(name, artifact_location=artifacts)
+
+
+class RunTracker:
+    """One MLflow run, created or resumed by id; every call is a no-op when tracking is disabled."""
+
+    def __init__(self, uri: str | None, experiment_id: str | None, run_id: str | None) -> None:
+        self.uri = uri
+        self.experiment_id = experiment_id
+        self.run_id = run_id
+        self._client = _client(uri) if uri else None
+
+    @classmethod
+    def disabled(cls) -> RunTracker:
+        return cls(None, None, None)
+
+    @property
+    def enabled(self) -> bool:
+        return self._client is not None and self.run_id is not None
+
+    @classmethod
+    def start(
+        cls,
+        uri: str,
+        experiment_id: str,
+        *,
+        run_name: str,
+        run_id: str | None = None,
+        parent_run_id: str | None = None,
+        tags: Mapping[str, str] | None = None,
+    ) -> RunTracker:
+        """Resume `run_id` when given (after a restart), else create a run (nested under `parent_run_id`)."""
+        client = _client(uri)
+        if run_id is not None:
+            client.update_run(run_id, status="RUNNING")
+            return cls(uri, experiment_id, run_id)
+        all_tags = dict(tags or {})
+        if parent_run_id:
+            all_tags["mlflow.parentRunId"] = parent_run_id
+        run = client.create_run(experiment_id, run_name=run_name, tags=all_tags)
+        return cls(uri, experiment_id, run.info.run_id)
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        if not self.enabled:
+            return
+        from mlflow.entities import Param
+
+        items = [Param(str(k), str(v)[:6000]) for k, v in params.items()]
+        for start in range(0, len(items), 100):
+            self._client.log_batch(self.run_id, params=items[start : start + 100])
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        if not self.enabled:
+            return
+        import time
+
+        from mlflow.entities import Metric
+
+        stamp = int(time.time() * 1000)
+        items = [Metric(safe_metric_name(k), float(v), stamp, step or 0) for k, v in metrics.items()]
+        self._client.log_batch(self.run_id, metrics=items)
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        if self.enabled:
+            for key, value in tags.items():
+                self._client.set_tag(self.run_id, key, str(value))
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        if not self.enabled:
+            return
+        path = Path(path)
+        if path.is_dir():
+            self._client.log_artifacts(self.run_id, str(path), artifact_path)
+        else:
+            self._client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def end(self, status: str = "FINISHED") -> None:
+        if self.enabled:
+            self._client.set_terminated(self.run_id, status=status)

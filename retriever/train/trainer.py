@@ -1,0 +1,202 @@
+"""Run a training stage in this process (`train.num_workers: 0`) or on Ray Train (FSDP2, DDP or DeepSpeed).
+
+    result = run_training(load_config("configs/quickstart.yaml"))
+
+Ray is imported only when workers are requested. Re-running with the same `name` and `train.output_dir` resumes
+from the latest checkpoint (Ray Train's job-level resume, or the local checkpoint folder).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from retriever.config import ExperimentConfig
+from retriever.registry import Registry
+from retriever.tracking import RunTracker, artifact_location, ensure_experiment, tracking_uri
+
+log = logging.getLogger(__name__)
+
+TASKS: Registry[Callable[..., Any]] = Registry("training task")
+
+
+def _retrieval_task(cfg: ExperimentConfig, planned_steps: int, data: dict[str, Any]):
+    from retriever.train.retrieval import RetrievalTask
+
+    return RetrievalTask(cfg, planned_steps=planned_steps, docs=data.get("docs"))
+
+
+def _mntp_task(cfg: ExperimentConfig, planned_steps: int, data: dict[str, Any]):
+    from retriever.train.mntp import MntpTask
+
+    return MntpTask(cfg)
+
+
+TASKS.add("retrieval", _retrieval_task)
+TASKS.add("mntp", _mntp_task)
+
+
+def run_dir_for(cfg: ExperimentConfig) -> Path:
+    return (Path(cfg.train.output_dir) / cfg.name).resolve()
+
+
+def prepare_training_data(cfg: ExperimentConfig) -> Path:
+    """The training-examples parquet: the configured file, or the synthetic benchmark's (built once, cached)."""
+    if cfg.data.train != "synthetic":
+        path = Path(cfg.data.train)
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"data.train={cfg.data.train!r}: no such file; build one with `retriever data examples` "
+                "or use `synthetic`"
+            )
+        return path.resolve()
+    from retriever.data.catalog import synthetic_benchmark
+    from retriever.data.examples import build_synthetic_examples
+
+    bench = synthetic_benchmark(cfg)
+    out = bench.root / f"train-examples-{cfg.loss.num_negatives}.parquet"
+    if not out.is_file():
+        build_synthetic_examples(bench, out, num_negatives=cfg.loss.num_negatives)
+    return out
+
+
+def planned_steps_for(cfg: ExperimentConfig) -> int:
+    """Steps the budget buys for this configuration (exact with fixed shapes)."""
+    if cfg.budget.max_steps is not None:
+        return cfg.budget.max_steps
+    from retriever.flops import plan_cell
+
+    return plan_cell(cfg).steps
+
+
+def tracker_settings(cfg: ExperimentConfig, parent_run_id: str | None = None) -> dict[str, Any] | None:
+    """What a worker needs to open (or resume) the run's MLflow run; None when tracking is off."""
+    if not cfg.tracking.enabled:
+        return None
+    uri = tracking_uri(cfg.tracking, cfg.train.output_dir)
+    experiment = ensure_experiment(uri, cfg.tracking.experiment, artifact_location(cfg.tracking, cfg.train.output_dir))
+    return {"uri": uri, "experiment_id": experiment, "run_name": cfg.name, "parent_run_id": parent_run_id}
+
+
+def _tracker_factory(settings: dict[str, Any] | None) -> Callable[[str | None], RunTracker] | None:
+    if settings is None:
+        return None
+
+    def make(run_id: str | None) -> RunTracker:
+        return RunTracker.start(
+            settings["uri"],
+            settings["experiment_id"],
+            run_name=settings["run_name"],
+            run_id=run_id,
+            parent_run_id=settings.get("parent_run_id"),
+        )
+
+    return make
+
+
+def ray_train_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
+    """`train_loop_per_worker` of the TorchTrainer: rebuild the config and run the shared loop."""
+    from retriever.train.context import RayTrainContext
+    from retriever.train.loop import run_loop
+
+    cfg = ExperimentConfig.model_validate(loop_config["config"])
+    task = TASKS.get(loop_config["task"])(cfg, loop_config["planned_steps"], {})
+    result = run_loop(
+        cfg,
+        task,
+        RayTrainContext(),
+        Path(loop_config["run_dir"]),
+        planned_steps=loop_config["planned_steps"],
+        make_tracker=_tracker_factory(loop_config.get("tracking")),
+    )
+    return result.to_dict()
+
+
+def run_training(
+    cfg: ExperimentConfig,
+    *,
+    task: str = "retrieval",
+    parent_run_id: str | None = None,
+    callbacks: list[Any] | None = None,
+    data_path: Path | None = None,
+) -> dict[str, Any]:
+    """Train one configuration to its budget; returns steps, tokens and FLOPs used and the export directory."""
+    from retriever.data.catalog import resolve_references
+
+    cfg = resolve_references(cfg)
+    planned = planned_steps_for(cfg) if task == "retrieval" else cfg.mntp.steps
+    path = data_path or (prepare_training_data(cfg) if task == "retrieval" else None)
+    tracking = tracker_settings(cfg, parent_run_id)
+    run_dir = run_dir_for(cfg)
+    log.info("training %s: %d planned steps, data %s, run dir %s", cfg.name, planned, path, run_dir)
+    if cfg.train.num_workers == 0:
+        return _run_local(cfg, task, planned, path, run_dir, tracking)
+    return _run_ray(cfg, task, planned, path, run_dir, tracking, callbacks or [])
+
+
+def _run_local(cfg, task, planned, path, run_dir, tracking) -> dict[str, Any]:
+    from retriever.train.context import LocalContext
+    from retriever.train.loop import run_loop
+
+    if task == "retrieval":
+        from retriever.data.examples import read_training_examples
+
+        table = read_training_examples(path)
+    else:
+        from retriever.train.mntp import mntp_table
+
+        table = mntp_table(cfg)
+    runner = TASKS.get(task)(cfg, planned, {})
+    result = run_loop(
+        cfg,
+        runner,
+        LocalContext(table, run_dir),
+        run_dir,
+        planned_steps=planned,
+        make_tracker=_tracker_factory(tracking),
+    )
+    return result.to_dict()
+
+
+def _run_ray(cfg, task, planned, path, run_dir, tracking, callbacks) -> dict[str, Any]:
+    import ray
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False, log_to_driver=True)
+    if task == "retrieval":
+        dataset = ray.data.read_parquet(str(path))
+    else:
+        from retriever.train.mntp import mntp_table
+
+        dataset = ray.data.from_arrow(mntp_table(cfg))
+    resources = {"CPU": cfg.train.cpus_per_worker}
+    if cfg.train.use_gpu:
+        resources["GPU"] = 1
+    trainer = TorchTrainer(
+        ray_train_worker,
+        train_loop_config={
+            "config": cfg.model_dump(mode="json"),
+            "task": task,
+            "planned_steps": planned,
+            "run_dir": str(run_dir),
+            "tracking": tracking,
+        },
+        torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu, resources_per_worker=resources
+        ),
+        run_config=ray.train.RunConfig(
+            name=f"{cfg.name}-{task}",
+            storage_path=str((Path(cfg.train.output_dir) / "ray").resolve()),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            callbacks=callbacks,
+        ),
+        datasets={"train": dataset},
+    )
+    result = trainer.fit()
+    return dict(result.return_value)
