@@ -74,9 +74,8 @@ def _plan_args(parser: argparse.ArgumentParser) -> None:
 
 @command("plan", "print the FLOP-budget plan of every sweep cell", _plan_args)
 def _plan(args: argparse.Namespace) -> int:
-    from retriever.flops import format_plan, plan_grid, plan_to_json
-
     from retriever.data.catalog import resolve_references
+    from retriever.flops import format_plan, plan_grid, plan_to_json
 
     cfg = resolve_references(load_config(args.config, args.overrides))
     cells = plan_grid(cfg)
