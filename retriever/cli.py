@@ -16,15 +16,28 @@ from retriever.config import ConfigError, load_config
 from retriever.registry import Registry
 
 Command = Callable[[argparse.Namespace], int]
-COMMANDS: Registry[tuple[str, Callable[[argparse.ArgumentParser], None], Command]] = Registry("command")
+Configure = Callable[[argparse.ArgumentParser], None]
+CommandTable = Registry[tuple[str, Configure, Command]]
+COMMANDS: CommandTable = Registry("command")
+DATA_COMMANDS: CommandTable = Registry("data command")
 
 
-def command(name: str, help_text: str, configure: Callable[[argparse.ArgumentParser], None]):
+def command(name: str, help_text: str, configure: Configure, table: CommandTable = COMMANDS):
+    """Register a subcommand: `configure` adds its arguments, the decorated function runs it."""
+
     def add(func: Command) -> Command:
-        COMMANDS.add(name, (help_text, configure, func))
+        table.add(name, (help_text, configure, func))
         return func
 
     return add
+
+
+def add_subcommands(parser: argparse.ArgumentParser, table: CommandTable, dest: str) -> None:
+    sub = parser.add_subparsers(dest=dest, required=True, metavar=dest.upper())
+    for name, (help_text, configure, func) in table.items():
+        child = sub.add_parser(name, help=help_text, description=help_text)
+        configure(child)
+        child.set_defaults(func=func)
 
 
 def _config_args(parser: argparse.ArgumentParser) -> None:
@@ -86,16 +99,30 @@ def _plan(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------------------------------- train
+def _train_args(parser: argparse.ArgumentParser) -> None:
+    _config_args(parser)
+    parser.add_argument(
+        "--stage",
+        choices=["retrieval", "mntp"],
+        default="retrieval",
+        help="retrieval fine-tuning (default) or the MNTP adaptation stage",
+    )
+
+
+@command("train", "train one configuration to its FLOP budget (in-process or on Ray Train)", _train_args)
+def _train(args: argparse.Namespace) -> int:
+    from retriever.train.trainer import run_training
+
+    cfg = load_config(args.config, args.overrides)
+    result = run_training(cfg, task=args.stage)
+    _print_json(result)
+    return 0
+
+
 # --------------------------------------------------------------------------------------------------- data
-DATA_COMMANDS: Registry[tuple[str, Callable[[argparse.ArgumentParser], None], Command]] = Registry("data command")
-
-
-def data_command(name: str, help_text: str, configure: Callable[[argparse.ArgumentParser], None]):
-    def add(func: Command) -> Command:
-        DATA_COMMANDS.add(name, (help_text, configure, func))
-        return func
-
-    return add
+def data_command(name: str, help_text: str, configure: Configure):
+    return command(name, help_text, configure, DATA_COMMANDS)
 
 
 def _import_classic_args(parser: argparse.ArgumentParser) -> None:
@@ -212,15 +239,11 @@ def _examples(args: argparse.Namespace) -> int:
     return 0
 
 
-def _data_args(parser: argparse.ArgumentParser) -> None:
-    sub = parser.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
-    for name, (help_text, configure, func) in DATA_COMMANDS.items():
-        child = sub.add_parser(name, help=help_text, description=help_text)
-        configure(child)
-        child.set_defaults(func=func)
-
-
-@command("data", "prepare datasets: import, register, synthetic benchmark, training examples", _data_args)
+@command(
+    "data",
+    "prepare datasets: import, register, synthetic benchmark, training examples",
+    lambda parser: add_subcommands(parser, DATA_COMMANDS, "data_command"),
+)
 def _data(args: argparse.Namespace) -> int:
     return 2  # never called: a data subcommand is required and its own func replaces this one
 
@@ -246,11 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="retriever", description="Scaling sparse and dense retrievers built on decoder-only LLMs, on Ray."
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, (help_text, configure, func) in COMMANDS.items():
-        child = sub.add_parser(name, help=help_text, description=help_text)
-        configure(child)
-        child.set_defaults(func=func)
+    add_subcommands(parser, COMMANDS, "command")
     return parser
 
 

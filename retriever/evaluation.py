@@ -23,11 +23,11 @@ import logging
 import math
 import sys
 import warnings
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Literal
+from typing import IO, Literal, TypeVar
 
 from retriever.data.sources import BEIR_13
 from retriever.registry import Registry
@@ -38,6 +38,7 @@ logger = logging.getLogger(__name__)
 RunDict = dict[str, dict[str, float]]
 QrelsDict = dict[str, dict[str, int]]
 StatTest = Literal["student", "fisher", "tukey"]
+_Value = TypeVar("_Value")
 
 
 class TrecFormatError(ValueError):
@@ -77,56 +78,46 @@ PROTOCOLS: Registry[EvaluationProtocol] = Registry("evaluation protocol")
 BEIR_13_DATASETS: tuple[str, ...] = tuple(BEIR_13.values())
 
 
-def _register(protocol: EvaluationProtocol) -> None:
-    PROTOCOLS.add(protocol.name, protocol)
+# The MS MARCO passage benchmarks share the top-1000 depth and the paper's 64/192-token encoding lengths.
+_MSMARCO = dict(depth=1000, query_max_length=64, passage_max_length=192)
 
-
-_register(
+for _protocol in (
     EvaluationProtocol(
-        name="msmarco-dev",
-        metrics=("mrr@10", "recall@1000"),
-        depth=1000,
-        query_max_length=64,
-        passage_max_length=192,
+        "msmarco-dev",
+        ("mrr@10", "recall@1000"),
+        **_MSMARCO,
         datasets=("msmarco-passage/dev/small",),
         description="MS MARCO passage dev/small: MRR@10 and Recall@1000 on the top-1000",
-    )
-)
-_register(
+    ),
+    # nDCG uses the graded labels; the binary metrics count grade >= 2 as relevant (TREC DL convention).
     EvaluationProtocol(
-        name="trec-dl",
-        # nDCG uses the graded labels; the binary metrics count grade >= 2 as relevant (TREC DL convention).
-        metrics=("ndcg@10", "mrr@10-l2", "recall@1000-l2"),
-        depth=1000,
-        query_max_length=64,
-        passage_max_length=192,
+        "trec-dl",
+        ("ndcg@10", "mrr@10-l2", "recall@1000-l2"),
+        **_MSMARCO,
         datasets=("msmarco-passage/trec-dl-2019/judged", "msmarco-passage/trec-dl-2020/judged"),
         description="TREC DL 2019/2020 passage: nDCG@10 (graded), MRR@10 and Recall@1000 at relevance level 2",
-    )
-)
-_register(
+    ),
     EvaluationProtocol(
-        name="synthetic",
-        metrics=("ndcg@10", "mrr@10", "recall@100"),
+        "synthetic",
+        ("ndcg@10", "mrr@10", "recall@100"),
         depth=100,
         query_max_length=64,
         passage_max_length=128,
         datasets=("synthetic/",),
         description="the offline synthetic benchmark: nDCG@10 (graded), MRR@10 and Recall@100 on the top-100",
-    )
-)
-_register(
+    ),
     EvaluationProtocol(
-        name="beir",
-        metrics=("ndcg@10", "recall@100"),
+        "beir",
+        ("ndcg@10", "recall@100"),
         depth=100,
         query_max_length=512,
         passage_max_length=512,
         datasets=("beir/",),
         ignore_identical_ids=True,
         description="BEIR: nDCG@10 and Recall@100 on the top-100, averaged over datasets with beir_mean",
-    )
-)
+    ),
+):
+    PROTOCOLS.add(_protocol.name, _protocol)
 
 
 def get_protocol(protocol: str | EvaluationProtocol) -> EvaluationProtocol:
@@ -190,69 +181,72 @@ def _numbered_lines(path: str | Path) -> Iterator[tuple[int, list[str]]]:
             ) from None
 
 
+def _read_trec_pairs(
+    path: str | Path, columns: str, parse: Callable[[str, list[str]], _Value], duplicate: str, rule: str
+) -> dict[str, dict[str, _Value]]:
+    """``{qid: {docid: value}}`` of a TREC file whose lines hold the whitespace-separated ``columns``.
+
+    The query id is the first column and the document id the third; ``parse(where, fields)`` turns a line into
+    its value. A (query, document) pair may occur once: ``duplicate`` and ``rule`` word the error otherwise.
+    """
+    table: dict[str, dict[str, _Value]] = {}
+    first_seen: dict[tuple[str, str], int] = {}
+    expected = len(columns.split())
+    for lineno, fields in _numbered_lines(path):
+        where = f"{path}:{lineno}"
+        if len(fields) != expected:
+            raise TrecFormatError(
+                f"{where}: expected {expected} whitespace-separated fields '{columns}', got {len(fields)}: "
+                f"{' '.join(fields)!r}"
+            )
+        qid, docid = fields[0], fields[2]
+        value = parse(where, fields)
+        key = (qid, docid)
+        if key in first_seen:
+            raise TrecFormatError(
+                f"{where}: {duplicate} {docid!r} for query {qid!r} (first at line {first_seen[key]}); "
+                f"{rule} (query, document) pair once"
+            )
+        first_seen[key] = lineno
+        table.setdefault(qid, {})[docid] = value
+    return table
+
+
+def _run_score(where: str, fields: list[str]) -> float:
+    rank, score_text = fields[3], fields[4]
+    try:
+        int(rank)
+    except ValueError:
+        raise TrecFormatError(f"{where}: rank (field 4) must be an integer, got {rank!r}") from None
+    try:
+        score = float(score_text)
+    except ValueError:
+        raise TrecFormatError(f"{where}: score (field 5) must be a number, got {score_text!r}") from None
+    if not math.isfinite(score):
+        raise TrecFormatError(f"{where}: score (field 5) must be finite, got {score_text!r}")
+    return score
+
+
+def _qrels_grade(where: str, fields: list[str]) -> int:
+    try:
+        return int(fields[3])
+    except ValueError:
+        raise TrecFormatError(f"{where}: relevance grade (field 4) must be an integer, got {fields[3]!r}") from None
+
+
 def read_run(path: str | Path) -> RunDict:
     """Read a TREC run (``qid Q0 docid rank score tag``, optionally gzipped).
 
     The rank column must be an integer but is not used: like trec_eval, the ranking comes from the scores.
     """
-    run: RunDict = {}
-    first_seen: dict[tuple[str, str], int] = {}
-    for lineno, fields in _numbered_lines(path):
-        where = f"{path}:{lineno}"
-        if len(fields) != 6:
-            raise TrecFormatError(
-                f"{where}: expected 6 whitespace-separated fields 'qid Q0 docid rank score tag', got {len(fields)}: "
-                f"{' '.join(fields)!r}"
-            )
-        qid, _, docid, rank, score_text, _ = fields
-        try:
-            int(rank)
-        except ValueError:
-            raise TrecFormatError(f"{where}: rank (field 4) must be an integer, got {rank!r}") from None
-        try:
-            score = float(score_text)
-        except ValueError:
-            raise TrecFormatError(f"{where}: score (field 5) must be a number, got {score_text!r}") from None
-        if not math.isfinite(score):
-            raise TrecFormatError(f"{where}: score (field 5) must be finite, got {score_text!r}")
-        key = (qid, docid)
-        if key in first_seen:
-            raise TrecFormatError(
-                f"{where}: duplicate document {docid!r} for query {qid!r} (first at line {first_seen[key]}); "
-                "a run lists each (query, document) pair once"
-            )
-        first_seen[key] = lineno
-        run.setdefault(qid, {})[docid] = score
-    return run
+    return _read_trec_pairs(path, "qid Q0 docid rank score tag", _run_score, "duplicate document", "a run lists each")
 
 
 def read_qrels(path: str | Path) -> QrelsDict:
     """Read TREC qrels (``qid iteration docid grade``, optionally gzipped); grades are integers."""
-    qrels: QrelsDict = {}
-    first_seen: dict[tuple[str, str], int] = {}
-    for lineno, fields in _numbered_lines(path):
-        where = f"{path}:{lineno}"
-        if len(fields) != 4:
-            raise TrecFormatError(
-                f"{where}: expected 4 whitespace-separated fields 'qid 0 docid grade', got {len(fields)}: "
-                f"{' '.join(fields)!r}"
-            )
-        qid, _, docid, grade_text = fields
-        try:
-            grade = int(grade_text)
-        except ValueError:
-            raise TrecFormatError(
-                f"{where}: relevance grade (field 4) must be an integer, got {grade_text!r}"
-            ) from None
-        key = (qid, docid)
-        if key in first_seen:
-            raise TrecFormatError(
-                f"{where}: duplicate judgment of document {docid!r} for query {qid!r} (first at line "
-                f"{first_seen[key]}); qrels judge each (query, document) pair once"
-            )
-        first_seen[key] = lineno
-        qrels.setdefault(qid, {})[docid] = grade
-    return qrels
+    return _read_trec_pairs(
+        path, "qid 0 docid grade", _qrels_grade, "duplicate judgment of document", "qrels judge each"
+    )
 
 
 def qrels_from_ir_datasets(dataset_id: str) -> QrelsDict:

@@ -39,7 +39,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypedDict, Unpack
 
 from transformers import PretrainedConfig
 
@@ -303,6 +303,25 @@ class _Layer:
         return True
 
 
+class TrainingOptions(TypedDict, total=False):
+    """How the weights train and how a step runs: the keyword options of `step_flops` and `mntp_flops`.
+
+    `lora_rank` (default 16): LoRA of that rank on `lora_targets` (default `DEFAULT_LORA_TARGETS`) over a frozen
+    base; None is full fine-tuning (every weight trainable). `gradient_checkpointing` (default False) re-runs each
+    layer's forward in backward, stopping early as PyTorch does unless `checkpoint_early_stop` is False.
+    `attention` (default "eager") is the kernel whose FLOPs are counted. `embedding_output_requires_grad` defaults
+    to what the project's encoder does: true with full fine-tuning or gradient checkpointing (transformers then
+    calls `enable_input_require_grads`).
+    """
+
+    lora_rank: int | None
+    lora_targets: Sequence[str]
+    gradient_checkpointing: bool
+    attention: AttentionKernel
+    embedding_output_requires_grad: bool | None
+    checkpoint_early_stop: bool
+
+
 @dataclass(frozen=True)
 class _Setup:
     """How the weights train and how the step runs (shared by every pass of a step)."""
@@ -317,13 +336,15 @@ class _Setup:
     @classmethod
     def make(
         cls,
-        lora_rank: int | None,
-        lora_targets: Sequence[str],
-        gradient_checkpointing: bool,
-        attention: AttentionKernel,
-        embedding_output_requires_grad: bool | None,
-        checkpoint_early_stop: bool,
+        *,
+        lora_rank: int | None = 16,
+        lora_targets: Sequence[str] = tuple(DEFAULT_LORA_TARGETS),
+        gradient_checkpointing: bool = False,
+        attention: AttentionKernel = "eager",
+        embedding_output_requires_grad: bool | None = None,
+        checkpoint_early_stop: bool = True,
     ) -> _Setup:
+        """Validate `TrainingOptions` (these are their defaults) and resolve what they leave implicit."""
         if lora_rank is not None:
             if lora_rank <= 0:
                 raise ValueError(f"lora_rank must be positive (or None for full fine-tuning), got {lora_rank}")
@@ -401,34 +422,20 @@ def step_flops(
     batch: BatchShape,
     *,
     scoring: Sequence[str] = ("all",),
-    lora_rank: int | None = 16,
-    lora_targets: Sequence[str] = tuple(DEFAULT_LORA_TARGETS),
-    gradient_checkpointing: bool = False,
-    attention: AttentionKernel = "eager",
     world_size: int = 1,
-    embedding_output_requires_grad: bool | None = None,
-    checkpoint_early_stop: bool = True,
+    **training: Unpack[TrainingOptions],
 ) -> FlopBreakdown:
     """FLOPs of one training step (forward + backward of queries and passages, and the loss's score matrices),
     summed over all workers; `batch` is the global batch.
 
-    `lora_rank=None` is full fine-tuning (every weight trainable); otherwise LoRA of that rank on `lora_targets`
-    over a frozen base. `scoring` lists the score matrices the loss builds ("all": B x B·(1+n), "own": B x (1+n);
-    see `LOSS_COSTS`). With `world_size` W every rank scores the gathered global batch, so scoring counts W times.
-    `embedding_output_requires_grad` defaults to what the project's encoder does: true with full fine-tuning or
-    gradient checkpointing (transformers then calls `enable_input_require_grads`).
+    `scoring` lists the score matrices the loss builds ("all": B x B·(1+n), "own": B x (1+n); see `LOSS_COSTS`).
+    With `world_size` W every rank scores the gathered global batch, so scoring counts W times. `training`: see
+    `TrainingOptions` (by default LoRA of rank 16 over a frozen base, eager attention, no checkpointing).
     """
     cost = PARADIGM_COSTS.get(paradigm)
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
-    setup = _Setup.make(
-        lora_rank,
-        lora_targets,
-        gradient_checkpointing,
-        attention,
-        embedding_output_requires_grad,
-        checkpoint_early_stop,
-    )
+    setup = _Setup.make(**training)
     p = _Phases()
     for texts, length in ((batch.queries, batch.query_length), (batch.passages, batch.passage_length)):
         _encode(p, shape, setup, texts, length, head_positions=texts * length if cost.lm_head else 0)
@@ -441,28 +448,15 @@ def mntp_flops(
     rows: int,
     length: int,
     predicted: int,
-    *,
-    lora_rank: int | None = 16,
-    lora_targets: Sequence[str] = tuple(DEFAULT_LORA_TARGETS),
-    gradient_checkpointing: bool = False,
-    attention: AttentionKernel = "eager",
-    embedding_output_requires_grad: bool | None = None,
-    checkpoint_early_stop: bool = True,
+    **training: Unpack[TrainingOptions],
 ) -> FlopBreakdown:
     """FLOPs of one masked next-token prediction step: the bidirectional decoder over `rows` x `length` tokens and
-    the LM head only on the `predicted` (masked) positions."""
+    the LM head only on the `predicted` (masked) positions; `training`: see `TrainingOptions`."""
     if rows <= 0 or length <= 0 or not 0 <= predicted <= rows * length:
         raise ValueError(
             f"mntp_flops: need rows, length > 0 and 0 <= predicted <= rows*length, got {rows}, {length}, {predicted}"
         )
-    setup = _Setup.make(
-        lora_rank,
-        lora_targets,
-        gradient_checkpointing,
-        attention,
-        embedding_output_requires_grad,
-        checkpoint_early_stop,
-    )
+    setup = _Setup.make(**training)
     p = _Phases()
     _encode(p, shape, setup, rows, length, head_positions=predicted)
     return _breakdown(p, rows * length)
@@ -514,13 +508,19 @@ class StepCostModel:
     world_size: int = 1
 
     @classmethod
-    def for_experiment(cls, cfg: ExperimentConfig, config: PretrainedConfig) -> StepCostModel:
-        """Retrieval training of `cfg` on a model with `config` (the built encoder's, so the vocabulary is real)."""
-        rank, targets = lora_setup(cfg)
+    def _for(
+        cls,
+        cfg: ExperimentConfig,
+        config: PretrainedConfig,
+        paradigm: str,
+        scoring: tuple[str, ...],
+        lora_always: bool,
+    ) -> StepCostModel:
+        rank, targets = lora_setup(cfg, always=lora_always)
         return cls(
             shape=ModelShape.from_config(config),
-            paradigm=cfg.encoder.paradigm,
-            scoring=LOSS_COSTS.get(cfg.loss.name).scoring,
+            paradigm=paradigm,
+            scoring=scoring,
             lora_rank=rank,
             lora_targets=targets,
             gradient_checkpointing=cfg.backbone.gradient_checkpointing,
@@ -529,20 +529,16 @@ class StepCostModel:
         )
 
     @classmethod
-    def for_mntp(cls, cfg: ExperimentConfig, config: PretrainedConfig) -> StepCostModel:
-        rank, targets = lora_setup(cfg, always=True)
-        return cls(
-            shape=ModelShape.from_config(config),
-            paradigm="dense",
-            scoring=(),
-            lora_rank=rank,
-            lora_targets=targets,
-            gradient_checkpointing=cfg.backbone.gradient_checkpointing,
-            attention=_attention_kernel(cfg.backbone.attn_implementation),
-            world_size=max(1, cfg.train.num_workers),
-        )
+    def for_experiment(cls, cfg: ExperimentConfig, config: PretrainedConfig) -> StepCostModel:
+        """Retrieval training of `cfg` on a model with `config` (the built encoder's, so the vocabulary is real)."""
+        return cls._for(cfg, config, cfg.encoder.paradigm, LOSS_COSTS.get(cfg.loss.name).scoring, lora_always=False)
 
-    def _options(self) -> dict[str, Any]:
+    @classmethod
+    def for_mntp(cls, cfg: ExperimentConfig, config: PretrainedConfig) -> StepCostModel:
+        """MNTP of `cfg`: the decoder alone (no scoring), always through a LoRA adapter."""
+        return cls._for(cfg, config, "dense", (), lora_always=True)
+
+    def _options(self) -> TrainingOptions:
         return {
             "lora_rank": self.lora_rank,
             "lora_targets": self.lora_targets,

@@ -72,3 +72,25 @@ def tiny_tokenizer_dir(tmp_path_factory, tiny_tokenizer) -> Path:
     path = tmp_path_factory.mktemp("tokenizer")
     tiny_tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray for the whole session (started on first use); logical CPUs oversubscribed so that Train
+    workers, Data tasks and Tune drivers never starve each other on a 2-core machine."""
+    import ray
+
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    ray.init(
+        address="local",
+        num_cpus=4,
+        include_dashboard=False,
+        object_store_memory=256 * 2**20,
+        log_to_driver=False,
+        configure_logging=False,
+    )
+    from ray.data import DataContext
+
+    DataContext.get_current().enable_progress_bars = False
+    yield ray
+    ray.shutdown()

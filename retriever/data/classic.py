@@ -27,6 +27,7 @@ from retriever.data.local import (
     Located,
     numbered_lines,
     register_local_dataset,
+    split_lines,
 )
 
 _FIELD = re.compile(r"^\.([A-Z])(\s.*)?$")
@@ -102,14 +103,10 @@ def queries_smart(paths: Sequence[Path]) -> Iterator[Located]:
 
 def qrels_pairs(paths: Sequence[Path]) -> Iterator[Located]:
     """``qid docid [ignored columns]`` per line, each pair relevant (CISI.REL, MED.REL.OLD: ``q d 0 0.000000``)."""
-    for path in paths:
-        for lineno, line in numbered_lines(path):
-            cols = line.split()
-            if not cols:
-                continue
-            if len(cols) < 2 or not cols[0].isdigit() or not cols[1].isdigit():
-                raise DataFormatError(f"{path}:{lineno}: expected 'query-number doc-number ...', got {line[:80]!r}")
-            yield Located(path, lineno, TrecQrel(_smart_id(cols[0]), _smart_id(cols[1]), 1, "0"))
+    for path, lineno, line, cols in split_lines(paths):
+        if len(cols) < 2 or not cols[0].isdigit() or not cols[1].isdigit():
+            raise DataFormatError(f"{path}:{lineno}: expected 'query-number doc-number ...', got {line[:80]!r}")
+        yield Located(path, lineno, TrecQrel(_smart_id(cols[0]), _smart_id(cols[1]), 1, "0"))
 
 
 FORMATS.add("docs/smart", docs_smart)

@@ -64,6 +64,7 @@ class ExamplesReport:
     mean_negatives: float
     max_negatives: int
     rows_below_num_negatives: int  # rows whose pool is smaller than num_negatives
+    rows_without_negatives: int  # (query, positive) pairs left out: no candidate besides the positives
     with_teacher: bool
     inline_text: bool
 
@@ -127,6 +128,7 @@ def build_training_examples(
     columns: dict[str, list[Any]] = {name: [] for name in _column_names(inline_text)}
     pool_sizes: list[int] = []
     queries_used = 0
+    skipped = 0
     for qid, rows in judgments.items():
         positives = [(docid, where) for docid, grade, where in rows if grade > 0]
         if not positives:
@@ -136,11 +138,15 @@ def build_training_examples(
                 f"{positives[0][1]}: query id {qid!r} has no text in {_describe(queries)}; "
                 "add the query or remove its judgments"
             )
-        queries_used += 1
         judged = {docid for docid, _ in positives}
         pool = [(docid, where) for docid, where in run.get(qid, []) if docid not in judged]
         if max_candidates is not None:
             pool = pool[:max_candidates]
+        if not pool:
+            # Batches have a fixed number of passages per query: a pair without any negative cannot fill one.
+            skipped += len(positives)
+            continue
+        queries_used += 1
         negative_ids = [docid for docid, _ in pool]
         negative_texts = [lookup.text(docid) for docid in negative_ids] if inline_text else []
         teacher_negs = [teacher_score(qid, d, where) for d, where in pool] if scores is not None else None
@@ -176,9 +182,12 @@ def build_training_examples(
         mean_negatives=float(np.mean(pool_sizes)) if pool_sizes else 0.0,
         max_negatives=max(pool_sizes, default=0),
         rows_below_num_negatives=below,
+        rows_without_negatives=skipped,
         with_teacher=scores is not None,
         inline_text=inline_text,
     )
+    if skipped:
+        logger.warning("%d (query, positive) pairs have no candidate negatives and were left out", skipped)
     if below:
         logger.warning(
             "%d of %d rows have fewer than %d hard negatives (smallest pool: %d); the trainer samples %d per epoch "

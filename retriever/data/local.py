@@ -97,6 +97,15 @@ def numbered_lines(path: Path) -> Iterator[tuple[int, str]]:
             yield lineno, line.rstrip("\r\n")
 
 
+def split_lines(paths: Sequence[Path]) -> Iterator[tuple[Path, int, str, list[str]]]:
+    """(path, line number, line, whitespace-separated columns) of every non-blank line of the files, in order."""
+    for path in paths:
+        for lineno, line in numbered_lines(path):
+            cols = line.split()
+            if cols:
+                yield path, lineno, line, cols
+
+
 def _pick(data: dict[str, Any], keys: Sequence[str]) -> tuple[str | None, Any]:
     for key in keys:
         if key in data:
@@ -117,6 +126,23 @@ def _jsonl_objects(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
         if not isinstance(data, dict):
             raise DataFormatError(f"{path}:{lineno}: expected a JSON object, got {type(data).__name__}")
         yield lineno, data
+
+
+def _jsonl_id_text(
+    paths: Sequence[Path], id_keys: Sequence[str], text_keys: Sequence[str]
+) -> Iterator[tuple[Path, int, dict[str, Any], str, str]]:
+    """(path, line number, object, id, text) of every JSON object of the files; the id and the text are the values
+    of the first of `id_keys` and of `text_keys` that the object has."""
+    for path in paths:
+        for lineno, data in _jsonl_objects(path):
+            id_key, ident = _pick(data, id_keys)
+            text_key, text = _pick(data, text_keys)
+            if id_key is None or text_key is None:
+                missing = "an id (one of " + ", ".join(id_keys) + ")" if id_key is None else ""
+                if text_key is None:
+                    missing += (" and " if missing else "") + "a text (one of " + ", ".join(text_keys) + ")"
+                raise DataFormatError(f"{path}:{lineno}: missing {missing}; keys present: {sorted(data)}")
+            yield path, lineno, data, _as_id(ident, path, lineno, id_key), _as_text(text, path, lineno, text_key)
 
 
 def _as_id(value: Any, path: Path, lineno: int, key: str) -> str:
@@ -157,24 +183,8 @@ def docs_tsv(paths: Sequence[Path]) -> Iterator[Located]:
 
 def docs_jsonl(paths: Sequence[Path]) -> Iterator[Located]:
     """One JSON object per line: BEIR ``{"_id", "title", "text"}`` or Pyserini ``{"id", "contents"}``."""
-    for path in paths:
-        for lineno, data in _jsonl_objects(path):
-            id_key, doc_id = _pick(data, DOC_ID_KEYS)
-            text_key, text = _pick(data, DOC_TEXT_KEYS)
-            if id_key is None or text_key is None:
-                missing = "an id (one of " + ", ".join(DOC_ID_KEYS) + ")" if id_key is None else ""
-                if text_key is None:
-                    missing += (" and " if missing else "") + "a text (one of " + ", ".join(DOC_TEXT_KEYS) + ")"
-                raise DataFormatError(f"{path}:{lineno}: missing {missing}; keys present: {sorted(data)}")
-            yield Located(
-                path,
-                lineno,
-                LocalDoc(
-                    _as_id(doc_id, path, lineno, id_key),
-                    _as_text(data.get("title"), path, lineno, "title"),
-                    _as_text(text, path, lineno, text_key),
-                ),
-            )
+    for path, lineno, data, doc_id, text in _jsonl_id_text(paths, DOC_ID_KEYS, DOC_TEXT_KEYS):
+        yield Located(path, lineno, LocalDoc(doc_id, _as_text(data.get("title"), path, lineno, "title"), text))
 
 
 def queries_tsv(paths: Sequence[Path]) -> Iterator[Located]:
@@ -188,18 +198,8 @@ def queries_tsv(paths: Sequence[Path]) -> Iterator[Located]:
 
 def queries_jsonl(paths: Sequence[Path]) -> Iterator[Located]:
     """One JSON object per line: BEIR ``{"_id", "text"}`` (also ``id``/``qid`` and ``query``)."""
-    for path in paths:
-        for lineno, data in _jsonl_objects(path):
-            id_key, qid = _pick(data, QUERY_ID_KEYS)
-            text_key, text = _pick(data, QUERY_TEXT_KEYS)
-            if id_key is None or text_key is None:
-                raise DataFormatError(
-                    f"{path}:{lineno}: a query needs an id (one of {', '.join(QUERY_ID_KEYS)}) and a text "
-                    f"(one of {', '.join(QUERY_TEXT_KEYS)}); keys present: {sorted(data)}"
-                )
-            yield Located(
-                path, lineno, GenericQuery(_as_id(qid, path, lineno, id_key), _as_text(text, path, lineno, text_key))
-            )
+    for path, lineno, _, qid, text in _jsonl_id_text(paths, QUERY_ID_KEYS, QUERY_TEXT_KEYS):
+        yield Located(path, lineno, GenericQuery(qid, text))
 
 
 _TREC_TAG = re.compile(r"^\s*<(/?)(top|num|title|desc|narr)>(.*)$", re.IGNORECASE)
@@ -259,18 +259,14 @@ def _relevance(path: Path, lineno: int, value: str) -> int:
 
 def qrels_trec(paths: Sequence[Path]) -> Iterator[Located]:
     """TREC qrels: ``qid iteration docid relevance`` (whitespace-separated)."""
-    for path in paths:
-        for lineno, line in numbered_lines(path):
-            cols = line.split()
-            if not cols:
-                continue
-            if len(cols) != 4:
-                raise DataFormatError(
-                    f"{path}:{lineno}: expected 4 columns 'qid iteration docid relevance' (TREC qrels), "
-                    f"got {len(cols)}: {line[:80]!r}"
-                )
-            qid, iteration, doc_id, rel = cols
-            yield Located(path, lineno, TrecQrel(qid, doc_id, _relevance(path, lineno, rel), iteration))
+    for path, lineno, line, cols in split_lines(paths):
+        if len(cols) != 4:
+            raise DataFormatError(
+                f"{path}:{lineno}: expected 4 columns 'qid iteration docid relevance' (TREC qrels), "
+                f"got {len(cols)}: {line[:80]!r}"
+            )
+        qid, iteration, doc_id, rel = cols
+        yield Located(path, lineno, TrecQrel(qid, doc_id, _relevance(path, lineno, rel), iteration))
 
 
 def qrels_beir(paths: Sequence[Path]) -> Iterator[Located]:
@@ -337,17 +333,14 @@ def sniff_format(entity: str, path: Path) -> str:
 # ---------------------------------------------------------------------------------------------------------- handlers
 
 
-def _records(entity: str, fmt: str, paths: Sequence[Path]) -> Iterator[Any]:
-    for item in FORMATS.get(f"{entity}/{fmt}")(paths):
-        yield item.record
-
-
 def _fingerprint(parts: Iterable[Any]) -> str:
     return hashlib.sha256(json.dumps(list(parts), sort_keys=True).encode()).hexdigest()[:16]
 
 
-class LocalDocs(BaseDocs):
-    """Docs of a local dataset; the docs store lives under IR_DATASETS_HOME, keyed by the files' size and mtime."""
+class _LocalFiles:
+    """The files of one entity (`_entity`: docs, queries or qrels) of a local dataset, all in one format."""
+
+    _entity: str
 
     def __init__(self, dataset_id: str, fmt: str, paths: Sequence[Path]) -> None:
         super().__init__()
@@ -358,8 +351,19 @@ class LocalDocs(BaseDocs):
     def required_files(self) -> list[Path]:
         return list(self._paths)
 
+    def _records(self) -> Iterator[Any]:
+        """The records of every file, in order, read by the format's reader."""
+        for item in FORMATS.get(f"{self._entity}/{self._fmt}")(self._paths):
+            yield item.record
+
+
+class LocalDocs(_LocalFiles, BaseDocs):
+    """Docs of a local dataset; the docs store lives under IR_DATASETS_HOME, keyed by the files' size and mtime."""
+
+    _entity = "docs"
+
     def _iter_files(self) -> Iterator[LocalDoc]:
-        return _records("docs", self._fmt, self._paths)
+        return self._records()
 
     @ir_datasets.util.use_docstore
     def docs_iter(self) -> Iterator[LocalDoc]:
@@ -396,21 +400,12 @@ class LocalDocs(BaseDocs):
     def docs_namespace(self) -> str:
         return self._dataset_id
 
-    def docs_lang(self) -> str | None:
-        return None
 
-
-class LocalQrels(BaseQrels):
-    def __init__(self, dataset_id: str, fmt: str, paths: Sequence[Path]) -> None:
-        self._dataset_id = dataset_id
-        self._fmt = fmt
-        self._paths = [Path(p) for p in paths]
-
-    def required_files(self) -> list[Path]:
-        return list(self._paths)
+class LocalQrels(_LocalFiles, BaseQrels):
+    _entity = "qrels"
 
     def qrels_iter(self) -> Iterator[TrecQrel]:
-        return _records("qrels", self._fmt, self._paths)
+        return self._records()
 
     def qrels_cls(self) -> type:
         return TrecQrel
@@ -422,24 +417,23 @@ class LocalQrels(BaseQrels):
         return {}
 
 
-class LocalQueries(BaseQueries):
+class LocalQueries(_LocalFiles, BaseQueries):
     """Queries of a local dataset, optionally restricted to the queries that have qrels (BEIR convention)."""
+
+    _entity = "queries"
 
     def __init__(
         self, dataset_id: str, fmt: str, paths: Sequence[Path], only_judged_by: LocalQrels | None = None
     ) -> None:
-        super().__init__()
-        self._dataset_id = dataset_id
-        self._fmt = fmt
-        self._paths = [Path(p) for p in paths]
+        super().__init__(dataset_id, fmt, paths)
         self._only_judged_by = only_judged_by
 
     def required_files(self) -> list[Path]:
         extra = self._only_judged_by.required_files() if self._only_judged_by is not None else []
-        return list(self._paths) + extra
+        return super().required_files() + extra
 
     def queries_iter(self) -> Iterator[GenericQuery]:
-        records = _records("queries", self._fmt, self._paths)
+        records = self._records()
         if self._only_judged_by is None:
             return records
         judged = {q.query_id for q in self._only_judged_by.qrels_iter()}
@@ -453,9 +447,6 @@ class LocalQueries(BaseQueries):
 
     def queries_namespace(self) -> str:
         return self._dataset_id
-
-    def queries_lang(self) -> str | None:
-        return None
 
 
 # --------------------------------------------------------------------------------------------------------- specs

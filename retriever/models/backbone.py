@@ -46,109 +46,54 @@ _LLAMA3 = dict(
     max_position_embeddings=131_072,
     hidden_act="silu",
 )
-_LLAMA32_ROPE = {
-    "rope_type": "llama3",
-    "factor": 32.0,
-    "low_freq_factor": 1.0,
-    "high_freq_factor": 4.0,
-    "original_max_position_embeddings": 8192,
-}
+# Llama 3.2 ties its embeddings and stretches RoPE to 128k positions; Llama 3 8B does neither (8k positions).
+_LLAMA32 = dict(
+    tie_word_embeddings=True,
+    rope_scaling={
+        "rope_type": "llama3",
+        "factor": 32.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    },
+)
+_LLAMA3_8K = dict(tie_word_embeddings=False, max_position_embeddings=8192)
+
+
+def llama_shape(hidden: int, ffn: int, layers: int, heads: int, kv_heads: int) -> dict[str, int]:
+    """The LlamaConfig fields that size a model: widths, depth and attention heads (query and key/value)."""
+    return dict(
+        hidden_size=hidden,
+        intermediate_size=ffn,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+    )
+
+
+def _llama3(
+    name: str, hub_id: str, hidden: int, ffn: int, layers: int, heads: int, head_dim: int, **extra: Any
+) -> BackbonePreset:
+    """A paper preset: the Llama-3 constants, one model's shape (all use 8 key/value heads) and its extras."""
+    config = dict(_LLAMA3, **llama_shape(hidden, ffn, layers, heads, kv_heads=8), head_dim=head_dim, **extra)
+    return BackbonePreset(name, "paper", config, hub_id=hub_id, aliases=(hub_id,))
+
+
+def _tiny(name: str, hidden: int, ffn: int, layers: int, heads: int, kv_heads: int) -> BackbonePreset:
+    """A tiny random Llama: 4,096-token vocabulary, tied embeddings, 1,024 positions."""
+    shape = llama_shape(hidden, ffn, layers, heads, kv_heads)
+    config = dict(vocab_size=4096, **shape, tie_word_embeddings=True, max_position_embeddings=1024)
+    return BackbonePreset(name, "tiny", config)
+
 
 for _preset in (
-    BackbonePreset(
-        "llama-3.2-1b",
-        "paper",
-        dict(
-            _LLAMA3,
-            hidden_size=2048,
-            intermediate_size=8192,
-            num_hidden_layers=16,
-            num_attention_heads=32,
-            num_key_value_heads=8,
-            head_dim=64,
-            tie_word_embeddings=True,
-            rope_scaling=_LLAMA32_ROPE,
-        ),
-        hub_id="meta-llama/Llama-3.2-1B",
-        aliases=("meta-llama/Llama-3.2-1B",),
-    ),
-    BackbonePreset(
-        "llama-3.2-3b",
-        "paper",
-        dict(
-            _LLAMA3,
-            hidden_size=3072,
-            intermediate_size=8192,
-            num_hidden_layers=28,
-            num_attention_heads=24,
-            num_key_value_heads=8,
-            head_dim=128,
-            tie_word_embeddings=True,
-            rope_scaling=_LLAMA32_ROPE,
-        ),
-        hub_id="meta-llama/Llama-3.2-3B",
-        aliases=("meta-llama/Llama-3.2-3B",),
-    ),
-    BackbonePreset(
-        "llama-3-8b",
-        "paper",
-        dict(
-            _LLAMA3,
-            hidden_size=4096,
-            intermediate_size=14336,
-            num_hidden_layers=32,
-            num_attention_heads=32,
-            num_key_value_heads=8,
-            head_dim=128,
-            tie_word_embeddings=False,
-            max_position_embeddings=8192,
-        ),
-        hub_id="meta-llama/Meta-Llama-3-8B",
-        aliases=("meta-llama/Meta-Llama-3-8B",),
-    ),
+    _llama3("llama-3.2-1b", "meta-llama/Llama-3.2-1B", 2048, 8192, layers=16, heads=32, head_dim=64, **_LLAMA32),
+    _llama3("llama-3.2-3b", "meta-llama/Llama-3.2-3B", 3072, 8192, layers=28, heads=24, head_dim=128, **_LLAMA32),
+    _llama3("llama-3-8b", "meta-llama/Meta-Llama-3-8B", 4096, 14336, layers=32, heads=32, head_dim=128, **_LLAMA3_8K),
     # Tiny Llama-shaped presets, about 4x apart in parameters at the default 4,096-token vocabulary.
-    BackbonePreset(
-        "tiny-s",
-        "tiny",
-        dict(
-            vocab_size=4096,
-            hidden_size=32,
-            intermediate_size=96,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-            tie_word_embeddings=True,
-            max_position_embeddings=1024,
-        ),
-    ),
-    BackbonePreset(
-        "tiny-m",
-        "tiny",
-        dict(
-            vocab_size=4096,
-            hidden_size=64,
-            intermediate_size=256,
-            num_hidden_layers=6,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            tie_word_embeddings=True,
-            max_position_embeddings=1024,
-        ),
-    ),
-    BackbonePreset(
-        "tiny-l",
-        "tiny",
-        dict(
-            vocab_size=4096,
-            hidden_size=128,
-            intermediate_size=384,
-            num_hidden_layers=10,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            tie_word_embeddings=True,
-            max_position_embeddings=1024,
-        ),
-    ),
+    _tiny("tiny-s", hidden=32, ffn=96, layers=2, heads=2, kv_heads=1),
+    _tiny("tiny-m", hidden=64, ffn=256, layers=6, heads=4, kv_heads=2),
+    _tiny("tiny-l", hidden=128, ffn=384, layers=10, heads=4, kv_heads=2),
 ):
     BACKBONES.add(_preset.name, _preset)
 

@@ -26,6 +26,9 @@ from tokenizers.models import BPE
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from transformers.tokenization_utils_base import generate_merges
 
+from retriever.models.backbone import llama_shape
+from retriever.models.tokenizers import fast_tokenizer
+
 logger = logging.getLogger(__name__)
 
 HEADER_FORMAT = "<7i"
@@ -119,6 +122,7 @@ def read_llama2c_header(path: Path) -> Llama2cHeader:
         )
     dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size, seq_len = fields
     names = ("dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads", "|vocab_size|", "seq_len")
+    # The header's fields in Llama2cHeader's order.
     values = (dim, hidden_dim, n_layers, n_heads, n_kv_heads, abs(vocab_size), seq_len)
     bad = [f"{name}={value}" for name, value in zip(names, values) if not 0 < value <= _MAX_FIELD]
     if bad:
@@ -135,16 +139,7 @@ def read_llama2c_header(path: Path) -> Llama2cHeader:
         problems.append(f"n_heads {n_heads} is not a multiple of n_kv_heads {n_kv_heads}")
     if problems:
         raise ValueError(f"{path}: inconsistent llama2.c header {fields}: {'; '.join(problems)}")
-    header = Llama2cHeader(
-        dim=dim,
-        hidden_dim=hidden_dim,
-        n_layers=n_layers,
-        n_heads=n_heads,
-        n_kv_heads=n_kv_heads,
-        vocab_size=abs(vocab_size),
-        seq_len=seq_len,
-        shared_classifier=vocab_size > 0,
-    )
+    header = Llama2cHeader(*values, shared_classifier=vocab_size > 0)
     expected = header.expected_file_size()
     if size != expected:
         if size < expected:
@@ -185,13 +180,10 @@ def interleaved_to_half_rotary(weight: torch.Tensor, n_heads: int) -> torch.Tens
 
 def llama2c_config(header: Llama2cHeader) -> LlamaConfig:
     """The HF config equivalent to a llama2.c header (llama2.c's RoPE base, norm epsilon and special ids)."""
+    shape = llama_shape(header.dim, header.hidden_dim, header.n_layers, header.n_heads, header.n_kv_heads)
     return LlamaConfig(
         vocab_size=header.vocab_size,
-        hidden_size=header.dim,
-        intermediate_size=header.hidden_dim,
-        num_hidden_layers=header.n_layers,
-        num_attention_heads=header.n_heads,
-        num_key_value_heads=header.n_kv_heads,
+        **shape,
         head_dim=header.head_dim,
         max_position_embeddings=header.seq_len,
         rms_norm_eps=RMS_NORM_EPS,
@@ -369,19 +361,9 @@ def llama2c_tokenizer(
         [decoders.Replace(SPACE, " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
     )
     backend.add_special_tokens([AddedToken(token, special=True, normalized=False) for token in SPECIAL_TOKENS])
+    unk, bos, eos = SPECIAL_TOKENS
     extra = {} if model_max_length is None else {"model_max_length": model_max_length}
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        unk_token="<unk>",
-        bos_token="<s>",
-        eos_token="</s>",
-        pad_token="</s>",
-        add_bos_token=True,
-        add_eos_token=False,
-        padding_side="left",
-        clean_up_tokenization_spaces=False,
-        **extra,
-    )
+    return fast_tokenizer(backend, bos, eos, unk=unk, pad_with_eos=True, **extra)
 
 
 def convert_llama2c(checkpoint: Path, tokenizer: Path, out_dir: Path) -> Path:

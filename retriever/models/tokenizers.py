@@ -17,6 +17,7 @@ import os
 import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from tokenizers import Tokenizer, decoders, pre_tokenizers
@@ -35,6 +36,31 @@ LLAMA3_EOS = "<|end_of_text|>"
 GPT2_EOS = "<|endoftext|>"
 # Trained tokenizers use Llama's id layout for specials (unk 0, bos 1, eos 2), matching LlamaConfig's defaults.
 TRAINED_SPECIAL_TOKENS = ("<unk>", "<s>", "</s>")
+
+
+def fast_tokenizer(
+    backend: Tokenizer, bos: str, eos: str, unk: str | None = None, *, pad_with_eos: bool = False, **options: Any
+) -> PreTrainedTokenizerFast:
+    """The project's fast tokenizer over a ``tokenizers`` backend: Llama's conventions for every vocabulary.
+
+    The post-processor adds BOS and never EOS, decoding keeps the text as is (no clean-up of spaces) and the model
+    inputs are ``input_ids`` and ``attention_mask``. ``pad_with_eos`` pads with EOS on the left (ready for
+    retrieval encoding); ``options`` go to ``PreTrainedTokenizerFast`` (e.g. ``model_max_length``).
+    """
+    specials = {"bos_token": bos, "eos_token": eos}
+    if unk is not None:
+        specials["unk_token"] = unk
+    if pad_with_eos:
+        specials.update(pad_token=eos, padding_side="left")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        **specials,
+        add_bos_token=True,
+        add_eos_token=False,
+        clean_up_tokenization_spaces=False,
+        model_input_names=["input_ids", "attention_mask"],
+        **options,
+    )
 
 
 def llama3_special_tokens() -> list[str]:
@@ -68,16 +94,7 @@ def llama3_tokenizer(ranks_file: Path) -> PreTrainedTokenizerFast:
     converter = TikTokenConverter(
         vocab_file=str(ranks_file), pattern=LLAMA3_PATTERN, extra_special_tokens=llama3_special_tokens()
     )
-    backend = converter.converted()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        bos_token=LLAMA3_BOS,
-        eos_token=LLAMA3_EOS,
-        add_bos_token=True,
-        add_eos_token=False,
-        clean_up_tokenization_spaces=False,
-        model_input_names=["input_ids", "attention_mask"],
-    )
+    return fast_tokenizer(converter.converted(), LLAMA3_BOS, LLAMA3_EOS)
 
 
 def llama2_tokenizer(model_file: Path) -> PreTrainedTokenizerFast:
@@ -97,16 +114,7 @@ def llama2_tokenizer(model_file: Path) -> PreTrainedTokenizerFast:
     # Follows the model's own normalizer spec (dummy prefix, whitespace escaping), merges ranked by piece score.
     backend = SpmConverter.build_tokenizer_from_spm_proto(proto=proto, vocab=vocab, legacy=True)
     spec = proto.trainer_spec
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        unk_token=spec.unk_piece,
-        bos_token=spec.bos_piece,
-        eos_token=spec.eos_piece,
-        add_bos_token=True,
-        add_eos_token=False,
-        clean_up_tokenization_spaces=False,
-        model_input_names=["input_ids", "attention_mask"],
-    )
+    return fast_tokenizer(backend, spec.bos_piece, spec.eos_piece, unk=spec.unk_piece)
 
 
 def gpt2_tokenizer(vocab_json: Path, merges_txt: Path) -> PreTrainedTokenizerFast:
@@ -164,18 +172,7 @@ def train_bpe_tokenizer(
     if seen == 0:
         raise ValueError("train_bpe_tokenizer: no texts to train on")
     unk, bos, eos = TRAINED_SPECIAL_TOKENS
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        unk_token=unk,
-        bos_token=bos,
-        eos_token=eos,
-        pad_token=eos,
-        add_bos_token=True,
-        add_eos_token=False,
-        padding_side="left",
-        clean_up_tokenization_spaces=False,
-        model_input_names=["input_ids", "attention_mask"],
-    )
+    tokenizer = fast_tokenizer(backend, bos, eos, unk=unk, pad_with_eos=True)
     if out_dir is not None:
         tokenizer.save_pretrained(Path(out_dir))
     return tokenizer

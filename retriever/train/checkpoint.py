@@ -42,6 +42,8 @@ class Progress:
 
 
 _OPTIONS = StateDictOptions(ignore_frozen_params=True)
+# Frozen base weights are not in the checkpoint: they come from the backbone itself.
+_LOAD_OPTIONS = StateDictOptions(ignore_frozen_params=True, strict=False)
 
 
 def _rng_state() -> dict[str, Any]:
@@ -73,7 +75,7 @@ def load_checkpoint(directory: Path, module: nn.Module, optimizer: torch.optim.O
         optimizer,
         model_state_dict=state["model"],
         optim_state_dict=state["optim"],
-        options=_OPTIONS,
+        options=_LOAD_OPTIONS,
     )
     rng_file = directory / f"rng-rank{rank}.pt"
     if rng_file.is_file():

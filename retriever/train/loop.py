@@ -52,6 +52,9 @@ class Task(Protocol):
     def export(self, module: nn.Module, out_dir: Path, rank: int) -> None:
         """Write the product of training (collective under sharding; rank 0 writes)."""
 
+    def probe(self, module: nn.Module, texts: list[str], device: torch.device) -> list[list[float]]:
+        """Representations of `texts` from the trained (possibly sharded) module (collective)."""
+
 
 @dataclass
 class Budget:
@@ -114,6 +117,7 @@ class LoopResult:
     export_dir: str | None
     tracking_run_id: str | None
     planned_steps: int | None
+    probe_encodings: list[list[float]] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -128,6 +132,7 @@ def run_loop(
     planned_steps: int | None = None,
     tracker: RunTracker | None = None,
     make_tracker: Any = None,
+    probe_texts: list[str] | None = None,
 ) -> LoopResult:
     """Train until the budget is spent; returns what was used (rank 0's view equals every rank's)."""
     device = _device(cfg)
@@ -261,8 +266,9 @@ def run_loop(
 
     if last_checkpoint != progress.step:
         checkpoint({"step": progress.step, "flops": progress.flops, "tokens": progress.tokens})
-    export_dir = Path(run_dir) / "encoder" if task.name != "mntp" else Path(run_dir) / "adapter"
+    export_dir = Path(run_dir) / ("encoder" if task.name != "mntp" else "mntp")
     task.export(wrapped.module, export_dir, ctx.rank)
+    probe = task.probe(wrapped.module, probe_texts, device) if probe_texts else None
     if ctx.rank == 0:
         tracker.log_metrics({"final/flops": progress.flops, "final/steps": progress.step}, step=progress.step)
         tracker.end()
@@ -275,4 +281,5 @@ def run_loop(
         export_dir=str(export_dir),
         tracking_run_id=progress.tracking_run_id,
         planned_steps=planned_steps,
+        probe_encodings=probe,
     )

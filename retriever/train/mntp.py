@@ -17,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 import torch.nn.functional as F
+from peft import PeftModel
 from torch import nn
 
 from retriever.config import ExperimentConfig
@@ -138,11 +139,10 @@ class MntpTask:
         )
         check_supported(model.config)
         set_bidirectional(model, True)
-        model = (
-            load_adapter(model, cfg.backbone.init_adapter, trainable=True)
-            if cfg.backbone.init_adapter
-            else (apply_lora(model, cfg.backbone.lora))
-        )
+        if cfg.backbone.init_adapter:
+            model = load_adapter(model, cfg.backbone.init_adapter, trainable=True)
+        elif cfg.backbone.lora.enabled:
+            model = apply_lora(model, cfg.backbone.lora)
         if cfg.backbone.gradient_checkpointing:
             base_model(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         mask_id = self.tokenizer.convert_tokens_to_ids(MASK_TOKEN)
@@ -183,10 +183,13 @@ class MntpTask:
         return LossOutput(total=value, parts={"mntp": value}, weights={"mntp": 1.0})
 
     def export(self, module: nn.Module, out_dir: Path, rank: int) -> None:
+        """The LoRA adapter (continue with `backbone.init_adapter: OUT`); with full fine-tuning, the whole model in
+        transformers format plus its tokenizer (continue with `backbone.name: OUT`)."""
         from retriever.train.retrieval import gathered_state_dict
 
         inner = module if isinstance(module, MntpModule) else module.module
-        state = gathered_state_dict(inner.model, full=False)
+        full = not isinstance(inner.model, PeftModel)
+        state = gathered_state_dict(inner.model, full=full)
         if rank == 0:
             inner.model.save_pretrained(out_dir, state_dict=state)
-            self.tokenizer.save_pretrained(out_dir / "tokenizer")
+            self.tokenizer.save_pretrained(out_dir)

@@ -108,7 +108,9 @@ STRATEGIES.add("deepspeed", _deepspeed)
 
 
 def wrap(strategy: str, module: nn.Module, **kwargs: Any) -> Wrapped:
-    """Apply a strategy; with one process every strategy but DeepSpeed is plain single-process training."""
-    if kwargs.get("world_size", 1) == 1 and strategy != "deepspeed":
+    """Apply a strategy; without a process group (in-process runs) training is plain single-process."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() and strategy != "deepspeed":
         strategy = "single"
     return STRATEGIES.get(strategy)(module, **kwargs)

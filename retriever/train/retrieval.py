@@ -105,6 +105,15 @@ class RetrievalTask:
         )
         return self.loss_fn(gather_batch(reps), step)
 
+    @torch.no_grad()
+    def probe(self, module: nn.Module, texts: list[str], device: torch.device) -> list[list[float]]:
+        """Passage representations from the trained module itself (every rank runs the sharded forward)."""
+        module.eval()
+        tokens = {k: v.to(device) for k, v in self.encoder.tokenize(texts, "passage").items()}
+        _, passages = module(tokens, tokens)
+        module.train()
+        return passages.float().cpu().tolist()
+
     def export(self, module: nn.Module, out_dir: Path, rank: int) -> None:
         """The encoder directory (adapter + config + tokenizer [+ base weights for random backbones])."""
         full = is_random_preset(self.cfg.backbone.name) or not self.cfg.backbone.lora.enabled

@@ -98,9 +98,13 @@ def _tracker_factory(settings: dict[str, Any] | None) -> Callable[[str | None], 
 
 def ray_train_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     """`train_loop_per_worker` of the TorchTrainer: rebuild the config and run the shared loop."""
-    from retriever.train.context import RayTrainContext
-    from retriever.train.loop import run_loop
+    import os
 
+    from retriever.train.context import RayTrainContext
+    from retriever.train.loop import FAIL_ONCE_ENV, run_loop
+
+    if loop_config.get("fail_once_at"):
+        os.environ[FAIL_ONCE_ENV] = loop_config["fail_once_at"]
     cfg = ExperimentConfig.model_validate(loop_config["config"])
     task = TASKS.get(loop_config["task"])(cfg, loop_config["planned_steps"], {})
     result = run_loop(
@@ -110,6 +114,7 @@ def ray_train_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
         Path(loop_config["run_dir"]),
         planned_steps=loop_config["planned_steps"],
         make_tracker=_tracker_factory(loop_config.get("tracking")),
+        probe_texts=loop_config.get("probe_texts"),
     )
     return result.to_dict()
 
@@ -121,8 +126,14 @@ def run_training(
     parent_run_id: str | None = None,
     callbacks: list[Any] | None = None,
     data_path: Path | None = None,
+    probe_texts: list[str] | None = None,
+    fail_once_at: str | None = None,
 ) -> dict[str, Any]:
-    """Train one configuration to its budget; returns steps, tokens and FLOPs used and the export directory."""
+    """Train one configuration to its budget; returns steps, tokens and FLOPs used and the export directory.
+
+    `probe_texts` are encoded by the trained module at the end (returned as `probe_encodings`); `fail_once_at`
+    ("<step>:<marker prefix>") makes every worker fail once at that step (fault-tolerance tests).
+    """
     from retriever.data.catalog import resolve_references
 
     cfg = resolve_references(cfg)
@@ -132,11 +143,11 @@ def run_training(
     run_dir = run_dir_for(cfg)
     log.info("training %s: %d planned steps, data %s, run dir %s", cfg.name, planned, path, run_dir)
     if cfg.train.num_workers == 0:
-        return _run_local(cfg, task, planned, path, run_dir, tracking)
-    return _run_ray(cfg, task, planned, path, run_dir, tracking, callbacks or [])
+        return _run_local(cfg, task, planned, path, run_dir, tracking, probe_texts)
+    return _run_ray(cfg, task, planned, path, run_dir, tracking, callbacks or [], probe_texts, fail_once_at)
 
 
-def _run_local(cfg, task, planned, path, run_dir, tracking) -> dict[str, Any]:
+def _run_local(cfg, task, planned, path, run_dir, tracking, probe_texts) -> dict[str, Any]:
     from retriever.train.context import LocalContext
     from retriever.train.loop import run_loop
 
@@ -160,7 +171,7 @@ def _run_local(cfg, task, planned, path, run_dir, tracking) -> dict[str, Any]:
     return result.to_dict()
 
 
-def _run_ray(cfg, task, planned, path, run_dir, tracking, callbacks) -> dict[str, Any]:
+def _run_ray(cfg, task, planned, path, run_dir, tracking, callbacks, probe_texts, fail_once_at) -> dict[str, Any]:
     import ray
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -184,6 +195,8 @@ def _run_ray(cfg, task, planned, path, run_dir, tracking, callbacks) -> dict[str
             "planned_steps": planned,
             "run_dir": str(run_dir),
             "tracking": tracking,
+            "probe_texts": probe_texts,
+            "fail_once_at": fail_once_at,
         },
         torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
