@@ -264,6 +264,87 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------------------------------- sweep
+def _sweep_args(parser: argparse.ArgumentParser) -> None:
+    _config_args(parser)
+    parser.add_argument("--resume", action="store_true", help="continue an interrupted sweep (finished cells stay)")
+
+
+@command("sweep", "run the backbone x paradigm x loss grid under one FLOP budget (Ray Tune + MLflow)", _sweep_args)
+def _sweep(args: argparse.Namespace) -> int:
+    from retriever.sweep import run_sweep
+
+    result = run_sweep(load_config(args.config, args.overrides), resume=args.resume)
+    _print_sweep(result)
+    return 0 if all(cell.get("status") == "ok" for cell in result.cells) else 1
+
+
+def _print_sweep(result) -> None:
+    report = result.report or {}
+    if "markdown" in report:
+        print(Path(report["markdown"]).read_text())
+    failed = [cell["cell"] for cell in result.cells if cell.get("status") != "ok"]
+    if failed:
+        print(f"failed cells: {', '.join(failed)} (see {result.directory}/cells/<cell>/result.json)")
+    print(f"sweep directory: {result.directory}")
+    for key, path in sorted(report.items()):
+        print(f"  {key}: {path}")
+
+
+def _report_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("sweep", type=Path, help="a sweep directory (<output_dir>/sweeps/<name>)")
+
+
+@command("report", "write the scaling report of a sweep (table, plots, power-law fits)", _report_args)
+def _report(args: argparse.Namespace) -> int:
+    from retriever.config import ExperimentConfig
+    from retriever.report import write_sweep_report
+
+    state_path = args.sweep / "sweep.json"
+    if not state_path.is_file():
+        raise FileNotFoundError(f"{args.sweep}: not a sweep directory (sweep.json missing)")
+    state = json.loads(state_path.read_text())
+    cfg = ExperimentConfig.model_validate(state["config"])
+    tracking = None
+    if cfg.tracking.enabled and state.get("parent_run_id"):
+        from retriever.tracking import artifact_location, ensure_experiment, tracking_uri
+
+        uri = tracking_uri(cfg.tracking, cfg.train.output_dir)
+        experiment = ensure_experiment(
+            uri, cfg.tracking.experiment, artifact_location(cfg.tracking, cfg.train.output_dir)
+        )
+        tracking = {"uri": uri, "experiment_id": experiment}
+    for key, path in sorted(write_sweep_report(args.sweep, cfg, state.get("parent_run_id"), tracking).items()):
+        print(f"{key}: {path}")
+    return 0
+
+
+def _quickstart_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, default=Path("configs/quickstart.yaml"))
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. sweep.backbones=[tiny-s]")
+
+
+@command(
+    "quickstart", "the offline 18-cell sweep on the synthetic benchmark, then its results table", _quickstart_args
+)
+def _quickstart(args: argparse.Namespace) -> int:
+    import time
+
+    from retriever.sweep import STATE_FILE, run_sweep, sweep_dir
+    from retriever.tracking import tracking_uri
+
+    cfg = load_config(args.config, args.overrides)
+    resume = (sweep_dir(cfg) / STATE_FILE).is_file()
+    start = time.perf_counter()
+    result = run_sweep(cfg, resume=resume)
+    _print_sweep(result)
+    if cfg.tracking.enabled:
+        uri = tracking_uri(cfg.tracking, cfg.train.output_dir)
+        print(f"MLflow UI: mlflow ui --backend-store-uri {uri} --port 5000   (then open http://127.0.0.1:5000)")
+    print(f"quickstart finished in {time.perf_counter() - start:.0f} s")
+    return 0 if all(cell.get("status") == "ok" for cell in result.cells) else 1
+
+
 # --------------------------------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -274,7 +355,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Errors that describe bad input (what, where, how to fix): printed without a traceback.
-USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, FileNotFoundError, ValueError, KeyError, RuntimeError)
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    ConfigError,
+    FileNotFoundError,
+    FileExistsError,
+    ValueError,
+    KeyError,
+    RuntimeError,
+)
 
 
 def main(argv: list[str] | None = None) -> int:

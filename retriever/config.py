@@ -136,6 +136,10 @@ class EvalConfig(StrictModel):
     batch_size: int = Field(64, gt=0)
     sparse_index: Literal["exact", "seismic"] = "exact"
     dense_index: Literal["flat", "hnsw"] = "flat"
+    num_shards: int = Field(1, gt=0, description="index shards per corpus")
+    encode_actors: int = Field(0, ge=0, description="Ray Data encoder actors; 0 = encode in this process")
+    cpus_per_actor: float = Field(0.5, gt=0)
+    gpus_per_actor: float = Field(0.0, ge=0)
 
 
 class TrackingConfig(StrictModel):

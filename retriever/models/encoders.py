@@ -313,10 +313,9 @@ def build_encoder(
     return ENCODERS.get(settings.paradigm)(model, tokenizer, settings, backbone)
 
 
-def load_encoder(directory: str | Path, *, trainable: bool = False) -> RetrievalEncoder:
-    """Rebuild an encoder from a directory written by `RetrievalEncoder.save`."""
-    directory = Path(directory)
-    meta_path = directory / "encoder.json"
+def read_encoder_meta(directory: str | Path) -> dict[str, Any]:
+    """The `encoder.json` of an encoder directory, checked for format version."""
+    meta_path = Path(directory) / "encoder.json"
     if not meta_path.is_file():
         raise FileNotFoundError(f"{directory}: not an encoder directory (encoder.json missing)")
     meta = json.loads(meta_path.read_text())
@@ -325,6 +324,13 @@ def load_encoder(directory: str | Path, *, trainable: bool = False) -> Retrieval
             f"{meta_path}: encoder format version {meta.get('format_version')!r} is not supported "
             f"(this version reads {ENCODER_FORMAT_VERSION})"
         )
+    return meta
+
+
+def load_encoder(directory: str | Path, *, trainable: bool = False) -> RetrievalEncoder:
+    """Rebuild an encoder from a directory written by `RetrievalEncoder.save`."""
+    directory = Path(directory)
+    meta = read_encoder_meta(directory)
     settings = EncoderConfig.model_validate(meta["encoder"])
     backbone = BackboneConfig.model_validate(meta["backbone"])
     tokenizer = load_tokenizer(directory / "tokenizer")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -42,10 +42,13 @@ class LocalContext:
     rank = 0
     world_size = 1
 
-    def __init__(self, table: Any, run_dir: Path, keep: int = 2) -> None:
+    def __init__(
+        self, table: Any, run_dir: Path, keep: int = 2, on_report: Callable[[dict[str, float]], None] | None = None
+    ) -> None:
         self.table = table
         self.run_dir = Path(run_dir)
         self.keep = keep
+        self.on_report = on_report  # e.g. forward to Ray Tune when training inside a Tune trial
         self.history: list[dict[str, float]] = []
 
     def batches(self, epoch: int, batch_size: int, seed: int) -> Iterator[dict[str, Any]]:
@@ -56,6 +59,8 @@ class LocalContext:
 
     def report(self, metrics: dict[str, float], checkpoint_dir: Path | None = None) -> None:
         self.history.append(dict(metrics))
+        if self.on_report is not None:
+            self.on_report(metrics)
         if checkpoint_dir is not None:
             (checkpoint_dir / COMPLETE_MARKER).write_text("ok\n")
             self._prune()

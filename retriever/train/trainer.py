@@ -128,11 +128,13 @@ def run_training(
     data_path: Path | None = None,
     probe_texts: list[str] | None = None,
     fail_once_at: str | None = None,
+    on_report: Callable[[dict[str, float]], None] | None = None,
 ) -> dict[str, Any]:
     """Train one configuration to its budget; returns steps, tokens and FLOPs used and the export directory.
 
     `probe_texts` are encoded by the trained module at the end (returned as `probe_encodings`); `fail_once_at`
-    ("<step>:<marker prefix>") makes every worker fail once at that step (fault-tolerance tests).
+    ("<step>:<marker prefix>") makes every worker fail once at that step (fault-tolerance tests); `on_report`
+    receives every reported metrics dict of an in-process run (Ray runs report through `callbacks`).
     """
     from retriever.data.catalog import resolve_references
 
@@ -143,11 +145,11 @@ def run_training(
     run_dir = run_dir_for(cfg)
     log.info("training %s: %d planned steps, data %s, run dir %s", cfg.name, planned, path, run_dir)
     if cfg.train.num_workers == 0:
-        return _run_local(cfg, task, planned, path, run_dir, tracking, probe_texts)
+        return _run_local(cfg, task, planned, path, run_dir, tracking, probe_texts, on_report)
     return _run_ray(cfg, task, planned, path, run_dir, tracking, callbacks or [], probe_texts, fail_once_at)
 
 
-def _run_local(cfg, task, planned, path, run_dir, tracking, probe_texts) -> dict[str, Any]:
+def _run_local(cfg, task, planned, path, run_dir, tracking, probe_texts, on_report) -> dict[str, Any]:
     from retriever.train.context import LocalContext
     from retriever.train.loop import run_loop
 
@@ -163,7 +165,7 @@ def _run_local(cfg, task, planned, path, run_dir, tracking, probe_texts) -> dict
     result = run_loop(
         cfg,
         runner,
-        LocalContext(table, run_dir),
+        LocalContext(table, run_dir, on_report=on_report),
         run_dir,
         planned_steps=planned,
         make_tracker=_tracker_factory(tracking),

@@ -1,0 +1,135 @@
+"""One-command evaluation of an encoder: encode the corpus, index it, encode the queries, search, evaluate.
+
+For each dataset id: the protocol comes from the id (or is given), the corpus is encoded once per encoder and
+corpus (datasets sharing a corpus, such as MS MARCO dev and TREC DL, share its encodings and index), the run is
+written as a TREC file and the metrics as JSON under `out_dir`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from retriever.config import ExperimentConfig
+
+log = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.json"
+
+
+def _safe(name: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-." else "_" for ch in name)
+
+
+def _corpus_key(dataset_id: str) -> str:
+    """The dataset that provides the docs (dev/small and TREC DL share msmarco-passage's)."""
+    import ir_datasets
+
+    try:
+        return ir_datasets.docs_parent_id(dataset_id)
+    except Exception:  # local providers without an ir_datasets registration
+        return dataset_id
+
+
+def _judged_queries(source: Any, qrels: dict[str, dict[str, int]]) -> Iterator[tuple[str, str]]:
+    for qid, text in source.queries():
+        if qid in qrels:
+            yield qid, text
+
+
+def _encode(
+    encoder_dir: Path, texts: Any, out_dir: Path, *, kind: str, max_length: int, cfg: ExperimentConfig
+) -> None:
+    """Encode in this process, or with a Ray Data actor pool when `eval.encode_actors > 0`."""
+    from retriever.encoding import docs_to_parquet, encode_corpus, encode_corpus_ray, read_encoding_metadata
+
+    try:
+        if read_encoding_metadata(out_dir).get("count") is not None:
+            return  # already encoded by this encoder (the folder is keyed by its fingerprint)
+    except (FileNotFoundError, ValueError):
+        pass
+    if cfg.eval.encode_actors > 0:
+        staged = out_dir.parent / f"{out_dir.name}-input.parquet"
+        docs_to_parquet(texts, staged)
+        encode_corpus_ray(
+            encoder_dir,
+            staged,
+            out_dir,
+            kind=kind,
+            num_actors=cfg.eval.encode_actors,
+            cpus_per_actor=cfg.eval.cpus_per_actor,
+            gpus_per_actor=cfg.eval.gpus_per_actor,
+            batch_size=cfg.eval.batch_size,
+            max_length=max_length,
+            overwrite=True,
+        )
+    else:
+        encode_corpus(
+            encoder_dir,
+            texts,
+            out_dir,
+            kind=kind,
+            batch_size=cfg.eval.batch_size,
+            max_length=max_length,
+            overwrite=True,
+        )
+
+
+def evaluate_encoder(
+    encoder_dir: str | Path,
+    datasets: list[str],
+    cfg: ExperimentConfig,
+    out_dir: str | Path,
+    *,
+    protocol: str | None = None,
+) -> dict[str, dict[str, float]]:
+    """Metrics per dataset of the encoder in `encoder_dir` (also written to `out_dir/metrics.json`)."""
+    from retriever.data.catalog import resolve_dataset
+    from retriever.data.sources import load_source
+    from retriever.encoding import encoder_fingerprint
+    from retriever.evaluation import evaluate_detailed, get_protocol, protocol_for_dataset
+    from retriever.index.shards import build_shards, search_to_run
+    from retriever.models.encoders import read_encoder_meta
+
+    encoder_dir = Path(encoder_dir)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paradigm = read_encoder_meta(encoder_dir)["paradigm"]
+    index_kind = cfg.eval.sparse_index if paradigm == "sparse" else cfg.eval.dense_index
+    fingerprint = encoder_fingerprint(encoder_dir)[:16]
+    results: dict[str, dict[str, float]] = {}
+    summary: dict[str, Any] = {"encoder": str(encoder_dir), "fingerprint": fingerprint, "datasets": {}}
+    for dataset in datasets:
+        proto = get_protocol(protocol) if protocol else protocol_for_dataset(dataset)
+        source_id = resolve_dataset(dataset, cfg)
+        source = load_source(source_id)
+        qrels = source.qrels()
+        query_length = cfg.eval.query_max_length or proto.query_max_length
+        passage_length = cfg.eval.passage_max_length or proto.passage_max_length
+        corpus = out_dir / "corpus" / f"{_safe(_corpus_key(source_id))}-p{passage_length}-{fingerprint}"
+        _encode(encoder_dir, source.docs(), corpus / "encodings", kind="passage", max_length=passage_length, cfg=cfg)
+        if not (corpus / "index").is_dir():
+            build_shards(corpus / "encodings", corpus / "index", cfg.eval.num_shards, index_kind, overwrite=True)
+        where = out_dir / _safe(dataset)
+        queries = where / f"queries-q{query_length}-{fingerprint}"
+        _encode(encoder_dir, _judged_queries(source, qrels), queries, kind="query", max_length=query_length, cfg=cfg)
+        run_file = where / "run.trec"
+        run = search_to_run(corpus / "index", queries, proto.depth, output=run_file, tag=_safe(encoder_dir.name))
+        result = evaluate_detailed(run, qrels, proto, run_name=dataset)
+        results[dataset] = {name: float(value) for name, value in result.metrics.items()}
+        summary["datasets"][dataset] = {
+            "protocol": proto.name,
+            "metrics": results[dataset],
+            "run": str(run_file),
+            **{k: v for k, v in result.summary().items() if k not in ("metrics", "protocol")},
+        }
+        log.info("%s: %s", dataset, results[dataset])
+    if len([d for d in results if d.startswith("beir/")]) > 1:
+        from retriever.evaluation import beir_mean
+
+        summary["beir_mean"] = beir_mean({d: m for d, m in results.items() if d.startswith("beir/")})
+    (out_dir / METRICS_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+    return results
