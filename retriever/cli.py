@@ -264,6 +264,134 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------------------------------- encode / index
+def _texts_for(dataset: str, kind: str):
+    from retriever.data.sources import load_source
+
+    source = load_source(dataset)
+    return source.docs() if kind == "passage" else source.queries()
+
+
+def _encode_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("encoder", type=Path, help="encoder directory (from training)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--dataset", help="dataset id: encode its docs (or its queries with --kind query)")
+    source.add_argument("--input", type=Path, help="parquet with columns doc_id, text")
+    parser.add_argument("--out", type=Path, required=True, help="output encodings folder")
+    parser.add_argument("--kind", choices=["passage", "query"], default="passage")
+    parser.add_argument("--max-length", type=int, default=None)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--prune-top-k", type=int, default=None, help="keep the top-k terms per sparse vector")
+    parser.add_argument("--actors", type=int, default=0, help="Ray Data encoder actors (0: in this process)")
+    parser.add_argument("--cpus-per-actor", type=float, default=1.0)
+    parser.add_argument("--gpus-per-actor", type=float, default=0.0)
+    parser.add_argument("--overwrite", action="store_true")
+
+
+@command("encode", "encode a corpus into parquet shards (in-process or Ray Data actors)", _encode_args)
+def _encode(args: argparse.Namespace) -> int:
+    from retriever.encoding import docs_to_parquet, encode_corpus, encode_corpus_ray
+
+    common = dict(
+        kind=args.kind,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        prune_top_k=args.prune_top_k,
+        overwrite=args.overwrite,
+    )
+    if args.actors > 0:
+        staged = args.input
+        if staged is None:
+            staged = args.out.parent / f"{args.out.name}-input.parquet"
+            docs_to_parquet(_texts_for(args.dataset, args.kind), staged)
+        result = encode_corpus_ray(
+            args.encoder,
+            staged,
+            args.out,
+            num_actors=args.actors,
+            cpus_per_actor=args.cpus_per_actor,
+            gpus_per_actor=args.gpus_per_actor,
+            **common,
+        )
+    else:
+        docs = args.input if args.input is not None else _texts_for(args.dataset, args.kind)
+        result = encode_corpus(args.encoder, docs, args.out, **common)
+    print(f"encoded {result.count} texts in {result.seconds:.1f} s ({result.texts_per_second:.0f}/s) -> {args.out}")
+    return 0
+
+
+def _index_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("encodings", type=Path, help="encodings folder (from `retriever encode`)")
+    parser.add_argument("--out", type=Path, required=True, help="index folder")
+    parser.add_argument(
+        "--kind", default=None, help="flat | hnsw (dense), exact | seismic (sparse); default by paradigm"
+    )
+    parser.add_argument("--shards", type=int, default=1)
+    parser.add_argument("--prune-doc-top-k", type=int, default=None)
+    parser.add_argument("--overwrite", action="store_true")
+
+
+@command("index", "build index shards (FAISS, exact inverted, seismic) with verified manifests", _index_args)
+def _index(args: argparse.Namespace) -> int:
+    from retriever.index.shards import build_shards
+
+    shards = build_shards(
+        args.encodings,
+        args.out,
+        args.shards,
+        args.kind,
+        prune_doc_top_k=args.prune_doc_top_k,
+        overwrite=args.overwrite,
+    )
+    for shard in shards:
+        print(shard)
+    return 0
+
+
+def _search_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("index", type=Path, help="index folder (from `retriever index`)")
+    parser.add_argument(
+        "--queries", type=Path, required=True, help="query encodings (`retriever encode --kind query`)"
+    )
+    parser.add_argument("--out", type=Path, required=True, help="TREC run file to write")
+    parser.add_argument("-k", type=int, default=1000, help="hits per query")
+    parser.add_argument("--tag", default="retriever")
+
+
+@command("search", "search index shards with encoded queries (global top-k merge) into a TREC run", _search_args)
+def _search(args: argparse.Namespace) -> int:
+    from retriever.index.shards import search_to_run
+
+    run = search_to_run(args.index, args.queries, args.k, output=args.out, tag=args.tag)
+    print(f"{len(run)} queries -> {args.out}")
+    return 0
+
+
+def _eval_checkpoint_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("encoder", type=Path, help="encoder directory")
+    parser.add_argument("--dataset", action="append", required=True, help="dataset id (repeatable)")
+    parser.add_argument("--protocol", default=None, help="override the protocol of every dataset")
+    parser.add_argument("--out", type=Path, default=None, help="default: <encoder>/eval")
+    parser.add_argument("--config", type=Path, default=None, help="experiment YAML for the eval section")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="e.g. eval.batch_size=128"
+    )
+
+
+@command("eval-checkpoint", "encode, index, search and evaluate an encoder on datasets", _eval_checkpoint_args)
+def _eval_checkpoint(args: argparse.Namespace) -> int:
+    from retriever.pipeline import METRICS_FILE, evaluate_encoder
+
+    cfg = load_config(args.config, args.overrides)
+    out = args.out or args.encoder / "eval"
+    results = evaluate_encoder(args.encoder, args.dataset, cfg, out, protocol=args.protocol)
+    for dataset, metrics in results.items():
+        shown = "  ".join(f"{name} {value:.4f}" for name, value in metrics.items())
+        print(f"{dataset}: {shown}")
+    print(f"runs and {METRICS_FILE}: {out}")
+    return 0
+
+
 # --------------------------------------------------------------------------------------------------- sweep
 def _sweep_args(parser: argparse.ArgumentParser) -> None:
     _config_args(parser)
