@@ -206,26 +206,27 @@ class DenseEncoder(RetrievalEncoder):
 
 
 class _ChunkedMaxLogits(torch.autograd.Function):
-    """max over valid positions of hidden @ weight.T, computed in position chunks.
+    """max over positions of hidden @ weight.T, computed in position chunks.
 
     Forward keeps a running max and its argmax ([batch, vocab]); backward routes each vocabulary entry's gradient
-    to its argmax position, again chunk by chunk, so no [batch, length, vocab] tensor is ever stored.
+    to its argmax position, again chunk by chunk, so no [batch, length, vocab] tensor is ever stored. Logits are laid
+    out [batch, vocab, positions] so the max reduces over contiguous memory.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, valid, chunk):  # type: ignore[override]
+    def forward(ctx, hidden, weight, chunk):  # type: ignore[override]
         batch, length, _ = hidden.shape
-        floor = torch.finfo(hidden.dtype).min
-        best = hidden.new_full((batch, weight.shape[0]), floor)
-        where = torch.zeros(best.shape, dtype=torch.long, device=hidden.device)
+        best = where = None
         for start in range(0, length, chunk):
             stop = min(start + chunk, length)
-            logits = hidden[:, start:stop] @ weight.T
-            logits.masked_fill_(~valid[:, start:stop, None], floor)
-            values, index = logits.max(dim=1)
-            better = values > best
-            best = torch.where(better, values, best)
-            where = torch.where(better, index + start, where)
+            logits = torch.matmul(weight, hidden[:, start:stop].transpose(1, 2))  # [batch, vocab, positions]
+            values, index = logits.max(dim=2)
+            if best is None:
+                best, where = values, index
+            else:
+                better = values > best
+                best = torch.where(better, values, best)
+                where = torch.where(better, index + start, where)
         ctx.save_for_backward(hidden, weight, where)
         ctx.chunk = chunk
         return best
@@ -241,19 +242,24 @@ class _ChunkedMaxLogits(torch.autograd.Function):
         for start in range(0, length, ctx.chunk):
             stop = min(start + ctx.chunk, length)
             inside = (where >= start) & (where < stop)
-            routed = hidden.new_zeros((batch, stop - start, weight.shape[0]))
-            routed.scatter_(1, (where - start).clamp(0, stop - start - 1).unsqueeze(1), (grad * inside).unsqueeze(1))
+            routed = hidden.new_zeros((batch, weight.shape[0], stop - start))  # [batch, vocab, positions]
+            routed.scatter_(2, (where - start).clamp(0, stop - start - 1).unsqueeze(2), (grad * inside).unsqueeze(2))
             if need_hidden:
-                grad_hidden[:, start:stop] = routed @ weight
+                grad_hidden[:, start:stop] = torch.matmul(routed.transpose(1, 2), weight)
             if need_weight:
-                grad_weight += routed.flatten(0, 1).T @ hidden[:, start:stop].flatten(0, 1)
-        return grad_hidden, grad_weight, None, None
+                grad_weight += torch.einsum("bvp,bpd->vd", routed, hidden[:, start:stop])
+        return grad_hidden, grad_weight, None
 
 
 def sparse_max_logits(hidden: torch.Tensor, weight: torch.Tensor, valid: torch.Tensor, chunk_tokens: int):
-    """Max over valid positions of the LM-head logits, with memory bounded by chunk_tokens x vocabulary."""
+    """relu(max over valid positions of the LM-head logits), memory bounded by chunk_tokens x vocabulary.
+
+    Pad positions get zero states, hence zero logits: they can only win where every real logit is <= 0, where the
+    relu gives 0 anyway, and their zeroed states pass no gradient back. This avoids masking [batch, len, vocab].
+    """
     positions = max(1, chunk_tokens // max(1, hidden.shape[0]))
-    return _ChunkedMaxLogits.apply(hidden, weight, valid.bool(), positions)
+    masked = hidden * valid.unsqueeze(-1).to(hidden.dtype)
+    return torch.relu(_ChunkedMaxLogits.apply(masked, weight, positions))
 
 
 @ENCODERS.register("sparse")
@@ -266,7 +272,7 @@ class SparseEncoder(RetrievalEncoder):
             raise ValueError("sparse encoders expect an LM head without bias")
         peak = sparse_max_logits(hidden, head.weight, attention_mask, self.settings.sparse_chunk_tokens)
         # max commutes with the positive scale and the monotone log1p(relu(.)).
-        return torch.log1p(torch.relu(peak * self.lm.config.hidden_size**-0.25))
+        return torch.log1p(peak * self.lm.config.hidden_size**-0.25)
 
     @property
     def dimension(self) -> int:
