@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -130,11 +130,14 @@ def run_loop(
     run_dir: Path,
     *,
     planned_steps: int | None = None,
-    tracker: RunTracker | None = None,
-    make_tracker: Any = None,
+    make_tracker: Callable[[str | None], RunTracker] | None = None,
     probe_texts: list[str] | None = None,
 ) -> LoopResult:
-    """Train until the budget is spent; returns what was used (rank 0's view equals every rank's)."""
+    """Train until the budget is spent; returns what was used (rank 0's view equals every rank's).
+
+    `make_tracker(run_id)` opens rank 0's MLflow run (resuming the run id stored in the checkpoint); `probe_texts`
+    are encoded by the trained module at the end and returned (to check exported encoders against).
+    """
     device = _device(cfg)
     world = ctx.world_size
     if cfg.train.batch_size % world:
@@ -176,12 +179,12 @@ def run_loop(
             progress = load_checkpoint(previous, wrapped.module, optimizer, ctx.rank)
             log.info("resumed from %s at step %d (%.3g FLOPs used)", previous, progress.step, progress.flops)
 
+    tracker = RunTracker.disabled()
     if ctx.rank == 0 and make_tracker is not None:
         tracker = make_tracker(progress.tracking_run_id)
         progress.tracking_run_id = tracker.run_id
         if tracker.enabled and progress.step == 0:
             tracker.log_params(flatten(cfg))
-    tracker = tracker or RunTracker.disabled()
 
     stopped_by = "budget" if budget.flops is not None else "max_steps"
     last_checkpoint = progress.step if progress.step else -1
