@@ -89,4 +89,5 @@ def decoder_states(lm: nn.Module, input_ids: torch.Tensor, attention_mask: torch
     """Last-layer token states of a causal LM's decoder, with the padding-only mask when bidirectional."""
     embeds = lm.get_input_embeddings()(input_ids)
     mask = bidirectional_mask(lm.config, embeds, attention_mask) if bidirectional else attention_mask
-    return lm.get_decoder()(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+    # use_cache=False: an encoder never generates; a KV cache would copy every layer's keys and values.
+    return lm.get_decoder()(inputs_embeds=embeds, attention_mask=mask, use_cache=False).last_hidden_state
