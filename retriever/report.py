@@ -80,11 +80,9 @@ def write_sweep_report(
 
     records = collect_cells(root)
     paths = write_report(records, Path(root) / "report")
-    files = (
-        {key: str(value) for key, value in vars(paths).items() if value is not None}
-        if not isinstance(paths, dict)
-        else {k: str(v) for k, v in paths.items()}
-    )
+    files = {"markdown": str(paths.markdown), "csv": str(paths.csv), "fits": str(paths.fits)}
+    if paths.plots:
+        files["plots"] = str(paths.plots[0].parent)
     if tracking and parent_run_id:
         parent = RunTracker(tracking["uri"], tracking["experiment_id"], parent_run_id)
         parent.log_artifact(Path(root) / "report", "report")

@@ -96,7 +96,8 @@ def run_cell(config: dict[str, Any]) -> None:
     """The Tune trainable of one cell: train to the budget, evaluate, record the result."""
     from ray import tune
 
-    cfg = ExperimentConfig.model_validate(config["experiment"])
+    state = json.loads((Path(config["sweep_dir"]) / STATE_FILE).read_text())
+    cfg = ExperimentConfig.model_validate(state["config"])
     cell = cell_config(cfg, config["backbone"], config["paradigm"], config["loss"])
     directory = Path(config["sweep_dir"]) / "cells" / cell_id(config["backbone"], config["paradigm"], config["loss"])
     directory.mkdir(parents=True, exist_ok=True)
@@ -254,8 +255,7 @@ def run_sweep(cfg: ExperimentConfig, *, resume: bool = False) -> SweepResult:
         tuner = tune.Tuner.restore(str(root / tune_name), trainable, resume_unfinished=True, resume_errored=True)
     else:
         param_space = {
-            "experiment": cfg.model_dump(mode="json"),
-            "sweep_dir": str(root),
+            "sweep_dir": str(root),  # cells read the (resolved) config from its sweep.json
             "parent_run_id": state["parent_run_id"],
             "tracking": tracking,
             "backbone": tune.grid_search(cfg.sweep.backbones),
