@@ -53,30 +53,42 @@ def _rng_state() -> dict[str, Any]:
     return state
 
 
+DEEPSPEED_TAG = "deepspeed"
+
+
 def save_checkpoint(
-    directory: Path, module: nn.Module, optimizer: torch.optim.Optimizer, progress: Progress, rank: int
-):
-    """Collective: every rank writes its shards; rank 0 also writes the progress."""
-    model_state, optim_state = get_state_dict(module, optimizer, options=_OPTIONS)
-    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(directory))
+    directory: Path, module: nn.Module, optimizer: Any, progress: Progress, rank: int, engine: Any = None
+) -> None:
+    """Collective: every rank writes its shards; rank 0 also writes the progress.
+
+    A DeepSpeed engine owns its (ZeRO-partitioned) optimizer state and writes it in its own sharded format.
+    """
+    if engine is not None:
+        engine.save_checkpoint(str(directory), tag=DEEPSPEED_TAG, exclude_frozen_parameters=True)
+    else:
+        model_state, optim_state = get_state_dict(module, optimizer, options=_OPTIONS)
+        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(directory))
     torch.save(_rng_state(), directory / f"rng-rank{rank}.pt")
     if rank == 0:
         progress.write(directory)
 
 
-def load_checkpoint(directory: Path, module: nn.Module, optimizer: torch.optim.Optimizer, rank: int) -> Progress:
+def load_checkpoint(directory: Path, module: nn.Module, optimizer: Any, rank: int, engine: Any = None) -> Progress:
     """Collective: restore weights, optimizer and this rank's RNG; returns where training stopped."""
     progress = Progress.read(directory)
-    model_state, optim_state = get_state_dict(module, optimizer, options=_OPTIONS)
-    state = {"model": model_state, "optim": optim_state}
-    dcp.load(state, checkpoint_id=str(directory))
-    set_state_dict(
-        module,
-        optimizer,
-        model_state_dict=state["model"],
-        optim_state_dict=state["optim"],
-        options=_LOAD_OPTIONS,
-    )
+    if engine is not None:
+        engine.load_checkpoint(str(directory), tag=DEEPSPEED_TAG, load_module_strict=False)
+    else:
+        model_state, optim_state = get_state_dict(module, optimizer, options=_OPTIONS)
+        state = {"model": model_state, "optim": optim_state}
+        dcp.load(state, checkpoint_id=str(directory))
+        set_state_dict(
+            module,
+            optimizer,
+            model_state_dict=state["model"],
+            optim_state_dict=state["optim"],
+            options=_LOAD_OPTIONS,
+        )
     rng_file = directory / f"rng-rank{rank}.pt"
     if rng_file.is_file():
         rng = torch.load(rng_file, weights_only=False)

@@ -176,7 +176,7 @@ def run_loop(
     progress = Progress()
     with ctx.latest_checkpoint() as previous:
         if previous is not None:
-            progress = load_checkpoint(previous, wrapped.module, optimizer, ctx.rank)
+            progress = load_checkpoint(previous, wrapped.module, optimizer, ctx.rank, engine)
             log.info("resumed from %s at step %d (%.3g FLOPs used)", previous, progress.step, progress.flops)
 
     tracker = RunTracker.disabled()
@@ -194,7 +194,7 @@ def run_loop(
     def checkpoint(metrics: dict[str, float]) -> None:
         nonlocal last_checkpoint
         with ctx.new_checkpoint_dir(progress.step) as directory:
-            save_checkpoint(directory, wrapped.module, optimizer, progress, ctx.rank)
+            save_checkpoint(directory, wrapped.module, optimizer, progress, ctx.rank, engine)
             ctx.report(metrics, directory)
         last_checkpoint = progress.step
 

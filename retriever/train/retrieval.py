@@ -32,9 +32,19 @@ class PairModule(nn.Module):
 
 
 def gathered_state_dict(module: nn.Module, full: bool) -> dict[str, torch.Tensor]:
-    """The (trainable, or all when `full`) weights of `module`, unsharded, on CPU (a collective under FSDP)."""
+    """The (trainable, or all when `full`) weights of `module`, unsharded, on CPU (a collective when sharded)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+    partitioned = [p for p in module.parameters() if hasattr(p, "ds_id")]
+    if partitioned:  # DeepSpeed ZeRO-3: gather the partitions on every rank while copying
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None):
+            return {
+                name: param.detach().cpu().clone()
+                for name, param in module.state_dict(keep_vars=True).items()
+                if full or param.requires_grad
+            }
     options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=not full)
     return get_model_state_dict(module, options=options)
 
