@@ -45,6 +45,16 @@ def _config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=2e-4")
 
 
+def _config_and_flag(flag: str, help_text: str) -> Configure:
+    """The arguments of a command that reads an experiment config and takes one on/off option."""
+
+    def configure(parser: argparse.ArgumentParser) -> None:
+        _config_args(parser)
+        parser.add_argument(flag, action="store_true", help=help_text)
+
+    return configure
+
+
 def _print_json(data: object) -> None:
     print(json.dumps(data, indent=2, sort_keys=False))
 
@@ -80,12 +90,9 @@ def _convert(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------------------------------- plan
-def _plan_args(parser: argparse.ArgumentParser) -> None:
-    _config_args(parser)
-    parser.add_argument("--json", action="store_true", help="machine-readable output")
-
-
-@command("plan", "print the FLOP-budget plan of every sweep cell", _plan_args)
+@command(
+    "plan", "print the FLOP-budget plan of every sweep cell", _config_and_flag("--json", "machine-readable output")
+)
 def _plan(args: argparse.Namespace) -> int:
     from retriever.data.catalog import resolve_references
     from retriever.flops import format_plan, plan_grid, plan_to_json
@@ -290,32 +297,21 @@ def _encode_args(parser: argparse.ArgumentParser) -> None:
 
 @command("encode", "encode a corpus into parquet shards (in-process or Ray Data actors)", _encode_args)
 def _encode(args: argparse.Namespace) -> int:
-    from retriever.encoding import docs_to_parquet, encode_corpus, encode_corpus_ray
+    from retriever.encoding import encode_corpus_auto
 
-    common = dict(
+    result = encode_corpus_auto(
+        args.encoder,
+        args.input if args.input is not None else _texts_for(args.dataset, args.kind),
+        args.out,
+        num_actors=args.actors,
+        cpus_per_actor=args.cpus_per_actor,
+        gpus_per_actor=args.gpus_per_actor,
         kind=args.kind,
         batch_size=args.batch_size,
         max_length=args.max_length,
         prune_top_k=args.prune_top_k,
         overwrite=args.overwrite,
     )
-    if args.actors > 0:
-        staged = args.input
-        if staged is None:
-            staged = args.out.parent / f"{args.out.name}-input.parquet"
-            docs_to_parquet(_texts_for(args.dataset, args.kind), staged)
-        result = encode_corpus_ray(
-            args.encoder,
-            staged,
-            args.out,
-            num_actors=args.actors,
-            cpus_per_actor=args.cpus_per_actor,
-            gpus_per_actor=args.gpus_per_actor,
-            **common,
-        )
-    else:
-        docs = args.input if args.input is not None else _texts_for(args.dataset, args.kind)
-        result = encode_corpus(args.encoder, docs, args.out, **common)
     print(f"encoded {result.count} texts in {result.seconds:.1f} s ({result.texts_per_second:.0f}/s) -> {args.out}")
     return 0
 
@@ -393,12 +389,11 @@ def _eval_checkpoint(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------------------------------- sweep
-def _sweep_args(parser: argparse.ArgumentParser) -> None:
-    _config_args(parser)
-    parser.add_argument("--resume", action="store_true", help="continue an interrupted sweep (finished cells stay)")
-
-
-@command("sweep", "run the backbone x paradigm x loss grid under one FLOP budget (Ray Tune + MLflow)", _sweep_args)
+@command(
+    "sweep",
+    "run the backbone x paradigm x loss grid under one FLOP budget (Ray Tune + MLflow)",
+    _config_and_flag("--resume", "continue an interrupted sweep (finished cells stay)"),
+)
 def _sweep(args: argparse.Namespace) -> int:
     from retriever.sweep import run_sweep
 

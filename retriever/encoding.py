@@ -132,6 +132,17 @@ def length_batches(lengths: np.ndarray, batch_size: int, max_batch_tokens: int |
     return batches
 
 
+def _check_settings(kind: str, paradigm: str, prune_top_k: int | None, encoder: str = "this encoder") -> None:
+    """The text kind must be 'query' or 'passage'; ``prune_top_k``, when given, a positive count for a sparse
+    encoder (``encoder`` names it in the error)."""
+    if kind not in ("query", "passage"):
+        raise ValueError(f"kind must be 'query' or 'passage', got {kind!r}")
+    if prune_top_k is not None and paradigm != "sparse":
+        raise ValueError(f"prune_top_k applies to sparse encoders; {encoder} is {paradigm}")
+    if prune_top_k is not None and prune_top_k <= 0:
+        raise ValueError(f"prune_top_k must be a positive number of terms, got {prune_top_k}")
+
+
 def default_streams(device: torch.device) -> int:
     """Concurrent batches: on a CPU with >= 2 torch threads, two streams with half the threads each; else one."""
     return 2 if device.type == "cpu" and torch.get_num_threads() >= 2 else 1
@@ -180,12 +191,7 @@ class _Runner:
         num_streams: int | None,
         on_batch: Callable[[int], None] | None = None,
     ) -> None:
-        if kind not in ("query", "passage"):
-            raise ValueError(f"kind must be 'query' or 'passage', got {kind!r}")
-        if prune_top_k is not None and encoder.paradigm != "sparse":
-            raise ValueError(f"prune_top_k applies to sparse encoders; this encoder is {encoder.paradigm}")
-        if prune_top_k is not None and prune_top_k <= 0:
-            raise ValueError(f"prune_top_k must be a positive number of terms, got {prune_top_k}")
+        _check_settings(kind, encoder.paradigm, prune_top_k)
         if num_streams is not None and num_streams <= 0:
             raise ValueError(f"num_streams must be positive, got {num_streams}")
         length_batches(np.zeros(0), batch_size, max_batch_tokens)  # validates both limits
@@ -395,17 +401,20 @@ def _parquet_bytes(files: list[Path]) -> int:
     return total
 
 
+def _check_corpus_columns(path: Path, names: list[str]) -> None:
+    missing = [c for c in ("doc_id", "text") if c not in names]
+    if missing:
+        raise ValueError(
+            f"{path}: missing column(s) {missing} (found: {names}); a corpus parquet needs columns doc_id and "
+            "text (write one with retriever.encoding.docs_to_parquet)"
+        )
+
+
 def _parquet_windows(files: list[Path], window: int) -> Iterator[tuple[list[str], list[str]]]:
     """(doc ids, texts) in windows of ``window`` rows from parquet files with columns doc_id and text."""
     for path in files:
         handle = pq.ParquetFile(path)
-        names = handle.schema_arrow.names
-        missing = [c for c in ("doc_id", "text") if c not in names]
-        if missing:
-            raise ValueError(
-                f"{path}: missing column(s) {missing} (found: {names}); a corpus parquet needs columns doc_id and "
-                "text (write one with retriever.encoding.docs_to_parquet)"
-            )
+        _check_corpus_columns(path, handle.schema_arrow.names)
         row = 0
         for batch in handle.iter_batches(batch_size=window, columns=["doc_id", "text"]):
             ids = batch.column("doc_id")
@@ -632,6 +641,51 @@ class EncodingResult:
         return self.count / self.seconds if self.seconds > 0 else math.inf
 
 
+@dataclass
+class _Run:
+    """An encoding run in progress: its output folder and what ``encoding.json`` records of the encoder and the
+    settings, whichever way (in process or on Ray) the texts are encoded."""
+
+    out: Path
+    encoder_dir: str | Path
+    fingerprint: str
+    kind: TextKind
+    prune_top_k: int | None
+    started: float
+
+    @classmethod
+    def start(
+        cls,
+        encoder_dir: str | Path,
+        out_dir: str | Path,
+        kind: TextKind,
+        prune_top_k: int | None,
+        overwrite: bool,
+        started: float,
+    ) -> _Run:
+        """Fingerprint the encoder, then prepare the output folder (not an encoder: the folder is left alone)."""
+        fingerprint = encoder_fingerprint(encoder_dir)
+        return cls(prepare_out_dir(out_dir, overwrite), encoder_dir, fingerprint, kind, prune_top_k, started)
+
+    def finish(
+        self, files: list[Path], count: int, *, paradigm: str, dimension: int, max_length: int
+    ) -> EncodingResult:
+        """Write ``encoding.json`` (last: it marks the folder complete) and describe the run."""
+        meta = write_encoding_metadata(
+            self.out,
+            paradigm=paradigm,
+            dimension=dimension,
+            encoder_dir=self.encoder_dir,
+            fingerprint=self.fingerprint,
+            count=count,
+            kind=self.kind,
+            max_length=max_length,
+            prune_top_k=self.prune_top_k,
+            files=files,
+        )
+        return EncodingResult(self.out, files, count, meta, time.perf_counter() - self.started)
+
+
 # ---------------------------------------------------------------------------------------------- in process
 
 
@@ -671,11 +725,10 @@ def encode_corpus(
     else:
         total = len(docs) if hasattr(docs, "__len__") else None  # type: ignore[arg-type]
         windows = _iter_windows(docs, window)
-    fingerprint = encoder_fingerprint(encoder_dir)
-    out = prepare_out_dir(out_dir, overwrite)
+    run = _Run.start(encoder_dir, out_dir, kind, prune_top_k, overwrite, started)
     encoder = load_inference_encoder(encoder_dir, device)
     resolved_length = max_length or encoder.max_length(kind)
-    writer = _ShardWriter(out, output_schema(encoder.paradigm), shard_rows)
+    writer = _ShardWriter(run.out, output_schema(encoder.paradigm), shard_rows)
     count = 0
     from tqdm.auto import tqdm
 
@@ -704,20 +757,9 @@ def encode_corpus(
                 count += len(ids)
         finally:
             writer.close()
-    files = writer.finish()
-    meta = write_encoding_metadata(
-        out,
-        paradigm=encoder.paradigm,
-        dimension=encoder.dimension,
-        encoder_dir=encoder_dir,
-        fingerprint=fingerprint,
-        count=count,
-        kind=kind,
-        max_length=resolved_length,
-        prune_top_k=prune_top_k,
-        files=files,
+    return run.finish(
+        writer.finish(), count, paradigm=encoder.paradigm, dimension=encoder.dimension, max_length=resolved_length
     )
-    return EncodingResult(out, files, count, meta, time.perf_counter() - started)
 
 
 # -------------------------------------------------------------------------------------------------- Ray Data
@@ -725,31 +767,18 @@ def encode_corpus(
 
 class EncoderActor:
     """Ray Data ``map_batches`` callable: loads the encoder once per actor and encodes batches of rows
-    (``doc_id``, ``text``) into the encodings format (a pyarrow table, so list columns keep their exact types)."""
+    (``doc_id``, ``text``) into the encodings format (a pyarrow table, so list columns keep their exact types).
+
+    ``settings`` are the keyword arguments of `encode_texts` (batch_size, max_length, prune_top_k,
+    max_batch_tokens, num_streams); ``use_gpu`` puts the encoder on CUDA when the actor has it."""
 
     def __init__(
-        self,
-        encoder_dir: str,
-        kind: TextKind = "passage",
-        batch_size: int = 32,
-        max_length: int | None = None,
-        prune_top_k: int | None = None,
-        max_batch_tokens: int | None = None,
-        num_streams: int | None = None,
-        use_gpu: bool = False,
+        self, encoder_dir: str, kind: TextKind = "passage", *, use_gpu: bool = False, **settings: Any
     ) -> None:
         device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         self.encoder = load_inference_encoder(encoder_dir, device)
-        self.window = batch_size * DEFAULT_WINDOW_BATCHES
-        self.runner = _Runner(
-            self.encoder,
-            kind,
-            batch_size=batch_size,
-            max_length=max_length,
-            max_batch_tokens=max_batch_tokens,
-            prune_top_k=prune_top_k,
-            num_streams=num_streams,
-        )
+        self.kind = kind
+        self.settings = settings
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         ids = [str(x) for x in batch["doc_id"].tolist()]
@@ -757,7 +786,7 @@ class EncoderActor:
         for position, text in enumerate(texts):
             if not isinstance(text, str):
                 raise TypeError(f"document {ids[position]!r}: text is {type(text).__name__}, expected str")
-        return encoded_table(ids, self.runner.encode(texts, self.window), self.encoder.paradigm)
+        return encoded_table(ids, encode_texts(self.encoder, texts, self.kind, **self.settings), self.encoder.paradigm)
 
 
 def encode_corpus_ray(
@@ -766,11 +795,11 @@ def encode_corpus_ray(
     out_dir: str | Path,
     *,
     kind: TextKind = "passage",
+    max_length: int | None = None,
     num_actors: int = 1,
     cpus_per_actor: float = 1.0,
     gpus_per_actor: float = 0.0,
     batch_size: int = 32,
-    max_length: int | None = None,
     prune_top_k: int | None = None,
     max_batch_tokens: int | None = None,
     rows_per_call: int = 2048,
@@ -793,27 +822,18 @@ def encode_corpus_ray(
     files = _parquet_files(Path(input_parquet))
     rows = _parquet_rows(files)
     for path in files:
-        names = pq.ParquetFile(path).schema_arrow.names
-        missing = [c for c in ("doc_id", "text") if c not in names]
-        if missing:
-            raise ValueError(
-                f"{path}: missing column(s) {missing} (found: {names}); a corpus parquet needs columns doc_id and "
-                "text (write one with retriever.encoding.docs_to_parquet)"
-            )
+        _check_corpus_columns(path, pq.ParquetFile(path).schema_arrow.names)
     if num_actors <= 0 or cpus_per_actor < 0 or gpus_per_actor < 0:
         raise ValueError(
             f"need num_actors >= 1 and non-negative resources, got num_actors={num_actors}, "
             f"cpus_per_actor={cpus_per_actor}, gpus_per_actor={gpus_per_actor}"
         )
-    fingerprint = encoder_fingerprint(encoder_dir)
-    out = prepare_out_dir(out_dir, overwrite)
+    run = _Run.start(encoder_dir, out_dir, kind, prune_top_k, overwrite, started)
+    out = run.out
     # The driver reads encoder.json only; the weights are loaded by the actors.
     summary = encoder_summary(encoder_dir)
-    if kind not in ("query", "passage"):
-        raise ValueError(f"kind must be 'query' or 'passage', got {kind!r}")
+    _check_settings(kind, summary["paradigm"], prune_top_k, encoder=str(encoder_dir))
     resolved_length = max_length or summary["max_length"][kind]
-    if prune_top_k is not None and summary["paradigm"] != "sparse":
-        raise ValueError(f"prune_top_k applies to sparse encoders; {encoder_dir} is {summary['paradigm']}")
     blocks = num_blocks or max(2 * num_actors, math.ceil(rows / max(1, rows_per_call * 4)))
     dataset = ray.data.read_parquet([str(f) for f in files], columns=["doc_id", "text"], override_num_blocks=blocks)
     if len(files) < blocks and _parquet_bytes(files) <= SMALL_INPUT_BYTES:
@@ -846,16 +866,39 @@ def encode_corpus_ray(
     count = _parquet_rows(written) if written else 0
     if count != rows:
         raise RuntimeError(f"{out}: Ray wrote {count} encoded rows for {rows} input rows; the run is incomplete")
-    meta = write_encoding_metadata(
-        out,
-        paradigm=summary["paradigm"],
-        dimension=summary["dimension"],
-        encoder_dir=encoder_dir,
-        fingerprint=fingerprint,
-        count=count,
-        kind=kind,
-        max_length=resolved_length,
-        prune_top_k=prune_top_k,
-        files=written,
+    return run.finish(
+        written, count, paradigm=summary["paradigm"], dimension=summary["dimension"], max_length=resolved_length
     )
-    return EncodingResult(out, written, count, meta, time.perf_counter() - started)
+
+
+def encode_corpus_auto(
+    encoder_dir: str | Path,
+    docs: DocsInput,
+    out_dir: str | Path,
+    *,
+    num_actors: int = 0,
+    cpus_per_actor: float = 1.0,
+    gpus_per_actor: float = 0.0,
+    **settings: Any,
+) -> EncodingResult:
+    """`encode_corpus` in this process when ``num_actors`` is 0, else `encode_corpus_ray` on ``num_actors`` Ray Data
+    actors with the given resources. ``settings`` are keyword arguments of the chosen function (those both take:
+    kind, batch_size, max_length, prune_top_k, max_batch_tokens, num_streams, shard_rows, overwrite). For Ray,
+    ``docs`` that are not a parquet path are first staged (`docs_to_parquet`) as ``<out_dir>-input.parquet`` beside
+    ``out_dir``."""
+    if num_actors <= 0:
+        return encode_corpus(encoder_dir, docs, out_dir, **settings)
+    if not isinstance(docs, str | Path):
+        out_dir = Path(out_dir)
+        staged = out_dir.parent / f"{out_dir.name}-input.parquet"
+        docs_to_parquet(docs, staged)
+        docs = staged
+    return encode_corpus_ray(
+        encoder_dir,
+        docs,
+        out_dir,
+        num_actors=num_actors,
+        cpus_per_actor=cpus_per_actor,
+        gpus_per_actor=gpus_per_actor,
+        **settings,
+    )

@@ -44,38 +44,25 @@ def _encode(
     encoder_dir: Path, texts: Any, out_dir: Path, *, kind: str, max_length: int, cfg: ExperimentConfig
 ) -> None:
     """Encode in this process, or with a Ray Data actor pool when `eval.encode_actors > 0`."""
-    from retriever.encoding import docs_to_parquet, encode_corpus, encode_corpus_ray, read_encoding_metadata
+    from retriever.encoding import encode_corpus_auto, read_encoding_metadata
 
     try:
         if read_encoding_metadata(out_dir).get("count") is not None:
             return  # already encoded by this encoder (the folder is keyed by its fingerprint)
     except (FileNotFoundError, ValueError):
         pass
-    if cfg.eval.encode_actors > 0:
-        staged = out_dir.parent / f"{out_dir.name}-input.parquet"
-        docs_to_parquet(texts, staged)
-        encode_corpus_ray(
-            encoder_dir,
-            staged,
-            out_dir,
-            kind=kind,
-            num_actors=cfg.eval.encode_actors,
-            cpus_per_actor=cfg.eval.cpus_per_actor,
-            gpus_per_actor=cfg.eval.gpus_per_actor,
-            batch_size=cfg.eval.batch_size,
-            max_length=max_length,
-            overwrite=True,
-        )
-    else:
-        encode_corpus(
-            encoder_dir,
-            texts,
-            out_dir,
-            kind=kind,
-            batch_size=cfg.eval.batch_size,
-            max_length=max_length,
-            overwrite=True,
-        )
+    encode_corpus_auto(
+        encoder_dir,
+        texts,
+        out_dir,
+        num_actors=cfg.eval.encode_actors,
+        cpus_per_actor=cfg.eval.cpus_per_actor,
+        gpus_per_actor=cfg.eval.gpus_per_actor,
+        kind=kind,
+        batch_size=cfg.eval.batch_size,
+        max_length=max_length,
+        overwrite=True,
+    )
 
 
 def evaluate_encoder(

@@ -11,7 +11,7 @@ import shutil
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, TypedDict
 
 import numpy as np
 
@@ -240,6 +240,15 @@ def build_shard(
     except BaseException:
         shutil.rmtree(directory, ignore_errors=True)  # never leave a half-built shard that looks like one
         raise
+
+
+class OpenOptions(TypedDict, total=False):
+    """Keyword arguments of `open_shard` (its signature has their defaults), for functions that pass them on."""
+
+    expected_encoder_sha256: str | None
+    verify_hashes: bool
+    device: Device
+    search_params: Mapping[str, Any] | None
 
 
 def open_shard(

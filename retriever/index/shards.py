@@ -14,16 +14,26 @@ breaks ties by doc id and ``merge_topk`` does too.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Unpack
 
 import numpy as np
 
-from retriever.index.base import Device, Hits, IndexShard, build_shard, default_kind, kind_class, open_shard
+from retriever.index.base import (
+    Device,
+    Hits,
+    IndexShard,
+    OpenOptions,
+    build_shard,
+    default_kind,
+    kind_class,
+    open_shard,
+)
 from retriever.index.encodings import (
     Batch,
     estimate_encodings_bytes,
@@ -222,28 +232,15 @@ def read_shard_set(directory: str | Path) -> dict[str, Any]:
     return content
 
 
-def open_shards(
-    directory: str | Path,
-    *,
-    expected_encoder_sha256: str | None = None,
-    verify_hashes: bool = True,
-    device: Device = "auto",
-    search_params: Mapping[str, Any] | None = None,
-) -> list[IndexShard]:
+def open_shards(directory: str | Path, **options: Unpack[OpenOptions]) -> list[IndexShard]:
     """Open every shard of an index folder (or a single shard folder), verifying each against its manifest and
     the set against ``shards.json`` (same kind, paradigm, encoder and size everywhere; no shard missing).
-    ``search_params`` overrides search-time parameters (e.g. ``{"ef_search": 256}``)."""
+    ``options`` are `open_shard`'s, for every shard; ``search_params`` overrides search-time parameters (e.g.
+    ``{"ef_search": 256}``)."""
     directory = Path(directory)
+    open_one = functools.partial(open_shard, **options)
     if (directory / MANIFEST_FILE).is_file() and not (directory / SHARDS_FILE).is_file():
-        return [
-            open_shard(
-                directory,
-                expected_encoder_sha256=expected_encoder_sha256,
-                verify_hashes=verify_hashes,
-                device=device,
-                search_params=search_params,
-            )
-        ]
+        return [open_one(directory)]
     content = read_shard_set(directory)
     entries = content["shards"]
     if len(entries) != content["num_shards"]:
@@ -260,13 +257,7 @@ def open_shards(
         folder = directory / entry["dir"]
         if not folder.is_dir():
             raise IndexFormatError(f"{folder}: shard listed in {SHARDS_FILE} is missing; {REBUILD}")
-        shard = open_shard(
-            folder,
-            expected_encoder_sha256=expected_encoder_sha256,
-            verify_hashes=verify_hashes,
-            device=device,
-            search_params=search_params,
-        )
+        shard = open_one(folder)
         m = shard.manifest
         expected = (content["kind"], content["paradigm"], content["encoder"], entry["doc_count"])
         if (m.kind, m.paradigm, m.encoder, m.doc_count) != expected:

@@ -228,24 +228,35 @@ def _select(acc, ids, count, k, hs, hp, keys, buf, out_s, out_p) -> None:
 # Per-query search
 
 
+@numba.njit(cache=True, inline="always")
+def _scan_postings(offsets, docs, weights, t, w, acc, flag, touched, m) -> int:
+    """Add ``w`` x term ``t``'s posting list to ``acc`` (in ``acc``'s precision: ``w`` float32 keeps float32,
+    float64 widens), appending each document seen for the first time to ``touched[m:]``; returns the new count."""
+    for p in range(offsets[t], offsets[t + 1]):
+        d = docs[p]
+        if flag[d] == 0:
+            flag[d] = 1
+            touched[m] = d
+            m += 1
+        acc[d] += w * weights[p]
+    return m
+
+
+@numba.njit(cache=True, inline="always")
+def _clear(acc, flag, touched, m) -> None:
+    """Reset the scratch of the documents ``touched[:m]`` (cheaper than clearing whole arrays per query)."""
+    for r in range(m):
+        acc[touched[r]] = 0.0
+        flag[touched[r]] = 0
+
+
 @numba.njit(cache=True)
 def _query_exhaustive(offsets, docs, weights, qt, qw, acc, flag, touched, hs, hp, keys, buf, k, out_s, out_p):
     m = 0
     for j in range(qt.shape[0]):
-        t = qt[j]
-        w = qw[j]
-        for p in range(offsets[t], offsets[t + 1]):
-            d = docs[p]
-            if flag[d] == 0:
-                flag[d] = 1
-                touched[m] = d
-                m += 1
-            acc[d] += w * weights[p]
+        m = _scan_postings(offsets, docs, weights, qt[j], qw[j], acc, flag, touched, m)
     _select(acc, touched, m, k, hs, hp, keys, buf, out_s, out_p)
-    for i in range(m):
-        d = touched[i]
-        acc[d] = 0.0
-        flag[d] = 0
+    _clear(acc, flag, touched, m)
 
 
 @numba.njit(cache=True, inline="always")
@@ -339,14 +350,7 @@ def _query_pruned(
     stop = -1
     for i in range(n - 1):  # stopping before the last term is the only way to save work
         t = qt[order[i]]
-        w = np.float64(qw[order[i]])
-        for p in range(offsets[t], offsets[t + 1]):
-            d = docs[p]
-            if flag[d] == 0:
-                flag[d] = 1
-                touched[m] = d
-                m += 1
-            acc64[d] += w * np.float64(weights[p])
+        m = _scan_postings(offsets, docs, weights, t, np.float64(qw[order[i]]), acc64, flag, touched, m)
         length = offsets[t + 1] - offsets[t]
         work += length
         since += length
@@ -362,9 +366,7 @@ def _query_pruned(
         if 2 * work > total_work:
             break  # most postings are scanned already: finishing exhaustively is cheaper
     if stop < 0:
-        for r in range(m):
-            acc64[touched[r]] = 0.0
-            flag[touched[r]] = 0
+        _clear(acc64, flag, touched, m)
         return False
 
     # Phase 2
@@ -410,9 +412,7 @@ def _query_pruned(
             if pos < hi and docs[pos] == d:
                 s += qw[j] * weights[pos]
         acc[d] = s
-    for r in range(m):
-        acc64[touched[r]] = 0.0
-        flag[touched[r]] = 0
+    _clear(acc64, flag, touched, m)
     _select(acc, cand, c, k, hs, hp, acc64.view(np.uint64), buf, out_s, out_p)  # acc64 is all zero again: scratch
     for r in range(c):
         acc[cand[r]] = 0.0
@@ -421,22 +421,10 @@ def _query_pruned(
 
 @numba.njit(parallel=True, cache=True)
 def _search_batch(
-    offsets,
-    docs,
-    weights,
-    term_max,
-    n_docs,
-    prunable,
-    q_indptr,
-    q_indices,
-    q_weights,
-    k,
-    threads,
-    out_s,
-    out_p,
-    skipped,
+    offsets, docs, weights, term_max, n_docs, prunable, q_indptr, q_indices, q_weights, threads, out_s, out_p, skipped
 ):
     nq = q_indptr.shape[0] - 1
+    k = out_s.shape[1]
     blocks = min(threads, nq)
     for b in numba.prange(blocks):
         # Per-thread scratch, reset after every query by walking only the touched documents.
@@ -554,7 +542,6 @@ def search_inverted(
         queries.indptr,
         queries.indices,
         queries.weights,
-        k,
         numba.get_num_threads(),
         out_s,
         out_p,
