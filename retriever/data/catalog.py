@@ -34,7 +34,8 @@ def synthetic_benchmark(cfg: ExperimentConfig) -> SyntheticBenchmark:
     )
 
 
-SYNTHETIC_TOKENIZER = "synthetic"
+SYNTHETIC = "synthetic"  # the symbolic name of the offline benchmark's tokenizer, training data and corpus
+SYNTHETIC_TOKENIZER = SYNTHETIC
 SYNTHETIC_VOCAB = 4096
 
 
@@ -49,12 +50,47 @@ def synthetic_tokenizer(cfg: ExperimentConfig, vocab_size: int = SYNTHETIC_VOCAB
     return out
 
 
-def resolve_references(cfg: ExperimentConfig) -> ExperimentConfig:
-    """A copy of `cfg` whose symbolic references (`backbone.tokenizer: synthetic`) are concrete paths."""
-    if cfg.backbone.tokenizer != SYNTHETIC_TOKENIZER:
-        return cfg
+def absolute_paths(cfg: ExperimentConfig, base: str | Path | None = None) -> ExperimentConfig:
+    """A copy whose relative paths are absolute against ``base`` (default: the current directory).
+
+    Ray Tune trials and Train workers run in other working directories, so a config is made absolute where the
+    user started the job before it travels to them. ``train.output_dir`` and the artifact and SQLite locations
+    always become absolute; fields that hold a name or id *or* a path (backbone, tokenizer, adapter, data files,
+    MNTP corpus) only when they are not a preset or ``synthetic`` and the relative path exists, so ids stay ids.
+    """
+    from retriever.models.backbone import find_preset
+
+    base = Path(base or Path.cwd()).resolve()
     resolved = cfg.model_copy(deep=True)
-    resolved.backbone.tokenizer = str(synthetic_tokenizer(cfg))
+
+    def local(value: str | None) -> str | None:
+        if value is None or value == SYNTHETIC or Path(value).is_absolute() or not (base / value).exists():
+            return value
+        return str(base / value)
+
+    resolved.train.output_dir = str(base / cfg.train.output_dir)
+    if find_preset(cfg.backbone.name) is None:
+        resolved.backbone.name = local(cfg.backbone.name) or cfg.backbone.name
+    resolved.backbone.tokenizer = local(cfg.backbone.tokenizer)
+    resolved.backbone.init_adapter = local(cfg.backbone.init_adapter)
+    resolved.data.train = local(cfg.data.train) or cfg.data.train
+    resolved.data.docs = local(cfg.data.docs)
+    resolved.mntp.corpus = local(cfg.mntp.corpus) or cfg.mntp.corpus
+    location = cfg.tracking.artifact_location
+    if location is not None and "://" not in location and not location.startswith("file:"):
+        resolved.tracking.artifact_location = str(base / location)
+    uri = cfg.tracking.tracking_uri
+    if uri is not None and uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        resolved.tracking.tracking_uri = f"sqlite:///{base / uri.removeprefix('sqlite:///')}"
+    return resolved
+
+
+def resolve_references(cfg: ExperimentConfig) -> ExperimentConfig:
+    """A copy of `cfg` whose relative paths are absolute (`ExperimentConfig.with_absolute_paths`) and whose
+    symbolic references (`backbone.tokenizer: synthetic`) are concrete paths."""
+    resolved = absolute_paths(cfg)
+    if resolved.backbone.tokenizer == SYNTHETIC_TOKENIZER:
+        resolved.backbone.tokenizer = str(synthetic_tokenizer(resolved))
     return resolved
 
 

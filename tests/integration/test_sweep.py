@@ -29,10 +29,10 @@ SMALL = {
 }
 
 
-def write_config(tmp_path: Path, name: str, **overrides) -> Path:
+def write_config(tmp_path: Path, name: str, *, output_dir: str | None = None, **overrides) -> Path:
     data = json.loads(json.dumps(SMALL))
     data["name"] = name
-    data["train"]["output_dir"] = str(tmp_path / "runs")
+    data["train"]["output_dir"] = output_dir or str(tmp_path / "runs")
     for key, value in overrides.items():
         section, _, field = key.partition(".")
         data.setdefault(section, {})[field] = value
@@ -86,9 +86,12 @@ def test_two_cell_sweep_logs_nested_runs_and_writes_the_report(ray_cluster, tmp_
 
 
 def test_an_interrupted_sweep_resumes_without_rerunning_finished_cells(tmp_path):
+    # Started from tmp_path with a relative output folder, as `retriever quickstart` is: the trials run in Tune's
+    # own working directories, yet every cell must write into (and log to the MLflow database of) this one.
     path = write_config(
         tmp_path,
         "resumable",
+        output_dir="runs",
         **{
             "sweep.backbones": ["tiny-s"],
             "sweep.paradigms": ["dense", "sparse"],
@@ -96,13 +99,14 @@ def test_an_interrupted_sweep_resumes_without_rerunning_finished_cells(tmp_path)
             "sweep.max_concurrent": 1,
             "sweep.cpus_per_trial": 1,
             "budget.max_steps": 30,
-            "tracking.enabled": False,
         },
     )
     root = tmp_path / "runs" / "sweeps" / "resumable"
     env = {**os.environ, "RETRIEVER_TUNE_VERBOSE": "0"}
     command = [sys.executable, "-m", "retriever", "sweep", str(path)]
-    first = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    first = subprocess.Popen(
+        command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
     deadline = time.time() + 400
     while time.time() < deadline and not list(root.glob("cells/*/result.json")):
         assert first.poll() is None, first.stderr.read()[-3000:]
@@ -112,7 +116,9 @@ def test_an_interrupted_sweep_resumes_without_rerunning_finished_cells(tmp_path)
     done_before = {p.parent.name: p.stat().st_mtime for p in root.glob("cells/*/result.json")}
     assert 1 <= len(done_before) < 4
 
-    resumed = subprocess.run([*command, "--resume"], env=env, capture_output=True, text=True, timeout=600)
+    resumed = subprocess.run(
+        [*command, "--resume"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     cells = collect_cells(root)
     assert len(cells) == 4 and all(c["status"] == "ok" for c in cells)
@@ -120,3 +126,21 @@ def test_an_interrupted_sweep_resumes_without_rerunning_finished_cells(tmp_path)
         assert (root / "cells" / name / "result.json").stat().st_mtime == mtime
         assert len((root / "cells" / name / "attempts.log").read_text().splitlines()) == 1
     assert "| sparse" in (root / "report" / "results.md").read_text()
+
+    from mlflow.tracking import MlflowClient
+
+    assert [p.relative_to(tmp_path) for p in tmp_path.rglob("mlflow.db")] == [Path("runs/mlflow.db")]
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("retriever")
+    parents = client.search_runs([experiment.experiment_id], "tags.`retriever.kind` = 'sweep'")
+    assert len(parents) == 1
+    children = client.search_runs(
+        [experiment.experiment_id], f"tags.`mlflow.parentRunId` = '{parents[0].info.run_id}'"
+    )
+    assert sorted(c.data.params["paradigm"] + "/" + c.data.params["loss"] for c in children) == [
+        "dense/cl",
+        "dense/kd",
+        "sparse/cl",
+        "sparse/kd",
+    ]
+    assert all("synthetic/test/ndcg_at_10" in c.data.metrics for c in children)
