@@ -648,8 +648,10 @@ class _Run:
 
     out: Path
     encoder_dir: str | Path
+    summary: dict[str, Any]
     fingerprint: str
     kind: TextKind
+    max_length: int
     prune_top_k: int | None
     started: float
 
@@ -659,27 +661,35 @@ class _Run:
         encoder_dir: str | Path,
         out_dir: str | Path,
         kind: TextKind,
+        max_length: int | None,
         prune_top_k: int | None,
         overwrite: bool,
         started: float,
     ) -> _Run:
-        """Fingerprint the encoder, then prepare the output folder (not an encoder: the folder is left alone)."""
+        """Check the settings against the encoder's metadata and fingerprint it, then prepare the output folder:
+        bad settings or a missing encoder fail before anything in ``out_dir`` is touched."""
+        summary = encoder_summary(encoder_dir)
+        _check_settings(kind, summary["paradigm"], prune_top_k, encoder=str(encoder_dir))
         fingerprint = encoder_fingerprint(encoder_dir)
-        return cls(prepare_out_dir(out_dir, overwrite), encoder_dir, fingerprint, kind, prune_top_k, started)
+        out = prepare_out_dir(out_dir, overwrite)
+        resolved_length = max_length or summary["max_length"][kind]
+        return cls(out, encoder_dir, summary, fingerprint, kind, resolved_length, prune_top_k, started)
 
-    def finish(
-        self, files: list[Path], count: int, *, paradigm: str, dimension: int, max_length: int
-    ) -> EncodingResult:
+    @property
+    def paradigm(self) -> str:
+        return self.summary["paradigm"]
+
+    def finish(self, files: list[Path], count: int) -> EncodingResult:
         """Write ``encoding.json`` (last: it marks the folder complete) and describe the run."""
         meta = write_encoding_metadata(
             self.out,
-            paradigm=paradigm,
-            dimension=dimension,
+            paradigm=self.paradigm,
             encoder_dir=self.encoder_dir,
             fingerprint=self.fingerprint,
+            dimension=self.summary["dimension"],
             count=count,
             kind=self.kind,
-            max_length=max_length,
+            max_length=self.max_length,
             prune_top_k=self.prune_top_k,
             files=files,
         )
@@ -725,10 +735,9 @@ def encode_corpus(
     else:
         total = len(docs) if hasattr(docs, "__len__") else None  # type: ignore[arg-type]
         windows = _iter_windows(docs, window)
-    run = _Run.start(encoder_dir, out_dir, kind, prune_top_k, overwrite, started)
+    run = _Run.start(encoder_dir, out_dir, kind, max_length, prune_top_k, overwrite, started)
     encoder = load_inference_encoder(encoder_dir, device)
-    resolved_length = max_length or encoder.max_length(kind)
-    writer = _ShardWriter(run.out, output_schema(encoder.paradigm), shard_rows)
+    writer = _ShardWriter(run.out, output_schema(run.paradigm), shard_rows)
     count = 0
     from tqdm.auto import tqdm
 
@@ -745,7 +754,7 @@ def encode_corpus(
             encoder,
             kind,
             batch_size=batch_size,
-            max_length=resolved_length,
+            max_length=run.max_length,
             max_batch_tokens=max_batch_tokens,
             prune_top_k=prune_top_k,
             num_streams=num_streams,
@@ -753,13 +762,11 @@ def encode_corpus(
         )
         try:
             for ids, encoded in runner.windows(_unique_ids(windows)):
-                writer.write(encoded_table(ids, encoded, encoder.paradigm))
+                writer.write(encoded_table(ids, encoded, run.paradigm))
                 count += len(ids)
         finally:
             writer.close()
-    return run.finish(
-        writer.finish(), count, paradigm=encoder.paradigm, dimension=encoder.dimension, max_length=resolved_length
-    )
+    return run.finish(writer.finish(), count)
 
 
 # -------------------------------------------------------------------------------------------------- Ray Data
@@ -828,12 +835,9 @@ def encode_corpus_ray(
             f"need num_actors >= 1 and non-negative resources, got num_actors={num_actors}, "
             f"cpus_per_actor={cpus_per_actor}, gpus_per_actor={gpus_per_actor}"
         )
-    run = _Run.start(encoder_dir, out_dir, kind, prune_top_k, overwrite, started)
-    out = run.out
     # The driver reads encoder.json only; the weights are loaded by the actors.
-    summary = encoder_summary(encoder_dir)
-    _check_settings(kind, summary["paradigm"], prune_top_k, encoder=str(encoder_dir))
-    resolved_length = max_length or summary["max_length"][kind]
+    run = _Run.start(encoder_dir, out_dir, kind, max_length, prune_top_k, overwrite, started)
+    out = run.out
     blocks = num_blocks or max(2 * num_actors, math.ceil(rows / max(1, rows_per_call * 4)))
     dataset = ray.data.read_parquet([str(f) for f in files], columns=["doc_id", "text"], override_num_blocks=blocks)
     if len(files) < blocks and _parquet_bytes(files) <= SMALL_INPUT_BYTES:
@@ -851,7 +855,7 @@ def encode_corpus_ray(
             "encoder_dir": str(Path(encoder_dir).resolve()),
             "kind": kind,
             "batch_size": batch_size,
-            "max_length": resolved_length,
+            "max_length": run.max_length,
             "prune_top_k": prune_top_k,
             "max_batch_tokens": max_batch_tokens,
             "num_streams": num_streams,
@@ -862,13 +866,11 @@ def encode_corpus_ray(
         encoded.write_parquet(str(out), max_rows_per_file=shard_rows)
         written = sorted(out.glob("*.parquet"))
     else:
-        written = _ShardWriter(out, output_schema(summary["paradigm"]), shard_rows).finish()
+        written = _ShardWriter(out, output_schema(run.paradigm), shard_rows).finish()
     count = _parquet_rows(written) if written else 0
     if count != rows:
         raise RuntimeError(f"{out}: Ray wrote {count} encoded rows for {rows} input rows; the run is incomplete")
-    return run.finish(
-        written, count, paradigm=summary["paradigm"], dimension=summary["dimension"], max_length=resolved_length
-    )
+    return run.finish(written, count)
 
 
 def encode_corpus_auto(

@@ -256,6 +256,18 @@ def test_existing_output_needs_overwrite_and_empty_corpus(dense_dir, tmp_path):
     assert table.num_rows == 0 and table.column_names == ["doc_id", "vector"]
 
 
+def test_bad_settings_leave_an_existing_output_untouched(dense_dir, tmp_path):
+    out = tmp_path / "out"
+    first = encode_corpus(dense_dir, DOCS[:5], out, progress=False)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(ValueError, match="prune_top_k applies to sparse"):
+        encode_corpus(dense_dir, DOCS[:3], out, prune_top_k=5, progress=False, overwrite=True)
+    with pytest.raises(ValueError, match="kind must be 'query' or 'passage'"):
+        encode_corpus(dense_dir, DOCS[:3], out, kind="document", progress=False, overwrite=True)  # type: ignore[arg-type]
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert read_encoding_metadata(out)["count"] == first.count == 5
+
+
 def test_bad_input_is_a_clear_error(dense_dir, tmp_path):
     with pytest.raises(ValueError, match="duplicate doc_id 'doc-000'"):
         encode_corpus(dense_dir, DOCS[:3] + DOCS[:1], tmp_path / "a", progress=False)
