@@ -479,13 +479,13 @@ def _adapter_lora(directory: str) -> tuple[int, list[str]]:
     return int(data["r"]), [str(t) for t in targets]
 
 
-def lora_setup(cfg: ExperimentConfig, always: bool = False) -> tuple[int | None, tuple[str, ...]]:
+def lora_setup(cfg: ExperimentConfig) -> tuple[int | None, tuple[str, ...]]:
     """(rank, targets) training will use: a continued adapter's, the configured LoRA's, or (None, ()) for full
-    fine-tuning. `always`: MNTP always trains a LoRA adapter."""
+    fine-tuning."""
     if cfg.backbone.init_adapter:
         rank, targets = _adapter_lora(cfg.backbone.init_adapter)
         return rank, tuple(targets)
-    if cfg.backbone.lora.enabled or always:
+    if cfg.backbone.lora.enabled:
         return cfg.backbone.lora.r, tuple(cfg.backbone.lora.target_modules)
     return None, ()
 
@@ -514,9 +514,8 @@ class StepCostModel:
         config: PretrainedConfig,
         paradigm: str,
         scoring: tuple[str, ...],
-        lora_always: bool,
     ) -> StepCostModel:
-        rank, targets = lora_setup(cfg, always=lora_always)
+        rank, targets = lora_setup(cfg)
         return cls(
             shape=ModelShape.from_config(config),
             paradigm=paradigm,
@@ -531,12 +530,12 @@ class StepCostModel:
     @classmethod
     def for_experiment(cls, cfg: ExperimentConfig, config: PretrainedConfig) -> StepCostModel:
         """Retrieval training of `cfg` on a model with `config` (the built encoder's, so the vocabulary is real)."""
-        return cls._for(cfg, config, cfg.encoder.paradigm, LOSS_COSTS.get(cfg.loss.name).scoring, lora_always=False)
+        return cls._for(cfg, config, cfg.encoder.paradigm, LOSS_COSTS.get(cfg.loss.name).scoring)
 
     @classmethod
     def for_mntp(cls, cfg: ExperimentConfig, config: PretrainedConfig) -> StepCostModel:
-        """MNTP of `cfg`: the decoder alone (no scoring), always through a LoRA adapter."""
-        return cls._for(cfg, config, "dense", (), lora_always=True)
+        """MNTP of `cfg`: the decoder alone (no scoring), through LoRA or full fine-tuning as the task trains it."""
+        return cls._for(cfg, config, "dense", ())
 
     def _options(self) -> TrainingOptions:
         return {

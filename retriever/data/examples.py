@@ -202,7 +202,8 @@ def build_training_examples(
 
 
 def build_synthetic_examples(bench: SyntheticBenchmark, out: Path, num_negatives: int = 16) -> ExamplesReport:
-    """The synthetic benchmark's training parquet (train qrels, BM25 candidates, teacher scores, inline texts)."""
+    """The synthetic benchmark's training parquet (train qrels, BM25 candidates, teacher scores); passages are
+    stored as ids and read from the benchmark's corpus while training."""
     return build_training_examples(
         bench.qrels_train,
         bench.candidates_train,
@@ -211,6 +212,7 @@ def build_synthetic_examples(bench: SyntheticBenchmark, out: Path, num_negatives
         out,
         teacher=bench.teacher_train,
         num_negatives=num_negatives,
+        inline_text=False,
     )
 
 
@@ -304,6 +306,31 @@ class _DocLookup:
 
     def text(self, docid: str) -> str:
         return self._texts[docid]
+
+
+class DocTexts(Mapping[str, str]):
+    """Document id → text over an ir_datasets docs store (or any ``.get`` store), for examples that hold ids."""
+
+    def __init__(self, store: Any, name: str = "the docs store") -> None:
+        if not callable(getattr(store, "get", None)):
+            raise TypeError(f"docs must be a mapping or have .get(doc_id), got {type(store).__name__}")
+        self._store = store
+        self._name = name
+
+    def __getitem__(self, docid: str) -> str:
+        try:
+            value = self._store.get(docid)
+        except KeyError:
+            value = None
+        if value is None:
+            raise KeyError(f"document {docid!r} is not in {self._name}; the examples and data.docs do not match")
+        return _as_text(value, docid)
+
+    def __iter__(self) -> Iterator[str]:
+        raise TypeError(f"{self._name} is looked up by id, not iterated")
+
+    def __len__(self) -> int:
+        return len(self._store) if hasattr(self._store, "__len__") else 0
 
 
 def _as_text(value: Any, docid: str) -> str:

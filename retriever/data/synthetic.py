@@ -186,9 +186,18 @@ def generate_synthetic(
     }
     rng = np.random.Generator(np.random.PCG64(int(seed)))
     world = _World(rng, num_docs, num_topics)
-    sources = rng.choice(num_docs, size=num_train_queries + num_test_queries, replace=False)
-    train = [world.make_query(int(d), rng) for d in sources[:num_train_queries]]
-    test = [world.make_query(int(d), rng) for d in sources[num_train_queries:]]
+    # The first train queries and every test query have their own source document; train queries beyond
+    # num_docs - num_test_queries come from a second stream (seeded by the same seed), so adding them changes no
+    # earlier file content and no test query.
+    unique = min(num_train_queries, num_docs - num_test_queries)
+    sources = rng.choice(num_docs, size=unique + num_test_queries, replace=False)
+    train = [world.make_query(int(d), rng) for d in sources[:unique]]
+    test = [world.make_query(int(d), rng) for d in sources[unique:]]
+    if num_train_queries > unique:
+        extra_rng = np.random.Generator(np.random.PCG64([int(seed), 1]))
+        eligible = np.setdiff1d(np.arange(num_docs), sources[unique:])
+        extra = extra_rng.choice(eligible, size=num_train_queries - unique, replace=True)
+        train += [world.make_query(int(d), extra_rng) for d in extra]
     bm25 = _Bm25(world.doc_tokens())
 
     bench = SyntheticBenchmark.at(Path(out_dir), params)
@@ -479,10 +488,10 @@ def _check_sizes(num_docs: int, n_train: int, n_test: int, num_candidates: int, 
             raise ValueError(f"{name} must be ≥ 1, got {value}")
     if n_train < 0 or n_test < 0:
         raise ValueError(f"query counts must be ≥ 0, got num_train_queries={n_train}, num_test_queries={n_test}")
-    if n_train + n_test > num_docs:
+    if n_test >= num_docs:
         raise ValueError(
-            f"every query needs its own source document: num_train_queries + num_test_queries = {n_train + n_test} "
-            f"> num_docs = {num_docs}; raise num_docs or lower the query counts"
+            f"every test query needs its own source document and training needs at least one more: "
+            f"num_test_queries = {n_test} >= num_docs = {num_docs}; raise num_docs or lower num_test_queries"
         )
 
 

@@ -43,10 +43,16 @@ class LocalContext:
     world_size = 1
 
     def __init__(
-        self, table: Any, run_dir: Path, keep: int = 2, on_report: Callable[[dict[str, float]], None] | None = None
+        self,
+        table: Any,
+        run_dir: Path,
+        keep: int = 2,
+        on_report: Callable[[dict[str, float]], None] | None = None,
+        checkpoints: str = "checkpoints",
     ) -> None:
         self.table = table
         self.run_dir = Path(run_dir)
+        self.checkpoint_root = self.run_dir / checkpoints
         self.keep = keep
         self.on_report = on_report  # e.g. forward to Ray Tune when training inside a Tune trial
         self.history: list[dict[str, float]] = []
@@ -66,7 +72,7 @@ class LocalContext:
             self._prune()
 
     def _checkpoints(self) -> list[Path]:
-        root = self.run_dir / "checkpoints"
+        root = self.checkpoint_root
         if not root.is_dir():
             return []
         return sorted(p for p in root.iterdir() if p.is_dir() and (p / COMPLETE_MARKER).is_file())
@@ -82,7 +88,7 @@ class LocalContext:
 
     @contextlib.contextmanager
     def new_checkpoint_dir(self, step: int) -> Iterator[Path]:
-        path = self.run_dir / "checkpoints" / f"step-{step:08d}"
+        path = self.checkpoint_root / f"step-{step:08d}"
         if path.exists():
             shutil.rmtree(path)
         path.mkdir(parents=True)

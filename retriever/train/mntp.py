@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from peft import PeftModel
 from torch import nn
 
-from retriever.config import ExperimentConfig
+from retriever.config import BudgetConfig, ExperimentConfig
 from retriever.losses import LossOutput
 from retriever.models.backbone import is_random_preset, load_backbone, tokenizer_reference
 from retriever.models.bidirectional import check_supported, decoder_states, set_bidirectional
@@ -29,6 +29,16 @@ from retriever.models.tokenizers import load_tokenizer
 
 MASK_TOKEN = "_"
 IGNORE = -100
+
+
+def mntp_stage_config(cfg: ExperimentConfig) -> ExperimentConfig:
+    """The training settings of the MNTP stage: `mntp.steps`, `mntp.batch_size` and `mntp.lr` replace the
+    retrieval budget, batch and learning rate (the loop reads only `budget` and `train`)."""
+    stage = cfg.model_copy(deep=True)
+    stage.budget = BudgetConfig(max_steps=cfg.mntp.steps)
+    stage.train.batch_size = cfg.mntp.batch_size
+    stage.train.lr = cfg.mntp.lr
+    return stage
 
 
 def corpus_texts(corpus: str, cfg: ExperimentConfig) -> Iterator[str]:

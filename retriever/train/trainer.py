@@ -9,7 +9,7 @@ from the latest checkpoint (Ray Train's job-level resume, or the local checkpoin
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -22,13 +22,13 @@ log = logging.getLogger(__name__)
 TASKS: Registry[Callable[..., Any]] = Registry("training task")
 
 
-def _retrieval_task(cfg: ExperimentConfig, planned_steps: int, data: dict[str, Any]):
+def _retrieval_task(cfg: ExperimentConfig, planned_steps: int):
     from retriever.train.retrieval import RetrievalTask
 
-    return RetrievalTask(cfg, planned_steps=planned_steps, docs=data.get("docs"))
+    return RetrievalTask(cfg, planned_steps=planned_steps, docs=training_docs(cfg))
 
 
-def _mntp_task(cfg: ExperimentConfig, planned_steps: int, data: dict[str, Any]):
+def _mntp_task(cfg: ExperimentConfig, planned_steps: int):
     from retriever.train.mntp import MntpTask
 
     return MntpTask(cfg)
@@ -36,9 +36,12 @@ def _mntp_task(cfg: ExperimentConfig, planned_steps: int, data: dict[str, Any]):
 
 TASKS.add("retrieval", _retrieval_task)
 TASKS.add("mntp", _mntp_task)
+# Each stage keeps its own checkpoints: a retrieval run never resumes from the MNTP stage of the same name.
+CHECKPOINT_FOLDERS = {"retrieval": "checkpoints", "mntp": "mntp-checkpoints"}
 
 
 def run_dir_for(cfg: ExperimentConfig) -> Path:
+    """`<output_dir>/<name>`: the run's checkpoints and its product (`encoder/`, or `mntp/` for the MNTP stage)."""
     return (Path(cfg.train.output_dir) / cfg.name).resolve()
 
 
@@ -60,6 +63,34 @@ def prepare_training_data(cfg: ExperimentConfig) -> Path:
     if not out.is_file():
         build_synthetic_examples(bench, out, num_negatives=cfg.loss.num_negatives)
     return out
+
+
+def training_docs(cfg: ExperimentConfig) -> Mapping[str, str] | None:
+    """Passage texts for examples that hold ids: the `data.docs` dataset's docs, or the synthetic corpus."""
+    from retriever.data.catalog import resolve_dataset
+
+    if cfg.data.docs is not None:
+        from retriever.data.examples import DocTexts
+        from retriever.data.sources import load_source
+
+        return DocTexts(load_source(resolve_dataset(cfg.data.docs, cfg)).docs_store(), f"data.docs={cfg.data.docs!r}")
+    if cfg.data.train == "synthetic":
+        from retriever.data.catalog import synthetic_benchmark
+
+        return synthetic_benchmark(cfg).docs()
+    return None
+
+
+def check_examples_have_texts(path: Path, cfg: ExperimentConfig) -> None:
+    """Fail before training when the examples hold passage ids and no docs are configured."""
+    import pyarrow.parquet as pq
+
+    has_docs = cfg.data.docs is not None or cfg.data.train == "synthetic"
+    if not has_docs and "positive" not in pq.read_schema(path).names:
+        raise ValueError(
+            f"{path}: the training examples hold passage ids, not texts; set data.docs to the dataset whose "
+            "documents they name (e.g. data.docs=msmarco-passage)"
+        )
 
 
 def planned_steps_for(cfg: ExperimentConfig) -> int:
@@ -106,7 +137,7 @@ def ray_train_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     if loop_config.get("fail_once_at"):
         os.environ[FAIL_ONCE_ENV] = loop_config["fail_once_at"]
     cfg = ExperimentConfig.model_validate(loop_config["config"])
-    task = TASKS.get(loop_config["task"])(cfg, loop_config["planned_steps"], {})
+    task = TASKS.get(loop_config["task"])(cfg, loop_config["planned_steps"])
     result = run_loop(
         cfg,
         task,
@@ -139,8 +170,14 @@ def run_training(
     from retriever.data.catalog import resolve_references
 
     cfg = resolve_references(cfg)
+    if task == "mntp":
+        from retriever.train.mntp import mntp_stage_config
+
+        cfg = mntp_stage_config(cfg)
     planned = planned_steps_for(cfg) if task == "retrieval" else cfg.mntp.steps
     path = data_path or (prepare_training_data(cfg) if task == "retrieval" else None)
+    if task == "retrieval":
+        check_examples_have_texts(path, cfg)
     tracking = tracker_settings(cfg, parent_run_id)
     run_dir = run_dir_for(cfg)
     log.info("training %s: %d planned steps, data %s, run dir %s", cfg.name, planned, path, run_dir)
@@ -161,11 +198,11 @@ def _run_local(cfg, task, planned, path, run_dir, tracking, probe_texts, on_repo
         from retriever.train.mntp import mntp_table
 
         table = mntp_table(cfg)
-    runner = TASKS.get(task)(cfg, planned, {})
+    runner = TASKS.get(task)(cfg, planned)
     result = run_loop(
         cfg,
         runner,
-        LocalContext(table, run_dir, on_report=on_report),
+        LocalContext(table, run_dir, on_report=on_report, checkpoints=CHECKPOINT_FOLDERS[task]),
         run_dir,
         planned_steps=planned,
         make_tracker=_tracker_factory(tracking),

@@ -168,8 +168,27 @@ def test_sizes_and_validation_of_small_benchmarks(tmp_path: Path) -> None:
     assert len(_read_corpus(bench)) == 40
     assert len(_read_qrels(bench.qrels_train)) == 25 and len(_read_qrels(bench.qrels_test)) == 15
     assert max(len(v) for v in _read_run(bench.candidates_train).values()) <= 5
-    with pytest.raises(ValueError, match="num_train_queries \\+ num_test_queries = 41 > num_docs = 40"):
-        generate_synthetic(tmp_path / "x", num_docs=40, num_train_queries=26, num_test_queries=15)
+    with pytest.raises(ValueError, match="num_test_queries = 40 >= num_docs = 40"):
+        generate_synthetic(tmp_path / "x", num_docs=40, num_train_queries=26, num_test_queries=40)
+
+
+def test_more_train_queries_than_free_documents_keep_the_test_set(tmp_path: Path) -> None:
+    """Train queries beyond num_docs - num_test_queries reuse training documents as sources; the test queries,
+    test qrels and corpus stay byte-identical, and the first train queries stay the same."""
+    small = generate_synthetic(tmp_path / "a", seed=3, num_docs=60, num_train_queries=40, num_test_queries=20)
+    large = generate_synthetic(tmp_path / "b", seed=3, num_docs=60, num_train_queries=300, num_test_queries=20)
+    assert large.corpus.read_bytes() == small.corpus.read_bytes()
+    assert large.qrels_test.read_bytes() == small.qrels_test.read_bytes()
+    small_queries = small.query_texts()
+    large_queries = large.query_texts()
+    assert {q: t for q, t in large_queries.items() if q.startswith("test-")} == {
+        q: t for q, t in small_queries.items() if q.startswith("test-")
+    }
+    assert all(large_queries[q] == t for q, t in small_queries.items() if q.startswith("train-"))
+    assert len(_read_qrels(large.qrels_train)) == 300
+    test_sources = {d for rows in _read_qrels(large.qrels_test).values() for d, g in rows.items() if g == 3}
+    train_sources = {d for rows in _read_qrels(large.qrels_train).values() for d in rows}
+    assert not test_sources & train_sources
     with pytest.raises(ValueError, match="num_candidates must be ≥ 1"):
         generate_synthetic(tmp_path / "x", num_candidates=0)
     with pytest.raises(ValueError, match="seed must be a non-negative integer"):
