@@ -21,6 +21,13 @@ different subset. `to_markdown` renders the paper-style table: metrics ×100 wit
 best value of each column in bold, FLOPs as ``6.2e19``, parameters as ``1.24B``; ``percent=False, decimals=4``
 gives raw scores (0.4170) instead. The CSV (``DataFrame.to_csv``) keeps full precision.
 
+**Baselines.** `baseline_table` reads baseline records (``{"kind": "bm25" | "step0", "name", "backbone",
+"paradigm", "parameters", "flops", "metrics", "status"}``: BM25 and each backbone × paradigm's untrained encoder) into
+rows indexed by name with the same metric columns. They are shown below the cells (Loss ``baseline``), never bold,
+never fitted nor plotted; `baseline_comparison` gives each cell's value as a fraction of BM25's (``vs_bm25``) and
+whether it beats its step-0 row (``beats_step0``). results.csv (`results_csv_table`) has a leading ``row`` column
+(``cell``, ``bm25``, ``step0``) and, with baselines, their rows and those two comparison columns.
+
 **Fits.** `fit_power_law` fits y = a·x^b by ordinary least squares on (ln x, ln y): ln y = ln a + b·ln x; r2 is
 the coefficient of determination of that log-log regression. Only points with finite x > 0 and y > 0 are used and
 at least two distinct x are needed, otherwise there is no fit (None). The scaling fits of the report
@@ -60,6 +67,7 @@ XAxis = Literal["parameters", "flops"]
 BEIR_PREFIX = "beir/"
 BEIR_MEAN = "beir-mean"
 STATUSES = ("ok", "failed")
+BASELINE_KINDS = ("bm25", "step0")
 PARADIGMS: tuple[str, ...] = get_args(Paradigm)
 LOSSES: tuple[str, ...] = get_args(LossName)
 X_AXES: tuple[XAxis, ...] = ("parameters", "flops")
@@ -243,9 +251,24 @@ def results_table(records: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
         )
     )
 
+    columns, beir_sets, mean_metrics = _metric_layout([cell.metrics for cell in cells])
+    rows = [
+        {"status": cell.status, **cell.numbers, **_metric_row(cell.metrics, beir_sets, mean_metrics)} for cell in cells
+    ]
+    index = pd.MultiIndex.from_tuples([(c.backbone, c.paradigm, c.loss) for c in cells], names=INDEX_NAMES)
+    df = pd.DataFrame(rows, index=index, columns=["status", *NUMBER_COLUMNS, *columns])
+    for name in _INT_FIELDS:
+        df[name] = df[name].astype("Int64")
+    df["flops"] = df["flops"].astype(float)
+    df[columns] = df[columns].astype(float)
+    return df
+
+
+def _metric_layout(all_metrics: Sequence[Mapping[str, Mapping[str, float]]]) -> tuple[list[str], list[str], set[str]]:
+    """(metric columns in table order, BEIR sets, metrics of the BEIR mean) of a set of records' metrics."""
     per_dataset: dict[str, set[str]] = {}
-    for cell in cells:
-        for dataset, scores in cell.metrics.items():
+    for metrics in all_metrics:
+        for dataset, scores in metrics.items():
             per_dataset.setdefault(dataset, set()).update(scores)
     beir_sets = sorted(d for d in per_dataset if d.startswith(BEIR_PREFIX))
     mean_metrics = set.intersection(*(per_dataset[d] for d in beir_sets)) if len(beir_sets) >= 2 else set()
@@ -255,24 +278,155 @@ def results_table(records: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
         columns += [metric_column(dataset, m) for m in _metric_order(dataset, per_dataset[dataset])]
     # The BEIR mean follows the BEIR protocol's metric order.
     columns += [metric_column(BEIR_MEAN, m) for m in _metric_order(beir_sets[0], mean_metrics)] if mean_metrics else []
+    return columns, beir_sets, mean_metrics
 
-    rows = []
-    for cell in cells:
-        row: dict[str, Any] = {"status": cell.status, **cell.numbers}
-        for dataset, scores in cell.metrics.items():
-            row.update({metric_column(dataset, m): v for m, v in scores.items()})
-        for metric in mean_metrics:
-            if all(metric in cell.metrics.get(d, {}) for d in beir_sets):
-                mean = beir_mean({d: {metric: cell.metrics[d][metric]} for d in beir_sets})[metric]
-                row[metric_column(BEIR_MEAN, metric)] = mean
-        rows.append(row)
-    index = pd.MultiIndex.from_tuples([(c.backbone, c.paradigm, c.loss) for c in cells], names=INDEX_NAMES)
-    df = pd.DataFrame(rows, index=index, columns=["status", *NUMBER_COLUMNS, *columns])
+
+def _metric_row(
+    metrics: Mapping[str, Mapping[str, float]], beir_sets: Sequence[str], mean_metrics: Iterable[str]
+) -> dict[str, float]:
+    """One record's metric columns, with the BEIR mean where the record has every BEIR set."""
+    row = {metric_column(dataset, m): v for dataset, scores in metrics.items() for m, v in scores.items()}
+    for metric in mean_metrics:
+        if all(metric in metrics.get(d, {}) for d in beir_sets):
+            row[metric_column(BEIR_MEAN, metric)] = beir_mean({d: {metric: metrics[d][metric]} for d in beir_sets})[
+                metric
+            ]
+    return row
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Baselines
+
+
+@dataclass(frozen=True)
+class _Baseline:
+    kind: str
+    name: str
+    backbone: str | None
+    paradigm: str | None
+    status: str
+    numbers: dict[str, float | None]
+    metrics: dict[str, dict[str, float]]
+
+
+def _optional_str(record: Mapping[str, Any], key: str, where: str) -> str | None:
+    value = record.get(key)
+    if value is not None and (not isinstance(value, str) or not value):
+        raise RecordError(f"{where}: {key!r} must be a non-empty string or null, got {value!r}")
+    return value
+
+
+def _baseline(record: Any, index: int) -> _Baseline:
+    where = f"baseline {index}"
+    if not isinstance(record, Mapping):
+        raise RecordError(f"{where}: expected a dict, got {type(record).__name__}")
+    if not isinstance(record.get("name"), str) or not record["name"]:
+        raise RecordError(f"{where}: 'name' must be a non-empty string, got {record.get('name')!r}")
+    where = f"baseline {index} ({record['name']})"
+    kind, status = record.get("kind"), record.get("status", "ok")
+    if kind not in BASELINE_KINDS:
+        raise RecordError(f"{where}: unknown kind {kind!r}; expected one of {', '.join(BASELINE_KINDS)}")
+    if status not in STATUSES:
+        raise RecordError(f"{where}: unknown status {status!r}; expected one of {', '.join(STATUSES)}")
+    backbone, paradigm = _optional_str(record, "backbone", where), _optional_str(record, "paradigm", where)
+    if paradigm is not None and paradigm not in PARADIGMS:
+        raise RecordError(f"{where}: unknown paradigm {paradigm!r}; expected one of {', '.join(PARADIGMS)}")
+    if kind == "step0" and (backbone is None or paradigm is None):
+        raise RecordError(f"{where}: a step-0 baseline needs its 'backbone' and 'paradigm'")
+    numbers = {name: _number(record.get(name), where, name, name in _INT_FIELDS) for name in NUMBER_COLUMNS}
+    if status == "ok" and not record.get("metrics"):
+        raise RecordError(f"{where}: a baseline with status 'ok' needs 'metrics'")
+    metrics = _metrics(record.get("metrics"), where) if status == "ok" else {}
+    return _Baseline(kind, record["name"], backbone, paradigm, status, numbers, metrics)
+
+
+def baseline_table(baselines: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None) -> pd.DataFrame:
+    """One row per baseline record (index ``name``; BM25 first, then step-0 encoders by parameters).
+
+    A baseline record is ``{"kind": "bm25" | "step0", "name", "backbone", "paradigm", "parameters", "flops",
+    "metrics", "status"}`` (backbone and paradigm null for BM25; a step-0 row needs both). Columns: ``kind``,
+    ``backbone``, ``paradigm``, ``status``, the number columns of `results_table`, then the metric columns (with the
+    BEIR mean), or exactly ``columns`` (a results table's metric columns) when given.
+    """
+    rows = [_baseline(record, i) for i, record in enumerate(baselines)]
+    names = [b.name for b in rows]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise RecordError(f"baseline names must be unique; repeated: {', '.join(duplicates)}")
+    rows.sort(
+        key=lambda b: (
+            _order(b.kind, BASELINE_KINDS),
+            math.inf if b.numbers["parameters"] is None else b.numbers["parameters"],
+            b.name,
+        )
+    )
+    layout, beir_sets, mean_metrics = _metric_layout([b.metrics for b in rows])
+    columns = layout if columns is None else list(columns)
+    data = [
+        {
+            "kind": b.kind,
+            "backbone": b.backbone,
+            "paradigm": b.paradigm,
+            "status": b.status,
+            **b.numbers,
+            **_metric_row(b.metrics, beir_sets, mean_metrics),
+        }
+        for b in rows
+    ]
+    df = pd.DataFrame(
+        data,
+        index=pd.Index([b.name for b in rows], name="name", dtype=object),
+        columns=["kind", "backbone", "paradigm", "status", *NUMBER_COLUMNS, *columns],
+    )
+    for key in ("backbone", "paradigm"):  # keep None (BM25 has neither), not NaN
+        df[key] = pd.Series([getattr(b, key) for b in rows], index=df.index, dtype=object)
     for name in _INT_FIELDS:
         df[name] = df[name].astype("Int64")
     df["flops"] = df["flops"].astype(float)
     df[columns] = df[columns].astype(float)
     return df
+
+
+def _baseline_values(baselines: pd.DataFrame, column: str) -> pd.Series:
+    if column in baselines.columns:
+        return baselines[column].astype(float).where(baselines["status"] == "ok")
+    return pd.Series(math.nan, index=baselines.index, dtype=float)
+
+
+def bm25_reference(baselines: pd.DataFrame, column: str) -> float:
+    """BM25's value in a metric column of a baseline table (NaN without one; two BM25 values are an error)."""
+    bm25 = _baseline_values(baselines, column)[baselines["kind"] == "bm25"].dropna()
+    if len(bm25) > 1:
+        raise RecordError(f"more than one BM25 baseline has a {column} value: {', '.join(bm25.index)}")
+    return float(bm25.iloc[0]) if len(bm25) else math.nan
+
+
+def baseline_comparison(df: pd.DataFrame, baselines: pd.DataFrame, column: str) -> pd.DataFrame:
+    """Each cell of a results table against the baselines on one metric column.
+
+    ``vs_bm25``: the cell's value divided by BM25's (NaN without a BM25 row or a value); ``beats_step0``: whether
+    the cell's value is above its step-0 row's (same backbone and paradigm; NA without one).
+    """
+    if column not in df.columns:
+        raise ValueError(f"{column!r} is not a column of the results table; metric columns: {metric_columns(df)}")
+    values = _baseline_values(baselines, column)
+    ok = baselines["status"] == "ok"
+    step0: dict[tuple[str, str], float] = {}
+    for name, row in baselines[(baselines["kind"] == "step0") & ok].iterrows():
+        key = (row["backbone"], row["paradigm"])
+        if key in step0:
+            raise RecordError(f"two step-0 baselines for {key[0]} {key[1]} (one is {name!r})")
+        step0[key] = float(values[name])
+    reference = bm25_reference(baselines, column)
+    out = pd.DataFrame(index=df.index)
+    cell = df[column].astype(float).where(df["status"] == "ok")
+    out["vs_bm25"] = cell / reference if reference > 0 else math.nan
+    beats = []
+    for (backbone, paradigm, _), value in cell.items():
+        base = step0.get((backbone, paradigm), math.nan)
+        beats.append(pd.NA if math.isnan(value) or math.isnan(base) else bool(value > base))
+    out["beats_step0"] = pd.array(beats, dtype="boolean")
+    return out
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -335,21 +489,38 @@ def _md_cell(text: str) -> str:
     return text.replace("|", "\\|")
 
 
-def to_markdown(df: pd.DataFrame, percent: bool = True, decimals: int = 1, bold_best: bool = True) -> str:
+def to_markdown(
+    df: pd.DataFrame,
+    percent: bool = True,
+    decimals: int = 1,
+    bold_best: bool = True,
+    baselines: pd.DataFrame | None = None,
+    compare: str | None = None,
+) -> str:
     """The results table (from `results_table`) as a Markdown table.
 
     Columns: Backbone, Paradigm, Loss, Params, FLOPs, Steps, then one per (dataset, metric). Metric cells of failed
     cells read ``failed``, missing values ``–``. With ``bold_best`` the best formatted value of every metric column
     (ties included) is bold.
+
+    ``baselines`` (from `baseline_table`) are appended below the cells with ``baseline`` in the Loss column (BM25:
+    Backbone ``BM25``; step 0: ``baseline (step 0)``); they are never bold. With ``compare`` (a metric column) two
+    columns follow: the value as a percentage of BM25's (`baseline_comparison`) and whether the cell beats its
+    step-0 row (``yes`` / ``no``).
     """
     if list(df.index.names) != INDEX_NAMES:
         raise ValueError(f"expected a table from results_table (index {INDEX_NAMES}), got index {df.index.names}")
+    baselines = baselines if baselines is not None and len(baselines) else None
     columns = metric_columns(df)
     n_beir = len({split_metric_column(c)[0] for c in columns if c.startswith(BEIR_PREFIX)})
     header = ["Backbone", "Paradigm", "Loss", "Params", "FLOPs", "Steps"]
     header += [f"{dataset_label(d, n_beir)} {metric_label(m)}" for d, m in map(split_metric_column, columns)]
     if not columns:
         header.append("Status")
+    comparison = None
+    if compare is not None and baselines is not None:
+        comparison = baseline_comparison(df, baselines, compare)
+        header += [f"{metric_label(split_metric_column(compare)[1])} vs BM25", "> step 0"]
 
     failed = df["status"] != "ok"
     cells = {c: [format_metric(v, percent, decimals) for v in df[c]] for c in columns}
@@ -368,8 +539,38 @@ def to_markdown(df: pd.DataFrame, percent: bool = True, decimals: int = 1, bold_
         out += ["failed" if failed.iloc[i] else cells[c][i] for c in columns]
         if not columns:
             out.append(str(row["status"]))
+        if comparison is not None:
+            beats = comparison["beats_step0"].iloc[i]
+            out += [
+                _percent_of(comparison["vs_bm25"].iloc[i]),
+                _MISSING if pd.isna(beats) else "yes" if beats else "no",
+            ]
         lines.append("| " + " | ".join(_md_cell(str(s)) for s in out) + " |")
+    if baselines is not None:
+        if compare is not None:
+            vs_bm25 = _baseline_values(baselines, compare) / bm25_reference(baselines, compare)
+        for name, row in baselines.iterrows():
+            is_bm25 = row["kind"] == "bm25"
+            out = [
+                "BM25" if is_bm25 else (row["backbone"] or name),
+                row["paradigm"] or _MISSING,
+                "baseline" if is_bm25 else "baseline (step 0)",
+                format_count(row["parameters"]),
+                format_flops(row["flops"]),
+                _MISSING if pd.isna(row["steps"]) else f"{int(row['steps']):,}",
+            ]
+            ok = row["status"] == "ok"
+            out += [format_metric(row[c], percent, decimals) if ok else "failed" for c in columns]
+            if not columns:
+                out.append(str(row["status"]))
+            if comparison is not None:
+                out += [_percent_of(vs_bm25[name]), _MISSING]
+            lines.append("| " + " | ".join(_md_cell(str(s)) for s in out) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _percent_of(ratio: float | None) -> str:
+    return _MISSING if ratio is None or not math.isfinite(float(ratio)) else f"{100 * float(ratio):.0f}%"
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -635,6 +836,43 @@ def _fits_markdown(fits: Sequence[ScalingFit], n_beir: int) -> list[str]:
     return (lines if made else ["No line could be fitted."]) + note
 
 
+def results_csv_table(
+    df: pd.DataFrame, baselines: pd.DataFrame | None = None, compare: str | None = None
+) -> pd.DataFrame:
+    """results.csv: the cells (`results_table`) with a leading ``row`` column (``cell``); with baselines, their rows
+    below (``row`` = kind, ``name``, index (backbone or name, paradigm, ``baseline``)) and, when ``compare`` is set,
+    the cells' ``vs_bm25`` and ``beats_step0`` (`baseline_comparison`) as the last columns."""
+    table = df.copy()
+    table.insert(0, "row", "cell")
+    if baselines is None or not len(baselines):
+        return table
+    table.insert(1, "name", None)
+    if compare is not None:
+        table = table.join(baseline_comparison(df, baselines, compare))
+    rows = baselines.reset_index()
+    rows.index = pd.MultiIndex.from_arrays(
+        [rows["backbone"].fillna(rows["name"]), rows["paradigm"], ["baseline"] * len(rows)], names=INDEX_NAMES
+    )
+    rows = rows.rename(columns={"kind": "row"}).drop(columns=["backbone", "paradigm"])
+    if compare is not None:
+        rows["vs_bm25"] = _baseline_values(baselines, compare).to_numpy() / bm25_reference(baselines, compare)
+    return pd.concat([table, rows[[c for c in table.columns if c in rows.columns]]])
+
+
+def _baselines_note(compare: str | None) -> list[str]:
+    note = (
+        "Rows marked `baseline` are not cells: BM25 and the untrained (step-0) encoder of each backbone and paradigm; "
+        "they are neither fitted nor plotted, and never bold."
+    )
+    if compare is not None:
+        dataset, metric = split_metric_column(compare)
+        note += (
+            f" *{metric_label(metric)} vs BM25*: {dataset_label(dataset)} {metric_label(metric)} as a percentage of "
+            "BM25's; *> step 0*: whether a cell is above its step-0 row."
+        )
+    return [note]
+
+
 def write_report(
     records: Sequence[Mapping[str, Any]],
     out_dir: str | Path,
@@ -644,20 +882,30 @@ def write_report(
     decimals: int = 1,
     plot_beir_datasets: bool = False,
     title: str = "Scaling report",
+    baselines: Sequence[Mapping[str, Any]] = (),
+    compare: str | None = None,
+    sections: Sequence[str] = (),
 ) -> ReportPaths:
     """Write results.md, results.csv, fits.json and plots/*.png under ``out_dir``.
 
     Every metric column is fitted (fits.json); plots cover every metric column except the single BEIR sets when a
-    BEIR mean exists (``plot_beir_datasets=True`` plots them too).
+    BEIR mean exists (``plot_beir_datasets=True`` plots them too). ``baselines`` (`baseline_table` records) become
+    rows of the table marked ``baseline``, never fitted nor plotted; ``compare`` is the metric column the cells are
+    compared with them on (default: the first metric column). ``sections`` are Markdown lines placed after the table.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     df = results_table(records)
     fits = scaling_fits(df, target=target, min_span=min_span)
     n_beir = len({split_metric_column(c)[0] for c in metric_columns(df) if c.startswith(BEIR_PREFIX)})
+    base = baseline_table(baselines, metric_columns(df)) if baselines else None
+    if compare is None:
+        compare = next(iter(metric_columns(df)), None)
+    elif compare not in metric_columns(df):
+        compare = None  # e.g. every cell failed: nothing to compare the baselines with
 
     csv_path = out / "results.csv"
-    df.to_csv(csv_path)
+    results_csv_table(df, base, compare).to_csv(csv_path)
 
     form = "1 - metric = a * x**b" if target == "error" else "metric = a * x**b"
     fits_path = out / "fits.json"
@@ -688,9 +936,11 @@ def write_report(
         "",
         f"{len(df)} cells ({failed} failed). Metrics: {unit}, {decimals} decimal(s), best per column in bold. "
         "FLOPs: training FLOPs used. Params: total parameters.",
+        *(["", *_baselines_note(compare)] if base is not None else []),
         "",
-        to_markdown(df, percent=percent, decimals=decimals).rstrip("\n"),
+        to_markdown(df, percent=percent, decimals=decimals, baselines=base, compare=compare).rstrip("\n"),
         "",
+        *([*sections, ""] if sections else []),
         "## Power-law fits",
         "",
         f"Fitted per paradigm × loss by least squares in log-log space: `{form}`, x = parameters or training FLOPs "
@@ -709,11 +959,15 @@ def write_report(
 
 
 __all__ = [
+    "BASELINE_KINDS",
     "BEIR_MEAN",
     "PowerLaw",
     "RecordError",
     "ReportPaths",
     "ScalingFit",
+    "baseline_comparison",
+    "baseline_table",
+    "bm25_reference",
     "dataset_label",
     "fit_power_law",
     "format_count",
@@ -724,6 +978,7 @@ __all__ = [
     "metric_label",
     "plot_scaling",
     "read_records",
+    "results_csv_table",
     "results_table",
     "scaling_fits",
     "split_metric_column",

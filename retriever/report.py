@@ -1,17 +1,27 @@
-"""The sweep report: the results table, scaling plots and power-law fits of a sweep directory, logged to the sweep's
-MLflow parent run, and the best encoder per paradigm registered in the MLflow model registry."""
+"""The sweep report: the results table (cells and baselines), scaling plots, power-law fits and the paper's findings
+of a sweep directory, logged to the sweep's MLflow parent run, and the best encoder per paradigm registered in the
+MLflow model registry.
+
+Baselines are written by the sweep next to its cells: ``<sweep>/baselines/<id>/result.json`` (``{"kind": "bm25" |
+"step0", "name", "backbone", "paradigm", "loss": null, "parameters", "flops": 0, "metrics", "status"}``) with their
+runs at ``<sweep>/baselines/<id>/eval/<safe dataset>/run.trec``."""
 
 from __future__ import annotations
 
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from retriever.config import ExperimentConfig
 from retriever.tracking import RunTracker, safe_metric_name
 
+if TYPE_CHECKING:
+    from retriever.findings import Findings
+
 log = logging.getLogger(__name__)
+
+BASELINES_DIR = "baselines"
 
 
 def primary_metric(cfg: ExperimentConfig) -> tuple[str, str]:
@@ -71,26 +81,94 @@ def _exists(client: Any, name: str) -> bool:
         return False
 
 
+def collect_baselines(root: Path) -> list[dict[str, Any]]:
+    """The baseline records of a sweep, ``<sweep>/baselines/<id>/result.json`` (BM25, step-0 encoders), in id order;
+    each gets its folder name as ``id`` unless it has one. Their runs follow the cells' layout: ``<id>/eval/``."""
+    from retriever.analysis import RecordError
+    from retriever.sweep import RESULT_FILE
+
+    records = []
+    for path in sorted((Path(root) / BASELINES_DIR).glob(f"*/{RESULT_FILE}")):
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise RecordError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
+        if not isinstance(record, dict):
+            raise RecordError(f"{path}: expected a JSON object (a baseline record), got {type(record).__name__}")
+        records.append({"id": path.parent.name, **record})
+    return records
+
+
+def baseline_metrics(baselines: list[dict[str, Any]]) -> dict[str, float]:
+    """MLflow metrics of the baselines: ``baseline/<id>/<safe dataset>/<metric>`` (e.g. ``baseline/bm25/
+    synthetic_test/ndcg_at_10``), finished baselines only."""
+    from retriever.pipeline import _safe  # dataset folder names of the evaluation layout
+
+    return {
+        safe_metric_name(f"baseline/{record['id']}/{_safe(dataset)}/{metric}"): float(value)
+        for record in baselines
+        if record.get("status", "ok") == "ok"
+        for dataset, scores in (record.get("metrics") or {}).items()
+        for metric, value in scores.items()
+    }
+
+
+def judge_findings_safely(root: Path, records: list[dict[str, Any]], cfg: ExperimentConfig) -> Findings:
+    """The findings of the sweep on the primary metric; when the per-query values cannot be read (qrels or run
+    files unavailable or malformed), every finding is inconclusive and says why, so the report is still written."""
+    from retriever.findings import judge_sweep, unjudged
+
+    dataset, metric = primary_metric(cfg)
+    try:
+        return judge_sweep(root, records, cfg, dataset, metric)
+    except (OSError, LookupError, ValueError) as exc:
+        log.warning("findings not judged: %s: %s", type(exc).__name__, exc)
+        return unjudged(dataset, metric, f"per-query values could not be read ({type(exc).__name__}: {exc})")
+
+
 def write_sweep_report(
     root: Path, cfg: ExperimentConfig, parent_run_id: str | None, tracking: dict[str, Any] | None
 ) -> dict[str, str]:
-    """Write `<sweep>/report/` from the cells' records; log it to the parent run; register the best encoders."""
-    from retriever.analysis import write_report
+    """Write `<sweep>/report/` from the cells' and baselines' records, with the paper's findings; log it to the
+    parent run (baseline metrics, findings as tags and metrics, the report folder); register the best encoders."""
+    from retriever.analysis import metric_column, write_report
+    from retriever.findings import findings_summary, write_findings
     from retriever.sweep import collect_cells
 
+    report_dir = Path(root) / "report"
     records = collect_cells(root)
-    paths = write_report(records, Path(root) / "report")
-    files = {"markdown": str(paths.markdown), "csv": str(paths.csv), "fits": str(paths.fits)}
+    baselines = collect_baselines(root)
+    dataset, metric = primary_metric(cfg)
+    findings = judge_findings_safely(Path(root), records, cfg)
+    logged = write_findings(report_dir, findings)
+    paths = write_report(
+        records,
+        report_dir,
+        baselines=baselines,
+        compare=metric_column(dataset, metric),
+        sections=findings_summary(findings, link="findings.md"),
+    )
+    files = {
+        "markdown": str(paths.markdown),
+        "csv": str(paths.csv),
+        "fits": str(paths.fits),
+        "findings": str(report_dir / "findings.md"),
+    }
     if paths.plots:
         files["plots"] = str(paths.plots[0].parent)
     if tracking and parent_run_id:
         parent = RunTracker(tracking["uri"], tracking["experiment_id"], parent_run_id)
-        parent.log_artifact(Path(root) / "report", "report")
-        dataset, metric = primary_metric(cfg)
+        parent.log_artifact(report_dir, "report")
         for paradigm, record in best_cells(records, dataset, metric).items():
             value = record["metrics"][dataset][metric]
             parent.log_metrics({f"best/{paradigm}/{safe_metric_name(metric)}": value})
+        baseline_values = baseline_metrics(baselines)
+        if baseline_values:
+            parent.log_metrics(baseline_values)
+        parent.set_tags(logged["tags"])
+        if logged["metrics"]:
+            parent.log_metrics(logged["metrics"])
         registered = register_best(records, cfg, tracking)
-        (Path(root) / "report" / "registered.json").write_text(json.dumps(registered, indent=2) + "\n")
-        files["registered"] = str(Path(root) / "report" / "registered.json")
+        (report_dir / "registered.json").write_text(json.dumps(registered, indent=2) + "\n")
+        files["registered"] = str(report_dir / "registered.json")
     return files

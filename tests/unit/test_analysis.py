@@ -21,11 +21,15 @@ from retriever.analysis import (
     PowerLaw,
     RecordError,
     ReportPaths,
+    baseline_comparison,
+    baseline_table,
+    bm25_reference,
     fit_power_law,
     format_count,
     format_flops,
     format_metric,
     metric_column,
+    metric_columns,
     metric_label,
     plot_scaling,
     read_records,
@@ -513,6 +517,10 @@ def test_write_report_survives_an_all_failed_sweep(tmp_path: Path) -> None:
     assert paths.plots == []
     assert _strict_json(paths.fits.read_text())["fits"] == []
     assert "| a | sparse | CL | 10 | 6.2e19 | 1,200 | failed |" in paths.markdown.read_text()
+    with_baselines = write_report(
+        [_record("a", "sparse", "cl", 10, None)], tmp_path / "b", baselines=_baselines(), compare=f"{DEV}:mrr@10"
+    )
+    assert "| BM25 | – | baseline | – | 0 | – | ok |" in with_baselines.markdown.read_text()
 
 
 # ----------------------------------------------------------------------------------------------------- records IO
@@ -541,3 +549,164 @@ def test_read_records_json_and_jsonl(tmp_path: Path) -> None:
 
 def test_power_law_to_dict() -> None:
     assert PowerLaw(2.0, -0.5, 0.99, 3).to_dict() == {"a": 2.0, "b": -0.5, "r2": 0.99, "n_points": 3}
+
+
+# ----------------------------------------------------------------------------------------------------- baselines
+
+
+def _baselines() -> list[dict]:
+    """BM25 and step-0 rows for the hand-made grid (BM25 has no DL19 value; tiny-l sparse has no step 0)."""
+
+    def baseline(kind: str, name: str, backbone: str | None, paradigm: str | None, n: int | None, dev: float) -> dict:
+        metrics = {DEV: {"mrr@10": dev}, NFC: {"ndcg@10": dev / 2}, SCIFACT: {"ndcg@10": dev}}
+        if kind == "step0":
+            metrics[DL19] = {"ndcg@10": 0.1}
+        return {
+            "kind": kind,
+            "name": name,
+            "backbone": backbone,
+            "paradigm": paradigm,
+            "loss": None,
+            "parameters": n,
+            "flops": 0,
+            "metrics": metrics,
+            "status": "ok",
+        }
+
+    return [
+        baseline("step0", "tiny-l dense step 0", "tiny-l", "dense", 8000, 0.02),
+        baseline("step0", "tiny-s sparse step 0", "tiny-s", "sparse", 1000, 0.35),
+        baseline("bm25", "BM25", None, None, None, 0.25),
+        baseline("step0", "tiny-s dense step 0", "tiny-s", "dense", 1000, 0.01),
+    ]
+
+
+def test_baseline_table_rows_columns_and_comparison(records: list[dict]) -> None:
+    base = baseline_table(_baselines())
+    assert list(base.index) == ["BM25", "tiny-s dense step 0", "tiny-s sparse step 0", "tiny-l dense step 0"]
+    assert base.index.name == "name"
+    assert list(base.columns) == [
+        "kind",
+        "backbone",
+        "paradigm",
+        "status",
+        "parameters",
+        "trainable_parameters",
+        "flops",
+        "steps",
+        f"{DEV}:mrr@10",
+        f"{DL19}:ndcg@10",
+        f"{NFC}:ndcg@10",
+        f"{SCIFACT}:ndcg@10",
+        f"{BEIR_MEAN}:ndcg@10",
+    ]
+    assert base.loc["BM25", f"{BEIR_MEAN}:ndcg@10"] == pytest.approx(0.1875)  # (0.125 + 0.25) / 2
+    assert base.loc["BM25", "backbone"] is None and math.isnan(base.loc["BM25", f"{DL19}:ndcg@10"])
+
+    df = results_table(records)
+    aligned = baseline_table(_baselines(), metric_columns(df))
+    assert metric_columns(aligned) == metric_columns(df)  # the cells' columns, e.g. local/toy (NaN for baselines)
+    assert bm25_reference(aligned, f"{DEV}:mrr@10") == 0.25
+
+    compared = baseline_comparison(df, aligned, f"{DEV}:mrr@10")
+    assert list(compared.columns) == ["vs_bm25", "beats_step0"] and list(compared.index) == list(df.index)
+    assert compared.loc[("tiny-s", "sparse", "cl"), "vs_bm25"] == pytest.approx(0.3125 / 0.25)
+    assert compared.loc[("tiny-s", "sparse", "cl"), "beats_step0"] == np.False_  # 0.3125 < 0.35
+    assert compared.loc[("tiny-s", "dense", "kd"), "beats_step0"] == np.True_
+    assert pd.isna(compared.loc[("tiny-l", "sparse", "cl"), "beats_step0"])  # no tiny-l sparse step 0
+    assert pd.isna(compared.loc[("tiny-l", "dense", "cl"), "beats_step0"])  # the failed cell
+    assert math.isnan(compared.loc[("tiny-l", "dense", "cl"), "vs_bm25"])
+    # DL19: no BM25 value, so no ratio, but the step-0 comparison still works
+    dl19 = baseline_comparison(df, aligned, f"{DL19}:ndcg@10")
+    assert dl19["vs_bm25"].isna().all() and dl19.loc[("tiny-s", "dense", "cl"), "beats_step0"] == np.True_
+    with pytest.raises(ValueError, match="not a column"):
+        baseline_comparison(df, aligned, "nope:mrr@10")
+    assert baseline_table([]).empty
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"kind": "tfidf"}, "unknown kind 'tfidf'"),
+        ({"name": ""}, "'name' must be a non-empty string"),
+        ({"paradigm": "hybrid"}, "unknown paradigm 'hybrid'"),
+        ({"backbone": None}, "needs its 'backbone' and 'paradigm'"),
+        ({"backbone": 3}, "'backbone' must be a non-empty string or null"),
+        ({"metrics": None}, "needs 'metrics'"),
+        ({"metrics": {DEV: {"mrr@10": 25.0}}}, "not percentages"),
+        ({"flops": -1}, "finite number >= 0"),
+        ({"status": "running"}, "unknown status"),
+    ],
+)
+def test_bad_baselines_fail_clearly(change: dict, message: str) -> None:
+    good = _baselines()[0]
+    with pytest.raises(RecordError, match=message) as err:
+        baseline_table([_baselines()[2], {**good, **change}])
+    assert "baseline 1" in str(err.value)
+
+
+def test_duplicate_baselines_fail() -> None:
+    bm25 = _baselines()[2]
+    with pytest.raises(RecordError, match="names must be unique; repeated: BM25"):
+        baseline_table([bm25, bm25])
+    df = results_table([_record("tiny-s", "sparse", "cl", 1000, {DEV: {"mrr@10": 0.3}})])
+    two_bm25 = baseline_table([bm25, {**bm25, "name": "BM25 again"}])
+    with pytest.raises(RecordError, match="more than one BM25 baseline"):
+        baseline_comparison(df, two_bm25, f"{DEV}:mrr@10")
+    step0 = _baselines()[1]
+    two_step0 = baseline_table([step0, {**step0, "name": "again"}])
+    with pytest.raises(RecordError, match="two step-0 baselines for tiny-s sparse"):
+        baseline_comparison(df, two_step0, f"{DEV}:mrr@10")
+
+
+def test_markdown_table_with_baselines(records: list[dict]) -> None:
+    df = results_table(records)
+    base = baseline_table(_baselines(), metric_columns(df))
+    lines = to_markdown(df, baselines=base, compare=f"{DEV}:mrr@10").splitlines()
+    assert lines[0].endswith("| BEIR mean (2) nDCG@10 | MRR@10 vs BM25 | > step 0 |")
+    assert len(lines) == 2 + 8 + 4
+    # cells: the comparison columns; the bold best is unchanged although tiny-s sparse step 0 has 35.0 > 31.2
+    assert lines[4] == (
+        "| tiny-s | sparse | CL | 1K | 6.2e19 | 1,200 | 31.2 | 62.5 | 81.2 | 12.5 | 25.0 | 25.0 | 50.0 | 37.5 "
+        "| 125% | no |"
+    )
+    assert lines[8].endswith("| **55.0** | 160% | – |")  # tiny-l sparse CL: no step-0 row for tiny-l sparse
+    assert lines[6].endswith(" failed | – | – |")
+    # baselines below the cells, marked, never bold
+    assert lines[10] == "| BM25 | – | baseline | – | 0 | – | 25.0 | – | – | – | – | 12.5 | 25.0 | 18.8 | 100% | – |"
+    assert lines[12] == (
+        "| tiny-s | sparse | baseline (step 0) | 1K | 0 | – | 35.0 | 10.0 | – | – | – | 17.5 | 35.0 | 26.2 "
+        "| 140% | – |"
+    )
+    assert all("**" not in line for line in lines[10:])
+    # without compare: baseline rows, no comparison columns
+    plain = to_markdown(df, baselines=base).splitlines()
+    assert plain[0].endswith("| BEIR mean (2) nDCG@10 |") and len(plain) == 2 + 8 + 4
+
+
+def test_write_report_with_baselines(tmp_path: Path) -> None:
+    records = _law_records()
+    without = write_report(records, tmp_path / "plain")
+    paths = write_report(records, tmp_path / "report", baselines=_baselines(), sections=["## Extra", "", "extra text"])
+    # baselines are not fitted: fits.json is the same with and without them
+    assert paths.fits.read_text() == without.fits.read_text()
+    assert [p.name for p in paths.plots] == [p.name for p in without.plots]
+
+    markdown = paths.markdown.read_text()
+    assert "Rows marked `baseline` are not cells" in markdown
+    assert "*MRR@10 vs BM25*: MS MARCO dev MRR@10 as a percentage of BM25's" in markdown
+    assert "| BM25 | – | baseline | – | 0 | – | 25.0 | 100% | – |" in markdown
+    assert markdown.index("| BM25 |") < markdown.index("## Extra\n\nextra text\n") < markdown.index("## Power-law")
+
+    csv = pd.read_csv(paths.csv, index_col=[0, 1, 2])
+    assert list(csv.columns[:2]) == ["row", "name"] and list(csv.columns[-2:]) == ["vs_bm25", "beats_step0"]
+    assert list(csv["row"]) == ["cell"] * 9 + ["bm25", "step0", "step0", "step0"]
+    assert csv.loc[("BM25", slice(None), "baseline"), "name"].tolist() == ["BM25"]
+    step0 = csv.loc[("tiny-s", "sparse", "baseline")]
+    assert step0["name"] == "tiny-s sparse step 0" and step0[f"{DEV}:mrr@10"] == 0.35
+    assert step0["vs_bm25"] == pytest.approx(1.4)
+    cell = csv.loc[("s", "sparse", "cl")]
+    assert cell["vs_bm25"] == pytest.approx((1 - 0.9 * 1e3**-0.05) / 0.25) and pd.isna(cell["beats_step0"])
+    # without baselines the CSV only gains the leading row column
+    plain = pd.read_csv(without.csv, index_col=[0, 1, 2])
+    assert list(plain.columns[:2]) == ["row", "status"] and set(plain["row"]) == {"cell"}

@@ -1,0 +1,151 @@
+"""BM25, the project's lexical baseline (and the one BM25 implementation the project uses), over ``bm25s``.
+
+Settings: Lucene's BM25 (``bm25s.BM25(method="lucene")``) with k1 = 0.9 and b = 0.4, as Anserini's MS MARCO
+baselines and the synthetic benchmark's candidates use them. The score of document d for query q is
+
+    sum over query tokens t in d of  idf(t) * tf(t, d) / (tf(t, d) + k1 * (1 - b + b * |d| / avgdl))
+    idf(t) = ln(1 + (N - df(t) + 0.5) / (df(t) + 0.5))
+
+(Lucene drops the constant (k1 + 1) factor of Robertson's BM25; rankings are unchanged). A query token repeated in
+the query counts once per occurrence, as in Anserini's bag-of-words queries; tokens absent from the corpus are
+ignored.
+
+**Tokens.** A text is split on whitespace (``str.split()``), nothing else: no lowercasing, no punctuation removal,
+no stemming, no stopwords. Documents are indexed with the text the project's sources give them
+(``load_source(id).docs()``: BEIR's ``title + " " + text``, just ``text`` without a title), so a word ending a
+sentence keeps its period (``"word."`` and ``"word"`` are different tokens). This is what reproduces the reference
+numbers of the default synthetic benchmark (seed 0, 2,000 docs, 200 test queries): nDCG@10 0.7261, MRR@10 0.9577,
+R@100 0.7888 (``retriever.data.synthetic``'s own candidate generator strips periods first and ranks differently).
+
+**Ranking.** Only documents with a positive score are retrieved (those sharing a token with the query); a query's
+top k follows trec_eval's order (score descending, then document id descending, `retriever.evaluation.trec_order`),
+ties at the k-th place included in that order, so a run does not depend on the library's tie handling.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from retriever.evaluation import RunDict, trec_order
+
+if TYPE_CHECKING:
+    from retriever.config import ExperimentConfig
+
+log = logging.getLogger(__name__)
+
+K1 = 0.9
+B = 0.4
+RUN_TAG = "bm25"
+
+
+def tokenize(text: str) -> list[str]:
+    """The tokens BM25 indexes and searches: ``text.split()`` (see the module docstring)."""
+    return text.split()
+
+
+class Bm25Index:
+    """A BM25 index over ``(doc_id, text)`` pairs, built in memory with ``bm25s`` (Lucene idf, k1, b)."""
+
+    def __init__(
+        self, docs: Iterable[tuple[str, str]], *, k1: float = K1, b: float = B, dtype: str = "float32"
+    ) -> None:
+        import bm25s
+
+        if k1 < 0 or not 0.0 <= b <= 1.0:
+            raise ValueError(f"BM25 needs k1 >= 0 and 0 <= b <= 1, got k1={k1}, b={b}")
+        self.k1, self.b = float(k1), float(b)
+        self.doc_ids: list[str] = []
+        seen: set[str] = set()
+        vocab: dict[str, int] = {}
+        token_ids: list[list[int]] = []
+        for i, pair in enumerate(docs):
+            if not (isinstance(pair, tuple | list) and len(pair) == 2):
+                raise TypeError(f"document {i}: expected a (doc_id, text) pair, got {pair!r:.80}")
+            doc_id, text = pair
+            if not isinstance(doc_id, str) or not doc_id or not isinstance(text, str):
+                raise TypeError(f"document {i}: doc_id must be a non-empty str and text a str, got {pair!r:.80}")
+            if doc_id in seen:
+                raise ValueError(f"document {i}: duplicate doc_id {doc_id!r}")
+            seen.add(doc_id)
+            self.doc_ids.append(doc_id)
+            # token ids as we go rather than lists of strings: the corpus can be large
+            token_ids.append([vocab.setdefault(token, len(vocab)) for token in tokenize(text)])
+        if not self.doc_ids:
+            raise ValueError("BM25 needs at least one document")
+        self._model = bm25s.BM25(k1=self.k1, b=self.b, method="lucene", dtype=dtype)
+        self._model.index((token_ids, vocab), show_progress=False)
+        self._vocab = vocab
+
+    @property
+    def num_docs(self) -> int:
+        return len(self.doc_ids)
+
+    def scores(self, query: str) -> np.ndarray:
+        """The BM25 score of every document (in ``doc_ids`` order) for one query text."""
+        ids = [self._vocab[t] for t in tokenize(query) if t in self._vocab]
+        if not ids:
+            return np.zeros(self.num_docs, dtype=np.float64)
+        return np.asarray(self._model.get_scores(ids), dtype=np.float64)
+
+    def top_k(self, query: str, k: int) -> dict[str, float]:
+        """The top ``k`` documents with a positive score, in trec_eval order (dicts keep that order)."""
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        scores = self.scores(query)
+        hits = np.flatnonzero(scores > 0)
+        if hits.size > k:
+            # everything tied with the k-th score stays in, then trec_order decides who makes the cut
+            kth = np.partition(scores[hits], hits.size - k)[hits.size - k]
+            hits = hits[scores[hits] >= kth]
+        ranked = trec_order({self.doc_ids[i]: float(scores[i]) for i in hits})
+        return dict(ranked[:k])
+
+    def search(self, queries: Mapping[str, str], k: int) -> RunDict:
+        """``{qid: {doc_id: score}}``: the top ``k`` of every query (queries without a hit map to ``{}``)."""
+        for qid, text in queries.items():
+            if not isinstance(qid, str) or not isinstance(text, str):
+                raise TypeError(f"queries must map str query id -> str text, got {qid!r}: {text!r:.80}")
+        return {qid: self.top_k(text, k) for qid, text in queries.items()}
+
+
+def evaluate_bm25(
+    dataset_id: str,
+    cfg: ExperimentConfig,
+    out_dir: str | Path,
+    *,
+    k1: float = K1,
+    b: float = B,
+    index: Bm25Index | None = None,
+) -> dict[str, float]:
+    """BM25 on one configured dataset, resolved and evaluated as `retriever.pipeline.evaluate_encoder` does.
+
+    The judged queries are searched to the protocol's depth; the run is written to
+    ``out_dir/<safe dataset>/run.trec`` (tag ``bm25``) and the protocol's metrics are returned (ranx names).
+    ``index`` reuses an index of the same corpus (datasets sharing one, such as MS MARCO dev and TREC DL); its own
+    k1 and b apply then.
+    """
+    from retriever.data.catalog import resolve_dataset
+    from retriever.data.sources import load_source
+    from retriever.evaluation import evaluate_detailed, protocol_for_dataset, write_run
+    from retriever.pipeline import _judged_queries, _safe  # the evaluation layout of cells, shared on purpose
+
+    proto = protocol_for_dataset(dataset_id)
+    source = load_source(resolve_dataset(dataset_id, cfg))
+    qrels = source.qrels()
+    if index is None:
+        index = Bm25Index(source.docs(), k1=k1, b=b)
+    run = index.search(dict(_judged_queries(source, qrels)), proto.depth)
+    run_file = Path(out_dir) / _safe(dataset_id) / "run.trec"
+    write_run(run, run_file, tag=RUN_TAG, depth=proto.depth)
+    result = evaluate_detailed(run, qrels, proto, run_name=f"BM25 {dataset_id}")
+    metrics = {name: float(value) for name, value in result.metrics.items()}
+    log.info("BM25 %s: %s", dataset_id, metrics)
+    return metrics
+
+
+__all__ = ["B", "K1", "Bm25Index", "evaluate_bm25", "tokenize"]

@@ -1,0 +1,90 @@
+"""BM25 (`retriever.bm25`): exact scores on a hand-computed corpus, ranking rules, and the reference numbers of the
+default synthetic benchmark (DESIGN.md section 9b: nDCG@10 0.726, MRR@10 0.958, R@100 0.789)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+from retriever.bm25 import K1, B, Bm25Index, evaluate_bm25, tokenize
+from retriever.config import ExperimentConfig
+from retriever.evaluation import read_run
+
+# N = 3 documents of lengths 3, 3, 2: avgdl = 8/3
+DOCS = [("d1", "a b c"), ("d2", "a a d"), ("d3", "b e")]
+
+
+def _lucene(tf: int, df: int, length: int, n: int = 3, avgdl: float = 8 / 3) -> float:
+    idf = math.log(1 + (n - df + 0.5) / (df + 0.5))
+    return idf * tf / (tf + K1 * (1 - B + B * length / avgdl))
+
+
+def test_scores_match_the_lucene_formula_by_hand() -> None:
+    index = Bm25Index(DOCS)
+    assert (K1, B) == (0.9, 0.4) and index.num_docs == 3
+    # "a": df 2, idf ln(1.6); d1 tf 1, d2 tf 2, both of length 3
+    assert _lucene(1, 2, 3) == pytest.approx(math.log(1.6) / (1 + 0.9 * 1.05))
+    assert index.scores("a").tolist() == pytest.approx([_lucene(1, 2, 3), _lucene(2, 2, 3), 0.0], rel=1e-6)
+    # "b e": b has df 2 (d1, d3), e df 1 (d3, length 2)
+    expected = [_lucene(1, 2, 3), 0.0, _lucene(1, 2, 2) + _lucene(1, 1, 2)]
+    assert index.scores("b e").tolist() == pytest.approx(expected, rel=1e-6)
+    # a repeated query token counts once per occurrence (Anserini's bag of words); unknown tokens are ignored
+    assert index.scores("e e zzz").tolist() == pytest.approx([0.0, 0.0, 2 * _lucene(1, 1, 2)], rel=1e-6)
+
+
+def test_search_ranks_positive_scores_in_trec_order() -> None:
+    index = Bm25Index(DOCS)
+    run = index.search({"q1": "a", "q2": "b e", "q3": "zzz", "q4": ""}, k=10)
+    assert list(run["q1"]) == ["d2", "d1"]  # only documents sharing a token
+    assert run["q1"]["d2"] == pytest.approx(_lucene(2, 2, 3), rel=1e-6)
+    assert list(run["q2"]) == ["d3", "d1"]
+    assert run["q3"] == {} and run["q4"] == {}
+    assert list(index.search({"q": "b e"}, k=1)["q"]) == ["d3"]
+
+
+def test_ties_follow_trec_eval_order_across_the_cut() -> None:
+    # identical documents tie: trec_eval orders them by doc id descending, also when the cut falls inside the tie
+    index = Bm25Index([(f"doc{i}", "x y") for i in range(5)] + [("other", "z")])
+    assert list(index.top_k("x", 3)) == ["doc4", "doc3", "doc2"]
+    assert list(index.top_k("x z", 2)) == ["other", "doc4"]  # z is rarer, so "other" scores higher
+
+
+def test_tokens_are_whitespace_split_only() -> None:
+    assert tokenize("Word. word\tWORD\n  x-y ") == ["Word.", "word", "WORD", "x-y"]
+    index = Bm25Index([("d1", "Word."), ("d2", "word")])
+    assert list(index.top_k("word", 5)) == ["d2"]  # no lowercasing, punctuation stays attached
+
+
+def test_bad_input_fails_clearly() -> None:
+    with pytest.raises(ValueError, match="at least one document"):
+        Bm25Index([])
+    with pytest.raises(ValueError, match="duplicate doc_id 'd1'"):
+        Bm25Index([("d1", "a"), ("d1", "b")])
+    with pytest.raises(TypeError, match=r"document 1: expected a \(doc_id, text\) pair"):
+        Bm25Index([("d1", "a"), "d2 b"])  # type: ignore[list-item]
+    with pytest.raises(TypeError, match="non-empty str"):
+        Bm25Index([(1, "a")])  # type: ignore[list-item]
+    with pytest.raises(ValueError, match="k1 >= 0 and 0 <= b <= 1"):
+        Bm25Index(DOCS, b=1.5)
+    with pytest.raises(ValueError, match="k must be >= 1"):
+        Bm25Index(DOCS).top_k("a", 0)
+    with pytest.raises(TypeError, match="queries must map str"):
+        Bm25Index(DOCS).search({"q": None}, 5)  # type: ignore[dict-item]
+
+
+def test_reference_numbers_on_the_default_synthetic_benchmark(tmp_path: Path) -> None:
+    cfg = ExperimentConfig.model_validate({"train": {"output_dir": str(tmp_path)}})
+    data = cfg.data  # the defaults are the reference benchmark: seed 0, 2,000 docs, 800 train / 200 test queries
+    assert (data.synthetic_seed, data.synthetic_docs, data.synthetic_train_queries) == (0, 2000, 800)
+    assert data.synthetic_test_queries == 200
+    metrics = evaluate_bm25("synthetic/test", cfg, tmp_path / "bm25")
+    assert metrics == pytest.approx(
+        {"ndcg@10": 0.7260780647868024, "mrr@10": 0.9576726190476191, "recall@100": 0.7888354234968844}, abs=1e-9
+    )
+    assert {k: round(v, 3) for k, v in metrics.items()} == {"ndcg@10": 0.726, "mrr@10": 0.958, "recall@100": 0.789}
+    run = read_run(tmp_path / "bm25" / "synthetic_test" / "run.trec")
+    assert len(run) == 200 and max(len(docs) for docs in run.values()) == 100
+    first = (tmp_path / "bm25" / "synthetic_test" / "run.trec").read_text().splitlines()[0].split()
+    assert first[:2] == ["test-000001", "Q0"] and first[3] == "1" and first[5] == "bm25"
