@@ -9,11 +9,12 @@ and what is allowed.
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 DEFAULT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -46,6 +47,10 @@ class BackboneConfig(StrictModel):
     gradient_checkpointing: bool = False
     lora: LoraConfig = Field(default_factory=LoraConfig)
     init_adapter: str | None = Field(None, description="LoRA adapter directory to continue training (e.g. MNTP)")
+    init_weights: str | None = Field(
+        None,
+        description="full weights (a transformers model directory, e.g. MNTP with full fine-tuning) to start from",
+    )
     seed: int = Field(0, description="seed for randomly initialised (tiny) backbones")
 
 
@@ -121,7 +126,9 @@ class MntpConfig(StrictModel):
 
 class DataConfig(StrictModel):
     train: str = Field("synthetic", description="training examples parquet, or `synthetic`")
-    docs: str | None = Field(None, description="docs store (parquet/jsonl) when examples hold ids")
+    docs: str | None = Field(
+        None, description="dataset id whose docs give the passage texts when the examples hold ids"
+    )
     synthetic_seed: int = 0
     synthetic_docs: int = Field(2000, gt=0)
     synthetic_train_queries: int = Field(800, gt=0)
@@ -130,7 +137,12 @@ class DataConfig(StrictModel):
 
 class EvalConfig(StrictModel):
     datasets: list[str] = Field(default_factory=lambda: ["synthetic/test"])
-    top_k: int = Field(1000, gt=0)
+    top_k: int | None = Field(
+        None,
+        gt=0,
+        description="documents retrieved per query; default: the protocol's depth (1000 MS MARCO / TREC DL, 100 "
+        "BEIR). Must reach the protocol's deepest metric cutoff (e.g. 1000 for recall@1000)",
+    )
     query_max_length: int | None = Field(None, gt=0, description="default: the protocol's (64)")
     passage_max_length: int | None = Field(None, gt=0, description="default: the protocol's (192 / 512)")
     batch_size: int = Field(64, gt=0)
@@ -149,12 +161,95 @@ class TrackingConfig(StrictModel):
     artifact_location: str | None = None
 
 
+# Keys a cell override may not set: the grid's axes (the selectors pick them), the sweep itself, and what every cell
+# of a sweep shares (the FLOP budget, where runs and tracking live).
+CELL_FIXED_KEYS = (
+    "name",
+    "sweep",
+    "budget",
+    "tracking",
+    "train.output_dir",
+    "backbone.name",
+    "encoder.paradigm",
+    "loss.name",
+)
+
+
+class CellOverride(StrictModel):
+    """Settings of the sweep cells that match every given selector (None = any value of that axis).
+
+    `set` maps dotted keys to values (`train.batch_size: 1024`); a nested mapping is the same as its dotted leaves
+    (`backbone.lora: {r: 8}` is `backbone.lora.r: 8`). Keys and values are checked against the config schema when
+    the config is loaded.
+    """
+
+    backbones: list[str] | None = Field(None, min_length=1)
+    paradigms: list[Paradigm] | None = Field(None, min_length=1)
+    losses: list[LossName] | None = Field(None, min_length=1)
+    set: dict[str, Any] = Field(min_length=1, description="dotted config key -> value for the matching cells")
+
+    @field_validator("set")
+    @classmethod
+    def _flatten_set(cls, values: dict[str, Any]) -> dict[str, Any]:
+        return _dotted_leaves(values)
+
+    def matches(self, backbone: str, paradigm: str, loss: str) -> bool:
+        return all(
+            chosen is None or value in chosen
+            for chosen, value in ((self.backbones, backbone), (self.paradigms, paradigm), (self.losses, loss))
+        )
+
+    def problems(self) -> list[str]:
+        """What is wrong with `set`: fixed or unknown keys and invalid values, each naming its dotted key."""
+        if not self.set:
+            return ["sets nothing (give at least one dotted key under `set`)"]
+        fixed = [k for k in self.set if any(k == f or k.startswith(f + ".") for f in CELL_FIXED_KEYS)]
+        if fixed:
+            return [
+                f"sets {key!r}, which no override may set (fixed per sweep: {', '.join(CELL_FIXED_KEYS)}; the "
+                "axes are chosen by the backbones/paradigms/losses selectors)"
+                for key in fixed
+            ]
+        data: dict[str, Any] = {}
+        try:
+            for key, value in self.set.items():
+                _set_path(data, key.split("."), value, f"{key!r}")
+            ExperimentConfig.model_validate(data)
+        except ConfigError as exc:
+            return [f"sets {exc}"]
+        except ValidationError as exc:
+            return [f"sets {self._describe(where, what)}" for where, what in _errors(exc, ExperimentConfig)]
+        return []
+
+    def _describe(self, where: str, what: str) -> str:
+        """`'key': what` for an error at the dotted path `where`, naming the `set` key behind it."""
+        for key in self.set:
+            if key == where:
+                return f"{key!r}: {what}"
+            if key.startswith(where + ".") or where.startswith(key + "."):
+                return f"{key!r}: {where}: {what}"
+        return f"{where}: {what}"
+
+
 class SweepConfig(StrictModel):
     backbones: list[str] = Field(default_factory=lambda: ["tiny-s"], min_length=1)
     paradigms: list[Paradigm] = Field(default_factory=lambda: ["sparse", "dense"], min_length=1)
     losses: list[LossName] = Field(default_factory=lambda: ["cl", "kd", "cl+kd"], min_length=1)
     max_concurrent: int | None = Field(None, gt=0)
     cpus_per_trial: float = Field(0.1, gt=0, description="resources of the Tune driver of one cell")
+    baselines: bool = Field(True, description="evaluate BM25 and every backbone x paradigm at step 0 before the grid")
+    overrides: list[CellOverride] = Field(
+        default_factory=list,
+        description="per-cell settings (e.g. batch size per backbone and loss), applied in order: later wins",
+    )
+
+    @field_validator("overrides")
+    @classmethod
+    def _check_overrides(cls, overrides: list[CellOverride]) -> list[CellOverride]:
+        problems = [f"override {index} {line}" for index, o in enumerate(overrides) for line in o.problems()]
+        if problems:
+            raise ValueError("\n    ".join(problems))
+        return overrides
 
 
 class ExperimentConfig(StrictModel):
@@ -190,47 +285,103 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return path, value
 
 
+def _set_path(data: dict[str, Any], path: list[str], value: Any, what: str) -> None:
+    """Set `data[path[0]]...[path[-1]] = value`, creating missing sections; `what` names the setting in errors."""
+    node = data
+    for part in path[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        elif not isinstance(child, dict):
+            raise ConfigError(f"{what}: {part!r} is a value, not a section")
+        node = child
+    node[path[-1]] = value
+
+
+def _dotted_leaves(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """`{"backbone.lora": {"r": 8}}` → `{"backbone.lora.r": 8}` (config leaves are scalars and lists)."""
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if any(not part for part in str(key).split(".")):
+            raise ValueError(f"{name!r}: empty part in dotted key")
+        if isinstance(value, Mapping):
+            out.update(_dotted_leaves(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     merged = copy.deepcopy(data)
     for text in overrides:
         path, value = parse_override(text)
-        node = merged
-        for part in path[:-1]:
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            elif not isinstance(child, dict):
-                raise ConfigError(f"override {text!r}: {part!r} is a value, not a section")
-            node = child
-        node[path[-1]] = value
+        _set_path(merged, path, value, f"override {text!r}")
     return merged
 
 
+def cell_settings(cfg: ExperimentConfig, backbone: str, paradigm: str, loss: str) -> ExperimentConfig:
+    """`cfg` for one sweep cell: its axes set, then every matching `sweep.overrides` entry applied in order (later
+    wins). Shared by the sweep (`retriever.sweep.cell_config`) and the planner, so plans equal what runs."""
+    data = cfg.model_dump(mode="json")
+    data["backbone"]["name"], data["encoder"]["paradigm"], data["loss"]["name"] = backbone, paradigm, loss
+    for index, override in enumerate(cfg.sweep.overrides):
+        if override.matches(backbone, paradigm, loss):
+            for key, value in override.set.items():
+                _set_path(data, key.split("."), copy.deepcopy(value), f"sweep.overrides[{index}] key {key!r}")
+    try:
+        return ExperimentConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, f"cell ({backbone}, {paradigm}, {loss})")) from None
+
+
+def unmatched_overrides(cfg: ExperimentConfig) -> list[int]:
+    """Indices of `sweep.overrides` that match no cell of the grid (a typo in a selector, or a narrowed grid)."""
+    cells = [(b, p, loss) for b in cfg.sweep.backbones for p in cfg.sweep.paradigms for loss in cfg.sweep.losses]
+    return [i for i, o in enumerate(cfg.sweep.overrides) if not any(o.matches(*cell) for cell in cells)]
+
+
+def _section_model(annotation: Any) -> type[BaseModel] | None:
+    """The config section behind a field's type: `X`, `list[X]` or `X | None`."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    return next((m for m in map(_section_model, get_args(annotation)) if m is not None), None)
+
+
 def _allowed_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
-    """The field names of the section that holds the key at `loc`."""
+    """The field names of the section that holds the key at `loc` (list indices are skipped)."""
     current: type[BaseModel] = model
     for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
         field = current.model_fields.get(str(part))
-        annotation = getattr(field, "annotation", None)
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            current = annotation
-        else:
+        section = _section_model(getattr(field, "annotation", None))
+        if section is None:
             return []
+        current = section
     return list(current.model_fields)
 
 
-def format_validation_error(exc: ValidationError, source: str, model: type[BaseModel] = ExperimentConfig) -> str:
-    lines = [f"{source}: invalid configuration ({exc.error_count()} problem(s)):"]
+def _errors(exc: ValidationError, model: type[BaseModel]) -> list[tuple[str, str]]:
+    """(dotted key path, what is wrong) per validation error."""
+    out = []
     for err in exc.errors():
         loc = tuple(err["loc"])
         where = ".".join(str(p) for p in loc) or "<top level>"
         if err["type"] == "extra_forbidden":
-            allowed = _allowed_keys(model, loc)
-            lines.append(f"  {where}: unknown key; allowed keys here: {', '.join(allowed)}")
+            out.append((where, f"unknown key; allowed keys here: {', '.join(_allowed_keys(model, loc))}"))
+        elif err["type"] == "value_error" and "error" in err.get("ctx", {}):
+            out.append((where, str(err["ctx"]["error"])))  # our validators' messages say what to do
         else:
             got = err.get("input")
             shown = "" if isinstance(got, dict) else f" (got {got!r})"
-            lines.append(f"  {where}: {err['msg']}{shown}")
+            out.append((where, f"{err['msg']}{shown}"))
+    return out
+
+
+def format_validation_error(exc: ValidationError, source: str, model: type[BaseModel] = ExperimentConfig) -> str:
+    lines = [f"{source}: invalid configuration ({exc.error_count()} problem(s)):"]
+    lines.extend(f"  {where}: {what}" for where, what in _errors(exc, model))
     return "\n".join(lines)
 
 

@@ -11,9 +11,10 @@ B·(1+n) passages of padded length Lp:
 - backward, input gradients: each matmul costs its forward again for every operand that requires a gradient.
   With a frozen embedding nothing upstream of layer 0's q/k/v base projections needs a gradient, so those three
   get none (their LoRA B matrices still do). Attention's QKᵀ and AV get gradients for both operands (2x forward);
-  the sparse head returns the hidden-state gradient with one matmul;
+  the sparse head routes each vocabulary entry's gradient to its argmax position: its hidden-state and weight
+  gradients are scatter-adds of at most texts·|V| rows (elementwise work, free);
 - backward, weight gradients: 2·(weights) per token only for trainable weights: LoRA A and B, or every linear
-  including the LM head when the whole model is fine-tuned;
+  including the MNTP LM head (the sparse head: see above) when the whole model is fine-tuned;
 - gradient checkpointing re-runs each decoder layer's forward during backward. PyTorch's non-reentrant checkpoint
   stops the re-run as soon as the last tensor saved for backward is restored (early stop, on by default), and that
   tensor is saved by the layer's last matmul before it runs: the down projection (its LoRA B when adapted) is not
@@ -36,14 +37,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from fractions import Fraction
 from pathlib import Path
 from typing import Any, Literal, TypedDict, Unpack
 
 from transformers import PretrainedConfig
 
-from retriever.config import DEFAULT_LORA_TARGETS, ExperimentConfig
+from retriever.config import DEFAULT_LORA_TARGETS, ExperimentConfig, cell_settings
 from retriever.registry import Registry
 
 AttentionKernel = Literal["eager", "fused"]
@@ -365,9 +366,12 @@ class _Setup:
         )
 
 
-def _encode(p: _Phases, shape: ModelShape, setup: _Setup, texts: int, length: int, head_positions: int) -> None:
+def _encode(
+    p: _Phases, shape: ModelShape, setup: _Setup, texts: int, length: int, head_positions: int, routed: bool = False
+) -> None:
     """Add the cost of running `texts` sequences padded to `length` through the decoder (forward, backward,
-    recompute), then the LM head on `head_positions` of their final states."""
+    recompute), then the LM head on `head_positions` of their final states. `routed`: the sparse max-pooled head,
+    whose backward only touches each text's argmax position per vocabulary entry."""
     tokens = texts * length
     full = setup.lora_rank is None
     dims = shape.layer_linears()
@@ -400,6 +404,8 @@ def _encode(p: _Phases, shape: ModelShape, setup: _Setup, texts: int, length: in
                 p.recompute[component] -= flops
     head = 2 * head_positions * shape.hidden_size * shape.vocab_size
     p.forward["lm_head"] += head
+    if routed:
+        return  # both gradients are scatter-adds of at most texts x |V| rows: no product
     p.input_grad["lm_head"] += head if (x_grad or full) else 0
     p.weight_grad["lm_head"] += head if full else 0  # the (tied or untied) head trains only when all weights do
 
@@ -438,7 +444,8 @@ def step_flops(
     setup = _Setup.make(**training)
     p = _Phases()
     for texts, length in ((batch.queries, batch.query_length), (batch.passages, batch.passage_length)):
-        _encode(p, shape, setup, texts, length, head_positions=texts * length if cost.lm_head else 0)
+        head_positions = texts * length if cost.lm_head else 0
+        _encode(p, shape, setup, texts, length, head_positions=head_positions, routed=cost.lm_head)
     _score(p, cost.dimension(shape), batch.queries, batch.passages_per_query, scoring, world_size)
     return _breakdown(p, batch.tokens)
 
@@ -488,6 +495,16 @@ def lora_setup(cfg: ExperimentConfig) -> tuple[int | None, tuple[str, ...]]:
     if cfg.backbone.lora.enabled:
         return cfg.backbone.lora.r, tuple(cfg.backbone.lora.target_modules)
     return None, ()
+
+
+def _planned_lora(cfg: ExperimentConfig) -> tuple[int | None, tuple[str, ...], str | None]:
+    """`lora_setup` for planning ahead: a continued adapter whose directory does not exist yet (e.g. the MNTP stage
+    has not run) is assumed to be the configured `backbone.lora`; the third value names it (None: nothing assumed)."""
+    adapter = cfg.backbone.init_adapter
+    if adapter and not Path(adapter).exists():
+        return cfg.backbone.lora.r, tuple(cfg.backbone.lora.target_modules), adapter
+    rank, targets = lora_setup(cfg)
+    return rank, targets, None
 
 
 @dataclass(frozen=True)
@@ -613,6 +630,7 @@ class PlanCell:
     total_flops: int
     budget_flops: float | None
     exact: bool  # fixed (max-length) shapes: the per-step count is exact; otherwise an upper bound
+    assumed_adapter: str | None = None  # backbone.init_adapter, not there yet: planned with backbone.lora's rank
 
 
 @dataclass(frozen=True)
@@ -648,7 +666,7 @@ def _vocab_size(
 
 def _plan(cfg: ExperimentConfig, name: str, backbone: _Backbone, paradigm: str, loss: str) -> PlanCell:
     where = f"cell ({name}, {paradigm}, {loss})"
-    lora_rank, lora_targets = lora_setup(cfg)
+    lora_rank, lora_targets, assumed_adapter = _planned_lora(cfg)
     batch = BatchShape(
         queries=cfg.train.batch_size,
         passages_per_query=passages_per_query(loss, cfg.loss.kd, cfg.loss.num_negatives),
@@ -694,6 +712,7 @@ def _plan(cfg: ExperimentConfig, name: str, backbone: _Backbone, paradigm: str, 
         total_flops=steps * per_step,
         budget_flops=cfg.budget.flops,
         exact=cfg.train.pad_to_max_length,
+        assumed_adapter=assumed_adapter,
     )
 
 
@@ -705,8 +724,10 @@ def plan_cell(
     *,
     vocab_size: int | None = None,
 ) -> PlanCell:
-    """The plan of one cell; backbone / paradigm / loss default to cfg.backbone.name, cfg.encoder.paradigm,
-    cfg.loss.name. Raises `BudgetTooSmall` when budget.flops does not pay for one step."""
+    """The plan of `cfg` as given, with backbone / paradigm / loss defaulting to cfg.backbone.name,
+    cfg.encoder.paradigm, cfg.loss.name (`sweep.overrides` are not applied: plan a sweep cell with `plan_grid`, or
+    pass `retriever.config.cell_settings(...)`). Raises `BudgetTooSmall` when budget.flops does not pay for one
+    step. A `backbone.init_adapter` that does not exist yet is planned with backbone.lora (`assumed_adapter`)."""
     name = backbone or cfg.backbone.name
     paradigm = paradigm or cfg.encoder.paradigm
     loss = loss or cfg.loss.name
@@ -718,19 +739,24 @@ def plan_cell(
 
 
 def plan_grid(cfg: ExperimentConfig, vocab_sizes: dict[str, int] | None = None) -> list[PlanCell]:
-    """One cell per backbone x paradigm x loss of cfg.sweep, in that nesting order.
+    """One cell per backbone x paradigm x loss of cfg.sweep, in that nesting order, each planned on the config the
+    sweep runs it with (`cell_settings`: its axes and the matching `sweep.overrides`).
 
     `vocab_sizes` (backbone name → vocabulary) overrides the vocabulary otherwise taken from the backbone's config,
     or for random (tiny) presets from backbone.tokenizer. Raises `BudgetTooSmall` naming the first cell the budget
     cannot pay one step of, with the minimum budget it needs.
     """
     tokenizers: dict[str, int] = {}
+    backbones: dict[tuple[str, int | None], _Backbone] = {}
     cells = []
     for name in cfg.sweep.backbones:
-        backbone = _resolve_backbone(name, _vocab_size(cfg, name, vocab_sizes, tokenizers))
         for paradigm in cfg.sweep.paradigms:
             for loss in cfg.sweep.losses:
-                cells.append(_plan(cfg, name, backbone, paradigm, loss))
+                cell = cell_settings(cfg, name, paradigm, loss)
+                key = (name, _vocab_size(cell, name, vocab_sizes, tokenizers))
+                if key not in backbones:
+                    backbones[key] = _resolve_backbone(*key)
+                cells.append(_plan(cell, name, backbones[key], paradigm, loss))
     return cells
 
 
@@ -741,9 +767,10 @@ def plan_to_json(cells: Iterable[PlanCell]) -> list[dict[str, Any]]:
 
 def plan_from_json(rows: Iterable[Mapping[str, Any]]) -> list[PlanCell]:
     names = {f.name for f in fields(PlanCell)}
+    optional = {f.name for f in fields(PlanCell) if f.default is not MISSING}
     cells = []
     for index, row in enumerate(rows):
-        missing, extra = names - set(row), set(row) - names
+        missing, extra = names - optional - set(row), set(row) - names
         if missing or extra:
             raise ValueError(f"plan row {index}: missing keys {sorted(missing)}, unknown keys {sorted(extra)}")
         cells.append(PlanCell(**row))
@@ -786,4 +813,9 @@ def format_plan(cells: Sequence[PlanCell]) -> str:
 
     out = [head, line([title for title, _, _ in _COLUMNS]), line(["-" * w for w in widths])]
     out.extend(line(r) for r in rows)
+    for adapter in dict.fromkeys(c.assumed_adapter for c in cells if c.assumed_adapter):
+        out.append(
+            f"note: backbone.init_adapter {adapter} does not exist yet: its cells are planned with backbone.lora's "
+            "rank and targets; produce it before training (`retriever train CONFIG --stage mntp`)"
+        )
     return "\n".join(out)

@@ -3,17 +3,25 @@
 For each dataset id: the protocol comes from the id (or is given), the corpus is encoded once per encoder and
 corpus (datasets sharing a corpus, such as MS MARCO dev and TREC DL, share its encodings and index), the run is
 written as a TREC file and the metrics as JSON under `out_dir`.
+
+Search depth: `eval.top_k` documents per query, by default the protocol's depth (1000 for MS MARCO and TREC DL,
+100 for BEIR). The protocol fixes what is evaluated: a deeper `top_k` only makes the run files longer (metrics are
+computed on the protocol's depth), and a `top_k` below the deepest metric cutoff (e.g. recall@1000) is an error.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from retriever.config import ExperimentConfig
+
+if TYPE_CHECKING:
+    from retriever.evaluation import EvaluationProtocol
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +40,27 @@ def _corpus_key(dataset_id: str) -> str:
         return ir_datasets.docs_parent_id(dataset_id)
     except Exception:  # local providers without an ir_datasets registration
         return dataset_id
+
+
+def metric_depth(proto: EvaluationProtocol) -> int:
+    """Documents per query the protocol's metrics look at: their deepest @cutoff (the depth for a metric without
+    one)."""
+    cutoffs = [re.search(r"@(\d+)", name) for name in proto.metrics]
+    return max(int(found.group(1)) if found else proto.depth for found in cutoffs)
+
+
+def search_depth(proto: EvaluationProtocol, top_k: int | None, dataset: str) -> int:
+    """Documents to retrieve per query for `dataset`: `eval.top_k`, or the protocol's depth when unset."""
+    if top_k is None:
+        return proto.depth
+    needed = metric_depth(proto)
+    if top_k < needed:
+        raise ValueError(
+            f"eval.top_k={top_k} is too shallow for {dataset}: its {proto.name} protocol evaluates "
+            f"{', '.join(proto.metrics)}, which need the top {needed}; set eval.top_k >= {needed} or leave it unset "
+            f"(the protocol's depth, {proto.depth})"
+        )
+    return top_k
 
 
 def _judged_queries(source: Any, qrels: dict[str, dict[str, int]]) -> Iterator[tuple[str, str]]:
@@ -73,7 +102,8 @@ def evaluate_encoder(
     *,
     protocol: str | None = None,
 ) -> dict[str, dict[str, float]]:
-    """Metrics per dataset of the encoder in `encoder_dir` (also written to `out_dir/metrics.json`)."""
+    """Metrics per dataset of the encoder in `encoder_dir` (also written to `out_dir/metrics.json`); each dataset is
+    searched `search_depth` deep (checked for every dataset before anything is encoded)."""
     from retriever.data.catalog import resolve_dataset
     from retriever.data.sources import load_source
     from retriever.encoding import encoder_fingerprint
@@ -81,6 +111,8 @@ def evaluate_encoder(
     from retriever.index.shards import build_shards, search_to_run
     from retriever.models.encoders import read_encoder_meta
 
+    protocols = {d: get_protocol(protocol) if protocol else protocol_for_dataset(d) for d in datasets}
+    depths = {d: search_depth(proto, cfg.eval.top_k, d) for d, proto in protocols.items()}
     encoder_dir = Path(encoder_dir)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -90,7 +122,7 @@ def evaluate_encoder(
     results: dict[str, dict[str, float]] = {}
     summary: dict[str, Any] = {"encoder": str(encoder_dir), "fingerprint": fingerprint, "datasets": {}}
     for dataset in datasets:
-        proto = get_protocol(protocol) if protocol else protocol_for_dataset(dataset)
+        proto = protocols[dataset]
         source_id = resolve_dataset(dataset, cfg)
         source = load_source(source_id)
         qrels = source.qrels()
@@ -104,11 +136,12 @@ def evaluate_encoder(
         queries = where / f"queries-q{query_length}-{fingerprint}"
         _encode(encoder_dir, _judged_queries(source, qrels), queries, kind="query", max_length=query_length, cfg=cfg)
         run_file = where / "run.trec"
-        run = search_to_run(corpus / "index", queries, proto.depth, output=run_file, tag=_safe(encoder_dir.name))
+        run = search_to_run(corpus / "index", queries, depths[dataset], output=run_file, tag=_safe(encoder_dir.name))
         result = evaluate_detailed(run, qrels, proto, run_name=dataset)
         results[dataset] = {name: float(value) for name, value in result.metrics.items()}
         summary["datasets"][dataset] = {
             "protocol": proto.name,
+            "depth": depths[dataset],
             "metrics": results[dataset],
             "run": str(run_file),
             **{k: v for k, v in result.summary().items() if k not in ("metrics", "protocol")},

@@ -2,6 +2,13 @@
 
 The loop talks to a `TrainContext` for its rank, its share of the data, reporting and checkpoints, so the same
 code trains in a unit test, in a single process for debugging, and on a cluster.
+
+Epoch order (both contexts, `epoch_batches`): every epoch is a global shuffle of all rows, seeded by (train.seed,
+epoch), cut into global batches of `train.batch_size` rows (the remainder is left out of that epoch); with W workers
+rank r trains on slots [r·B/W, (r+1)·B/W) of each global batch, so every rank has the same number of batches. Rows of
+one query (one row per (query, positive) pair) never share a global batch, where they would be each other's false
+in-batch negatives: the rows are grouped by query (queries in random order, rows in random order within a query) and
+dealt round-robin over the epoch's batches, then the batches are shuffled.
 """
 
 from __future__ import annotations
@@ -13,6 +20,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from retriever.data.collate import rows_from_table
 
@@ -36,8 +45,39 @@ class TrainContext(Protocol):
         """A directory for this rank to write checkpoint files into before `report`."""
 
 
+def epoch_batches(table: pa.Table, batch_size: int, seed: int, epoch: int) -> np.ndarray:
+    """Row indices of one epoch's global batches, `[batches, batch_size]` (see the module docstring).
+
+    Without a `query_id` column (MNTP blocks) this is a plain seeded permutation. Raises ValueError when a query has
+    more rows than the epoch has batches, since some batch would then have to hold it twice.
+    """
+    rng = np.random.default_rng([seed, epoch])
+    count = table.num_rows // batch_size
+    if "query_id" not in table.column_names:
+        return rng.permutation(table.num_rows)[: count * batch_size].reshape(count, batch_size)
+    if count == 0:
+        return np.empty((0, batch_size), dtype=np.int64)
+    queries = pc.dictionary_encode(table.column("query_id").combine_chunks())
+    codes = queries.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+    rows_per_query = np.bincount(codes)
+    if rows_per_query.max() > count:
+        worst = int(rows_per_query.argmax())
+        raise ValueError(
+            f"query {queries.dictionary[worst].as_py()!r} has {rows_per_query[worst]} training rows, but an epoch of "
+            f"{table.num_rows} rows has only {count} batches of {batch_size}, so a batch would hold it twice; lower "
+            "train.batch_size or use more training queries"
+        )
+    query_rank = rng.permutation(len(rows_per_query))
+    grouped = np.lexsort((rng.random(table.num_rows), query_rank[codes]))  # by query, random within a query
+    # Position i of the grouped order goes to batch i mod count: a query's k <= count consecutive rows land in k
+    # different batches. The last rows (a random tail of queries) wait for the next epoch.
+    dealt = grouped[: count * batch_size].reshape(batch_size, count).T
+    return dealt[rng.permutation(count)]
+
+
 class LocalContext:
-    """Single process: the whole table, checkpoints under `run_dir/checkpoints/step-000123`."""
+    """Single process: the whole table (in `canonical_order`, as Ray workers see it), checkpoints under
+    `run_dir/<checkpoints>/step-000123`."""
 
     rank = 0
     world_size = 1
@@ -50,7 +90,7 @@ class LocalContext:
         on_report: Callable[[dict[str, float]], None] | None = None,
         checkpoints: str = "checkpoints",
     ) -> None:
-        self.table = table
+        self.table = canonical_order(table) if table is not None else None
         self.run_dir = Path(run_dir)
         self.checkpoint_root = self.run_dir / checkpoints
         self.keep = keep
@@ -58,10 +98,7 @@ class LocalContext:
         self.history: list[dict[str, float]] = []
 
     def batches(self, epoch: int, batch_size: int, seed: int) -> Iterator[dict[str, Any]]:
-        order = np.random.default_rng([seed, epoch]).permutation(self.table.num_rows)
-        shuffled = self.table.take(order)
-        for start in range(0, self.table.num_rows - batch_size + 1, batch_size):
-            yield rows_from_table(shuffled, start, start + batch_size)
+        yield from _rows_of(self.table, epoch_batches(self.table, batch_size, seed, epoch))
 
     def report(self, metrics: dict[str, float], checkpoint_dir: Path | None = None) -> None:
         self.history.append(dict(metrics))
@@ -95,8 +132,25 @@ class LocalContext:
         yield path
 
 
+def _rows_of(table: pa.Table, batches: np.ndarray) -> Iterator[dict[str, Any]]:
+    """The rows of each batch of indices, as the collator takes them."""
+    if not len(batches):
+        return
+    size = batches.shape[1]
+    ordered = table.take(pa.array(batches.ravel()))
+    for start in range(0, ordered.num_rows, size):
+        yield rows_from_table(ordered, start, start + size)
+
+
 class RayTrainContext:
-    """A Ray Train worker: its dataset shard, `ray.train.report` (a barrier) and Ray-managed checkpoints."""
+    """A Ray Train worker: the training data, `ray.train.report` (a barrier) and Ray-managed checkpoints.
+
+    The dataset arrives split across the workers (`get_dataset_shard`). For a global shuffle every worker needs every
+    row: on the first epoch the shards are all-gathered once (over gloo; a side group when the job runs NCCL) and
+    put in a canonical order (by query_id, positive_id where the table has them), so every rank computes the same
+    `epoch_batches` and takes its own slots of each global batch. Each worker keeps the whole table in memory:
+    examples that hold passage ids (not texts) keep that small.
+    """
 
     def __init__(self) -> None:
         import ray.train
@@ -106,15 +160,20 @@ class RayTrainContext:
         self.rank = context.get_world_rank()
         self.world_size = context.get_world_size()
         self.shard = ray.train.get_dataset_shard("train")
+        self._table: pa.Table | None = None
+
+    def _all_rows(self) -> pa.Table:
+        if self._table is None:
+            parts = [t for t in self.shard.iter_batches(batch_format="pyarrow", batch_size=4096) if t.num_rows]
+            local = pa.concat_tables(parts, promote_options="default") if parts else None
+            self._table = canonical_order(_all_gather_tables(local, self.world_size))
+        return self._table
 
     def batches(self, epoch: int, batch_size: int, seed: int) -> Iterator[dict[str, Any]]:
-        yield from self.shard.iter_batches(
-            batch_size=batch_size,
-            batch_format="numpy",
-            drop_last=True,
-            local_shuffle_buffer_size=max(4 * batch_size, 64),
-            local_shuffle_seed=seed * 1_000_003 + epoch,
-        )
+        table = self._all_rows()
+        global_batches = epoch_batches(table, batch_size * self.world_size, seed, epoch)
+        mine = global_batches[:, self.rank * batch_size : (self.rank + 1) * batch_size]
+        yield from _rows_of(table, mine)
 
     def report(self, metrics: dict[str, float], checkpoint_dir: Path | None = None) -> None:
         checkpoint = self._train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
@@ -135,3 +194,28 @@ class RayTrainContext:
 
         with tempfile.TemporaryDirectory(prefix=f"ckpt-{step}-") as directory:
             yield Path(directory)
+
+
+def canonical_order(table: pa.Table) -> pa.Table:
+    """Rows sorted by (query_id, positive_id) where the table has those columns (training examples), so the order
+    does not depend on how the dataset was split; other tables are returned as they are."""
+    keys = [(name, "ascending") for name in ("query_id", "positive_id") if name in table.column_names]
+    if not keys:
+        return table
+    return table.take(pc.sort_indices(table, sort_keys=keys))
+
+
+def _all_gather_tables(local: pa.Table | None, world_size: int) -> pa.Table:
+    """Every rank's rows on every rank, in rank order."""
+    import torch.distributed as dist
+
+    if world_size == 1 or not dist.is_initialized():
+        parts = [local]
+    else:
+        group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+        parts = [None] * world_size
+        dist.all_gather_object(parts, local, group=group)
+    tables = [t for t in parts if t is not None]
+    if not tables:
+        raise ValueError("the training dataset is empty: no worker received any rows")
+    return pa.concat_tables(tables, promote_options="default").combine_chunks()

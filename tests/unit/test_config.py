@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -103,3 +104,99 @@ def test_shipped_configs_load():
     root = Path(__file__).resolve().parents[2] / "configs"
     for path in sorted(root.glob("*.yaml")):
         load_config(path)
+
+
+OVERRIDES = """
+sweep:
+  backbones: [tiny-s, tiny-m]
+  paradigms: [sparse, dense]
+  losses: [cl, kd]
+  overrides:
+    - losses: [kd]
+      set: {train.batch_size: 64, train.seed: 2}
+    - backbones: [tiny-m]
+      losses: [kd]
+      set: {train: {batch_size: 32}, backbone.lora: {r: 8}}
+    - paradigms: [dense]
+      set: {encoder.pooling: last}
+"""
+
+
+def test_cell_overrides_apply_in_order_later_wins(tmp_path):
+    from retriever.config import cell_settings, unmatched_overrides
+    from retriever.sweep import cell_config
+
+    cfg = load_config(write(tmp_path, OVERRIDES))
+    # Nested mappings are stored as their dotted leaves.
+    assert cfg.sweep.overrides[1].set == {"train.batch_size": 32, "backbone.lora.r": 8}
+    cells = {
+        (b, p, loss): cell_config(cfg, b, p, loss)
+        for b in ("tiny-s", "tiny-m")
+        for p in ("sparse", "dense")
+        for loss in ("cl", "kd")
+    }
+    batch = {key: cell.train.batch_size for key, cell in cells.items()}
+    assert batch == {
+        ("tiny-s", "sparse", "cl"): 8,
+        ("tiny-s", "dense", "cl"): 8,
+        ("tiny-s", "sparse", "kd"): 64,
+        ("tiny-s", "dense", "kd"): 64,
+        ("tiny-m", "sparse", "cl"): 8,
+        ("tiny-m", "dense", "cl"): 8,
+        ("tiny-m", "sparse", "kd"): 32,  # the later, more specific entry wins
+        ("tiny-m", "dense", "kd"): 32,
+    }
+    tiny_m_kd = cells[("tiny-m", "dense", "kd")]
+    assert (tiny_m_kd.train.seed, tiny_m_kd.backbone.lora.r, tiny_m_kd.encoder.pooling) == (2, 8, "last")
+    assert (tiny_m_kd.backbone.name, tiny_m_kd.encoder.paradigm, tiny_m_kd.loss.name) == ("tiny-m", "dense", "kd")
+    assert tiny_m_kd.name == "retriever-tiny-m__dense__kd"
+    assert (
+        cells[("tiny-s", "sparse", "cl")].backbone.lora.r == 16 and cells[("tiny-s", "sparse", "cl")].train.seed == 45
+    )
+    # The sweep's own config is untouched; cell_settings is what cell_config applies.
+    assert cfg.train.batch_size == 8 and cfg.backbone.name == "tiny-s"
+    assert cell_settings(cfg, "tiny-m", "dense", "kd").model_dump() == {**tiny_m_kd.model_dump(), "name": cfg.name}
+    assert unmatched_overrides(cfg) == []
+    narrowed = load_config(write(tmp_path, OVERRIDES), ["sweep.losses=[cl]"])  # narrowing the grid stays valid
+    assert unmatched_overrides(narrowed) == [0, 1]
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        (
+            "{losses: [kd], set: {train.batch_sise: 64}}",
+            "sets 'train.batch_sise': unknown key; allowed keys here: batch_size, lr",
+        ),
+        ("{set: {trian.lr: 0.1}}", "sets 'trian.lr': trian: unknown key; allowed keys here: name, backbone"),
+        (
+            "{set: {backbone: {lora: {rank: 8}}}}",
+            "sets 'backbone.lora.rank': unknown key; allowed keys here: enabled, r,",
+        ),
+        ("{set: {train.batch_size: 0}}", "sets 'train.batch_size': Input should be greater than 0 (got 0)"),
+        ("{set: {encoder.pooling: max}}", "sets 'encoder.pooling': Input should be 'mean' or 'last'"),
+        ("{set: {budget.flops: 1.0e18}}", "sets 'budget.flops', which no override may set"),
+        ("{set: {loss.name: kd}}", "sets 'loss.name', which no override may set"),
+    ],
+)
+def test_cell_override_errors_name_the_key(tmp_path, entry, message):
+    """Keys and values of `set` are checked against the config schema at load time; the error names the file, the
+    override (by index) and the dotted key."""
+    path = write(tmp_path, f"sweep:\n  overrides:\n    - {{set: {{train.lr: 0.2}}}}\n    - {entry}\n")
+    with pytest.raises(ConfigError, match=re.escape(f"sweep.overrides: override 1 {message}")) as err:
+        load_config(path)
+    assert str(path) in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        ("{losses: [ce], set: {train.lr: 0.1}}", "sweep.overrides.0.losses.0: Input should be 'cl', 'kd' or 'cl+kd'"),
+        ("{losses: [kd]}", "sweep.overrides.0.set: Field required"),
+        ("{backbones: [], set: {train.lr: 0.1}}", "sweep.overrides.0.backbones: List should have at least 1 item"),
+        ("{set: {train.lr: 0.1}, batch: 3}", "sweep.overrides.0.batch: unknown key; allowed keys here: backbones,"),
+    ],
+)
+def test_cell_override_selectors_are_typed(tmp_path, entry, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(write(tmp_path, f"sweep:\n  overrides:\n    - {entry}\n"))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 from torch.utils.flop_counter import FlopCounterMode
@@ -245,3 +246,78 @@ def test_unknown_cell_names_fail_before_building(tiny_tokenizer_dir):
         plan_cell(cfg, paradigm="hybrid")
     with pytest.raises(KeyError, match="unknown loss 'triplet'"):
         plan_cell(cfg, loss="triplet")
+
+
+def test_grid_plans_each_cell_as_the_sweep_runs_it(tiny_tokenizer_dir, tmp_path):
+    """`sweep.overrides` change a cell's plan exactly as they change the config the sweep trains it with."""
+    from retriever.config import CellOverride
+    from retriever.sweep import cell_config
+
+    cfg = tiny_config(tiny_tokenizer_dir)
+    cfg.sweep.overrides = [
+        CellOverride(losses=["kd"], set={"train.batch_size": 6}),
+        CellOverride(backbones=["tiny-m"], losses=["kd"], set={"train.batch_size": 4, "backbone.lora.r": 2}),
+    ]
+    cells = plan_grid(cfg)
+    assert [(c.backbone, c.loss, c.queries_per_step) for c in cells] == [
+        ("tiny-s", "cl", 2),
+        ("tiny-s", "kd", 6),
+        ("tiny-m", "cl", 2),
+        ("tiny-m", "kd", 4),
+    ]
+    for cell in cells:
+        assert cell == plan_cell(cell_config(cfg, cell.backbone, cell.paradigm, cell.loss))
+    assert cells[3].trainable_parameters < cells[2].trainable_parameters  # LoRA rank 2 instead of 16
+
+
+def test_missing_adapter_is_planned_with_the_configured_lora(tiny_tokenizer_dir, tmp_path):
+    missing = str(tmp_path / "not-yet" / "mntp")
+    planned = plan_cell(tiny_config(tiny_tokenizer_dir, init_adapter=missing))
+    fresh = plan_cell(tiny_config(tiny_tokenizer_dir))
+    assert planned.assumed_adapter == missing and fresh.assumed_adapter is None
+    assert planned.trainable_parameters == fresh.trainable_parameters
+    assert planned.flops_per_step == fresh.flops_per_step and planned.steps == fresh.steps
+    text = format_plan([planned])
+    assert f"note: backbone.init_adapter {missing} does not exist yet" in text
+    assert plan_from_json(json.loads(json.dumps(plan_to_json([planned])))) == [planned]
+    # Plans written before the field existed still load.
+    old = {k: v for k, v in plan_to_json([fresh])[0].items() if k != "assumed_adapter"}
+    assert plan_from_json([old]) == [fresh]
+
+
+PAPER_BATCHES = {  # queries per step (paper section 2.3): CL and CL+KD 112/128/128, KD 1024/512/512
+    ("llama-3.2-1b", "cl"): 112,
+    ("llama-3.2-1b", "cl+kd"): 112,
+    ("llama-3.2-1b", "kd"): 1024,
+    ("llama-3.2-3b", "cl"): 128,
+    ("llama-3.2-3b", "cl+kd"): 128,
+    ("llama-3.2-3b", "kd"): 512,
+    ("llama-3-8b", "cl"): 128,
+    ("llama-3-8b", "cl+kd"): 128,
+    ("llama-3-8b", "kd"): 512,
+}
+
+
+def test_plan_command_prints_the_paper_per_cell_batches(capsys, monkeypatch, tmp_path):
+    from retriever.cli import main
+
+    config = Path(__file__).resolve().parents[2] / "configs" / "paper.yaml"
+    monkeypatch.chdir(tmp_path)
+    assert main(["plan", str(config)]) == 0
+    out = capsys.readouterr().out
+    rows = [line.split() for line in out.splitlines() if line.startswith("llama")]
+    assert len(rows) == 18
+    header = out.splitlines()[1].split()
+    batch_column = header.index("batch")
+    for row in rows:
+        backbone, paradigm, loss = row[:3]
+        negatives = 1 if loss == "kd" else 16  # MarginMSE: the positive and one sampled negative
+        assert row[batch_column] == f"{PAPER_BATCHES[backbone, loss]}x(1+{negatives})", row
+    assert "pre-training: MNTP once per backbone before the grid (10,000 steps of 32 x 512 tokens" in out
+    assert main(["plan", str(config), "--json"]) == 0
+    cells = plan_from_json(json.loads(capsys.readouterr().out))
+    for cell in cells:
+        assert cell.queries_per_step == PAPER_BATCHES[cell.backbone, cell.loss]
+        assert cell.steps * cell.flops_per_step <= cell.budget_flops < (cell.steps + 1) * cell.flops_per_step
+        assert cell.trainable_parameters == PAPER_LORA[cell.backbone]
+        assert cell.assumed_adapter is None  # the sweep's MNTP stage makes the adapters (rank of backbone.lora)

@@ -1,0 +1,58 @@
+"""The training entry point's data: examples that hold passage ids train with the texts of `data.docs`, and ids
+without docs fail before training."""
+
+from __future__ import annotations
+
+import math
+
+import pyarrow.parquet as pq
+import pytest
+from test_train_loop import make_config
+
+from retriever.data.catalog import synthetic_benchmark
+from retriever.data.examples import build_training_examples
+from retriever.train.trainer import run_dir_for, run_training
+
+
+def ids_only_examples(cfg, out):
+    """The synthetic benchmark's training examples with passage ids only (no `positive` / `negatives` texts)."""
+    bench = synthetic_benchmark(cfg)
+    build_training_examples(
+        bench.qrels_train,
+        bench.candidates_train,
+        bench.queries,
+        bench.docs(),
+        out,
+        teacher=bench.teacher_train,
+        num_negatives=cfg.loss.num_negatives,
+        inline_text=False,
+    )
+    assert {"positive", "negatives"}.isdisjoint(pq.read_schema(out).names)
+    return out
+
+
+def test_ids_only_examples_train_with_the_texts_of_data_docs(tmp_path):
+    probe = make_config(tmp_path, "ids-only", budget={"max_steps": 3})
+    path = ids_only_examples(probe, tmp_path / "examples.parquet")
+    # The synthetic benchmark registered as a local BEIR folder: its docs store gives the passage texts.
+    cfg = make_config(
+        tmp_path,
+        "ids-only",
+        loss={"name": "cl+kd"},
+        budget={"max_steps": 3},
+        data={"train": str(path), "docs": "synthetic/train"},
+    )
+    reports: list[dict[str, float]] = []
+    result = run_training(cfg, on_report=reports.append)
+    losses = [m["loss/total"] for m in reports if "loss/total" in m]
+    assert result["steps"] == 3 and len(losses) == 3
+    assert all(math.isfinite(value) for value in losses)
+
+
+def test_ids_without_data_docs_fail_before_training(tmp_path):
+    probe = make_config(tmp_path, "no-docs")
+    path = ids_only_examples(probe, tmp_path / "examples.parquet")
+    cfg = make_config(tmp_path, "no-docs", data={"train": str(path)})
+    with pytest.raises(ValueError, match=r"hold passage ids, not texts; set data\.docs"):
+        run_training(cfg)
+    assert not run_dir_for(cfg).exists()  # nothing was built or checkpointed
