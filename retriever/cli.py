@@ -94,6 +94,8 @@ def _convert(args: argparse.Namespace) -> int:
     "plan", "print the FLOP-budget plan of every sweep cell", _config_and_flag("--json", "machine-readable output")
 )
 def _plan(args: argparse.Namespace) -> int:
+    """Each cell as the sweep runs it (its `sweep.overrides` applied): batch, step cost and steps."""
+    from retriever.config import unmatched_overrides
     from retriever.data.catalog import resolve_references
     from retriever.flops import format_plan, plan_grid, plan_to_json
 
@@ -101,8 +103,17 @@ def _plan(args: argparse.Namespace) -> int:
     cells = plan_grid(cfg)
     if args.json:
         _print_json(plan_to_json(cells))
-    else:
-        print(format_plan(cells))
+        return 0
+    print(format_plan(cells))
+    if cfg.mntp.enabled:
+        m = cfg.mntp
+        print(
+            f"pre-training: MNTP once per backbone before the grid ({m.steps:,} steps of {m.batch_size} x "
+            f"{m.max_length} tokens, mask {m.mask_probability}, on {m.corpus}); its FLOPs are reported per backbone "
+            "and are not part of a cell's budget; every cell continues its backbone's product"
+        )
+    for index in unmatched_overrides(cfg):
+        print(f"note: sweep.overrides[{index}] matches no cell of this grid (check its selectors)")
     return 0
 
 
@@ -389,15 +400,25 @@ def _eval_checkpoint(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------------------------------- sweep
-@command(
-    "sweep",
-    "run the backbone x paradigm x loss grid under one FLOP budget (Ray Tune + MLflow)",
-    _config_and_flag("--resume", "continue an interrupted sweep (finished cells stay)"),
-)
+def _verbose_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="show Ray Tune's tables and every trial's output here (default: one progress line; they go to files "
+        "in the sweep folder)",
+    )
+
+
+def _sweep_args(parser: argparse.ArgumentParser) -> None:
+    _config_and_flag("--resume", "continue an interrupted sweep (finished cells stay)")(parser)
+    _verbose_flag(parser)
+
+
+@command("sweep", "run the backbone x paradigm x loss grid under one FLOP budget (Ray Tune + MLflow)", _sweep_args)
 def _sweep(args: argparse.Namespace) -> int:
     from retriever.sweep import run_sweep
 
-    result = run_sweep(load_config(args.config, args.overrides), resume=args.resume)
+    result = run_sweep(load_config(args.config, args.overrides), resume=args.resume, verbose=args.verbose)
     _print_sweep(result)
     return 0 if all(cell.get("status") == "ok" for cell in result.cells) else 1
 
@@ -408,7 +429,7 @@ def _print_sweep(result) -> None:
         print(Path(report["markdown"]).read_text())
     failed = [cell["cell"] for cell in result.cells if cell.get("status") != "ok"]
     if failed:
-        print(f"failed cells: {', '.join(failed)} (see {result.directory}/cells/<cell>/result.json)")
+        print(f"failed cells: {', '.join(failed)} (see {result.directory}/cells/<cell>/result.json and trial.log)")
     print(f"sweep directory: {result.directory}")
     for key, path in sorted(report.items()):
         print(f"  {key}: {path}")
@@ -445,6 +466,7 @@ def _report(args: argparse.Namespace) -> int:
 def _quickstart_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, default=Path("configs/quickstart.yaml"))
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. sweep.backbones=[tiny-s]")
+    _verbose_flag(parser)
 
 
 @command(
@@ -459,7 +481,7 @@ def _quickstart(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     resume = (sweep_dir(cfg) / STATE_FILE).is_file()
     start = time.perf_counter()
-    result = run_sweep(cfg, resume=resume)
+    result = run_sweep(cfg, resume=resume, verbose=args.verbose)
     _print_sweep(result)
     if cfg.tracking.enabled:
         uri = tracking_uri(cfg.tracking, cfg.train.output_dir)

@@ -32,20 +32,27 @@ STATE_FILE = "sweep.json"
 RESULT_FILE = "result.json"
 
 
+def _safe_name(text: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-." else "_" for ch in text)
+
+
 def cell_id(backbone: str, paradigm: str, loss: str) -> str:
     """A file-system safe, stable cell name: `tiny-s__sparse__cl_kd`."""
-    safe = lambda text: "".join(ch if ch.isalnum() or ch in "-." else "_" for ch in text)  # noqa: E731
-    return f"{safe(backbone)}__{paradigm}__{safe(loss)}"
+    return f"{_safe_name(backbone)}__{paradigm}__{_safe_name(loss)}"
 
 
 def cell_config(cfg: ExperimentConfig, backbone: str, paradigm: str, loss: str) -> ExperimentConfig:
-    """The sweep's config specialised to one cell."""
-    cell = cfg.model_copy(deep=True)
+    """The sweep's config specialised to one cell: its axes, the matching `sweep.overrides` (in order, later wins;
+    `retriever.config.cell_settings`, which the planner shares) and its run name."""
+    from retriever.config import cell_settings
+
+    cell = cell_settings(cfg, backbone, paradigm, loss)
     cell.name = f"{cfg.name}-{cell_id(backbone, paradigm, loss)}"
-    cell.backbone.name = backbone
-    cell.encoder.paradigm = paradigm
-    cell.loss.name = loss
     return cell
+
+
+def _backbone_paradigms(cfg: ExperimentConfig) -> list[tuple[str, str]]:
+    return [(backbone, paradigm) for backbone in cfg.sweep.backbones for paradigm in cfg.sweep.paradigms]
 
 
 def sweep_dir(cfg: ExperimentConfig) -> Path:
@@ -211,8 +218,9 @@ def _prepare(cfg: ExperimentConfig) -> ExperimentConfig:
     return cfg
 
 
-def run_sweep(cfg: ExperimentConfig, *, resume: bool = False) -> SweepResult:
-    """Run (or resume) the grid; returns the per-cell records and the report paths."""
+def run_sweep(cfg: ExperimentConfig, *, resume: bool = False, verbose: bool = False) -> SweepResult:
+    """Run (or resume) the grid; returns the per-cell records and the report paths. The console shows one progress
+    line and the finished cells; `verbose` shows Tune's tables and every trial's output there too."""
     import ray
     from ray import tune
 
@@ -246,13 +254,32 @@ def run_sweep(cfg: ExperimentConfig, *, resume: bool = False) -> SweepResult:
             parent.log_params({"sweep." + k: v for k, v in flatten(cfg.sweep).items()})
             parent.log_params({"budget.flops": cfg.budget.flops, "budget.max_steps": cfg.budget.max_steps})
         state["parent_run_id"] = parent.run_id
+    if cfg.mntp.enabled and "pretrain" not in state:
+        from retriever.pretrain import pretrain_backbones
+
+        cfg, stages = pretrain_backbones(cfg, root, state["parent_run_id"])
+        state["config"], state["pretrain"] = cfg.model_dump(mode="json"), stages
+        if tracking:
+            RunTracker(tracking["uri"], tracking["experiment_id"], state["parent_run_id"]).log_metrics(
+                {f"pretrain/{_safe_name(s['backbone'])}/{k}": float(s[k]) for s in stages for k in ("flops", "steps")}
+            )
     state_path.write_text(json.dumps(state, indent=2) + "\n")
+    if cfg.sweep.baselines:
+        from retriever.baselines import run_baselines
+
+        run_baselines(cfg, root, [cell_config(cfg, b, p, cfg.sweep.losses[0]) for b, p in _backbone_paradigms(cfg)])
 
     if not ray.is_initialized():
-        ray.init(include_dashboard=False)
-    trainable = tune.with_resources(run_cell, _resources(cfg))
+        ray.init(include_dashboard=False, log_to_driver=verbose)  # else trial output: cells/<cell>/trial.log
+    from retriever.sweep_console import SweepConsole
+
+    concurrency = _max_concurrent(cfg)
+    console = SweepConsole.for_sweep(cfg, root, concurrency, verbose=verbose)
+    tune_verbosity = int(os.environ.get("RETRIEVER_TUNE_VERBOSE", "1"))  # Tune's tables: tune.log unless verbose
+    trainable = tune.with_resources(console.trainable(run_cell), _resources(cfg))
     if resume and tune.Tuner.can_restore(str(root / tune_name)):
         tuner = tune.Tuner.restore(str(root / tune_name), trainable, resume_unfinished=True, resume_errored=True)
+        console.attach(tuner, tune_verbosity)
     else:
         param_space = {
             "sweep_dir": str(root),  # cells read the (resolved) config from its sweep.json
@@ -265,16 +292,18 @@ def run_sweep(cfg: ExperimentConfig, *, resume: bool = False) -> SweepResult:
         tuner = tune.Tuner(
             trainable,
             param_space=param_space,
-            tune_config=tune.TuneConfig(max_concurrent_trials=_max_concurrent(cfg)),
+            tune_config=tune.TuneConfig(max_concurrent_trials=concurrency),
             run_config=tune.RunConfig(
                 name=tune_name,
                 storage_path=str(root),
                 stop=_as_tune_stopper(FlopStopper(cfg.budget.flops)),
                 failure_config=tune.FailureConfig(max_failures=0),
-                verbose=int(os.environ.get("RETRIEVER_TUNE_VERBOSE", "1")),
+                verbose=tune_verbosity,
+                callbacks=[console.callback()],
             ),
         )
-    tuner.fit()
+    with console.session():
+        tuner.fit()
     cells = collect_cells(root)
     report = None
     if cells:

@@ -36,17 +36,17 @@ def synthetic_benchmark(cfg: ExperimentConfig) -> SyntheticBenchmark:
 
 SYNTHETIC = "synthetic"  # the symbolic name of the offline benchmark's tokenizer, training data and corpus
 SYNTHETIC_TOKENIZER = SYNTHETIC
-SYNTHETIC_VOCAB = 4096
 
 
-def synthetic_tokenizer(cfg: ExperimentConfig, vocab_size: int = SYNTHETIC_VOCAB) -> Path:
-    """A byte-level BPE tokenizer trained on the synthetic corpus (deterministic, cached next to it)."""
-    from retriever.models.tokenizers import train_bpe_tokenizer
+def synthetic_tokenizer(cfg: ExperimentConfig) -> Path:
+    """The synthetic corpus's word-level tokenizer (its made-up words stay whole; deterministic, cached next to
+    the benchmark)."""
+    from retriever.models.tokenizers import train_word_tokenizer
 
     bench = synthetic_benchmark(cfg)
-    out = bench.root / f"tokenizer-bpe{vocab_size}"
+    out = bench.root / "tokenizer-words"
     if not (out / "tokenizer.json").is_file():
-        train_bpe_tokenizer(list(bench.docs().values()), vocab_size=vocab_size, out_dir=out)
+        train_word_tokenizer(bench.docs().values(), out_dir=out)
     return out
 
 
@@ -73,6 +73,7 @@ def absolute_paths(cfg: ExperimentConfig, base: str | Path | None = None) -> Exp
         resolved.backbone.name = local(cfg.backbone.name) or cfg.backbone.name
     resolved.backbone.tokenizer = local(cfg.backbone.tokenizer)
     resolved.backbone.init_adapter = local(cfg.backbone.init_adapter)
+    resolved.backbone.init_weights = local(cfg.backbone.init_weights)
     resolved.data.train = local(cfg.data.train) or cfg.data.train
     resolved.data.docs = local(cfg.data.docs)
     resolved.mntp.corpus = local(cfg.mntp.corpus) or cfg.mntp.corpus

@@ -13,6 +13,7 @@ from typing import Any, Literal
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, PretrainedConfig, PreTrainedModel
 
+from retriever.config import BackboneConfig
 from retriever.registry import Registry
 
 PresetKind = Literal["paper", "tiny"]
@@ -185,6 +186,19 @@ def load_backbone(
         return AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, attn_implementation=attn_implementation)
     except (OSError, ValueError) as exc:
         raise BackboneUnavailable(_unavailable_message(source, "weights", exc)) from None
+
+
+def load_configured_backbone(config: BackboneConfig, tokenizer_size: int) -> PreTrainedModel:
+    """The causal LM a backbone config starts from: `init_weights` (a pre-training stage's full weights) when set,
+    else the preset or model `name` (random presets sized to the tokenizer)."""
+    random = is_random_preset(config.name) and config.init_weights is None
+    return load_backbone(
+        config.init_weights or config.name,
+        dtype=config.dtype,
+        attn_implementation=config.attn_implementation,
+        vocab_size=tokenizer_size if random else None,
+        seed=config.seed,
+    )
 
 
 def is_random_preset(name: str) -> bool:

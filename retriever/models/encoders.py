@@ -29,7 +29,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from retriever.config import BackboneConfig, EncoderConfig
-from retriever.models.backbone import is_random_preset, load_backbone, tokenizer_reference
+from retriever.models.backbone import is_random_preset, load_backbone, load_configured_backbone, tokenizer_reference
 from retriever.models.bidirectional import check_supported, decoder_states, set_bidirectional
 from retriever.models.lora import apply_lora, base_model, load_adapter
 from retriever.models.tokenizers import load_tokenizer, prepare_for_retrieval, tokenize
@@ -206,48 +206,43 @@ class DenseEncoder(RetrievalEncoder):
 
 
 class _ChunkedMaxLogits(torch.autograd.Function):
-    """max over positions of hidden @ weight.T, computed in position chunks.
+    """max over positions of hidden @ weight.T, computed for a chunk of texts at a time.
 
-    Forward keeps a running max and its argmax ([batch, vocab]); backward routes each vocabulary entry's gradient
-    to its argmax position, again chunk by chunk, so no [batch, length, vocab] tensor is ever stored. Logits are laid
-    out [batch, vocab, positions] so the max reduces over contiguous memory.
+    Forward runs one [texts x positions, d] x [d, vocab] product per chunk and keeps the max and its argmax
+    ([batch, vocab]); no [batch, length, vocab] tensor is ever stored. Backward routes each non-zero gradient of a
+    (text, vocabulary entry) to its argmax position only, as two scatter-adds of d-sized rows (hidden-state and
+    weight gradients), instead of two dense products over every position (the naive head's backward).
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, chunk):  # type: ignore[override]
-        batch, length, _ = hidden.shape
-        best = where = None
-        for start in range(0, length, chunk):
-            stop = min(start + chunk, length)
-            logits = torch.matmul(weight, hidden[:, start:stop].transpose(1, 2))  # [batch, vocab, positions]
-            values, index = logits.max(dim=2)
-            if best is None:
-                best, where = values, index
-            else:
-                better = values > best
-                best = torch.where(better, values, best)
-                where = torch.where(better, index + start, where)
-        ctx.save_for_backward(hidden, weight, where)
-        ctx.chunk = chunk
-        return best
+    def forward(ctx, hidden, weight, texts_per_chunk):  # type: ignore[override]
+        batch, length, dim = hidden.shape
+        values, where = [], []
+        for start in range(0, batch, texts_per_chunk):
+            part = hidden[start : start + texts_per_chunk]
+            logits = torch.matmul(part.reshape(-1, dim), weight.t()).view(part.shape[0], length, -1)
+            best, index = logits.max(dim=1)
+            values.append(best)
+            where.append(index)
+        where_all = torch.cat(where)
+        ctx.save_for_backward(hidden, weight, where_all)
+        return torch.cat(values)
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
         hidden, weight, where = ctx.saved_tensors
-        need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_hidden = torch.zeros_like(hidden) if need_hidden else None
-        grad_weight = torch.zeros_like(weight) if need_weight else None
-        batch, length, _ = hidden.shape
+        batch, length, dim = hidden.shape
         grad = grad.to(hidden.dtype)
-        for start in range(0, length, ctx.chunk):
-            stop = min(start + ctx.chunk, length)
-            inside = (where >= start) & (where < stop)
-            routed = hidden.new_zeros((batch, weight.shape[0], stop - start))  # [batch, vocab, positions]
-            routed.scatter_(2, (where - start).clamp(0, stop - start - 1).unsqueeze(2), (grad * inside).unsqueeze(2))
-            if need_hidden:
-                grad_hidden[:, start:stop] = torch.matmul(routed.transpose(1, 2), weight)
-            if need_weight:
-                grad_weight += torch.einsum("bvp,bpd->vd", routed, hidden[:, start:stop])
+        # Only entries with a gradient matter (relu and the FLOPS regularizer zero most of them).
+        text, term = torch.nonzero(grad, as_tuple=True)
+        values = grad[text, term].unsqueeze(1)
+        rows = where[text, term] + text * length  # each entry's argmax state in hidden viewed as [batch*length, d]
+        grad_hidden = grad_weight = None
+        if ctx.needs_input_grad[0]:
+            grad_hidden = hidden.new_zeros(batch * length, dim).index_add_(0, rows, values * weight[term])
+            grad_hidden = grad_hidden.view_as(hidden)
+        if ctx.needs_input_grad[1]:
+            grad_weight = torch.zeros_like(weight).index_add_(0, term, values * hidden.reshape(-1, dim)[rows])
         return grad_hidden, grad_weight, None
 
 
@@ -257,9 +252,9 @@ def sparse_max_logits(hidden: torch.Tensor, weight: torch.Tensor, valid: torch.T
     Pad positions get zero states, hence zero logits: they can only win where every real logit is <= 0, where the
     relu gives 0 anyway, and their zeroed states pass no gradient back. This avoids masking [batch, len, vocab].
     """
-    positions = max(1, chunk_tokens // max(1, hidden.shape[0]))
+    texts_per_chunk = max(1, chunk_tokens // max(1, hidden.shape[1]))
     masked = hidden * valid.unsqueeze(-1).to(hidden.dtype)
-    return torch.relu(_ChunkedMaxLogits.apply(masked, weight, positions))
+    return torch.relu(_ChunkedMaxLogits.apply(masked, weight, texts_per_chunk))
 
 
 @ENCODERS.register("sparse")
@@ -302,14 +297,7 @@ def build_encoder(
     """Backbone (+ bidirectional + LoRA or a continued adapter) wrapped as the configured paradigm."""
     if tokenizer is None:
         tokenizer = load_tokenizer(tokenizer_reference(backbone.name, backbone.tokenizer))
-    vocab = len(tokenizer) if is_random_preset(backbone.name) else None
-    model = load_backbone(
-        backbone.name,
-        dtype=backbone.dtype,
-        attn_implementation=backbone.attn_implementation,
-        vocab_size=vocab,
-        seed=backbone.seed,
-    )
+    model = load_configured_backbone(backbone, len(tokenizer))
     if backbone.init_adapter:
         model = load_adapter(model, backbone.init_adapter, trainable=trainable)
     elif backbone.lora.enabled:

@@ -3,7 +3,8 @@
 - ``llama3_tokenizer``: Meta's Llama-3 tiktoken ranks file + its 256 special tokens (128,256 ids, BOS added).
 - ``llama2_tokenizer``: the Llama-2 SentencePiece model as a fast tokenizer (byte fallback, BOS added).
 - ``gpt2_tokenizer``: GPT-2 byte-level BPE from vocab.json + merges.txt.
-- ``train_bpe_tokenizer``: a byte-level BPE trained on a corpus (offline quickstart, tests).
+- ``train_bpe_tokenizer``: a byte-level BPE trained on a corpus (tests).
+- ``train_word_tokenizer``: a word-level vocabulary of a corpus (the offline synthetic benchmark).
 - ``load_tokenizer``: resolve a reference (directory, file or hub id) to one of the above.
 - ``prepare_for_retrieval`` / ``tokenize``: pad = eos, left padding, BOS switch, never EOS.
 """
@@ -172,6 +173,38 @@ def train_bpe_tokenizer(
     if seen == 0:
         raise ValueError("train_bpe_tokenizer: no texts to train on")
     unk, bos, eos = TRAINED_SPECIAL_TOKENS
+    tokenizer = fast_tokenizer(backend, bos, eos, unk=unk, pad_with_eos=True)
+    if out_dir is not None:
+        tokenizer.save_pretrained(Path(out_dir))
+    return tokenizer
+
+
+def train_word_tokenizer(
+    texts: Iterable[str], out_dir: Path | None = None, max_words: int | None = None
+) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer: every whitespace-separated word of `texts` (punctuation split off) is one token, so
+    made-up words stay whole; ids by descending frequency, ties by the word; `max_words` keeps the most frequent
+    ones and the rest map to <unk>. Same conventions as ``train_bpe_tokenizer`` (<unk>/<s>/</s> = 0/1/2, BOS
+    added, pad = eos on the left)."""
+    from collections import Counter
+
+    from tokenizers.models import WordLevel
+
+    pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    counts: Counter[str] = Counter()
+    for seen, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise TypeError(f"train_word_tokenizer: text {seen} is {type(text).__name__}, expected str")
+        counts.update(word for word, _ in pre_tokenizer.pre_tokenize_str(text))
+    if not counts:
+        raise ValueError("train_word_tokenizer: no words to build a vocabulary from")
+    unk, bos, eos = TRAINED_SPECIAL_TOKENS
+    vocab = {token: index for index, token in enumerate(TRAINED_SPECIAL_TOKENS)}
+    for word, _ in sorted(counts.items(), key=lambda item: (-item[1], item[0]))[:max_words]:
+        vocab.setdefault(word, len(vocab))
+    backend = Tokenizer(WordLevel(vocab, unk_token=unk))
+    backend.pre_tokenizer = pre_tokenizer
+    backend.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
     tokenizer = fast_tokenizer(backend, bos, eos, unk=unk, pad_with_eos=True)
     if out_dir is not None:
         tokenizer.save_pretrained(Path(out_dir))

@@ -22,7 +22,7 @@ from torch import nn
 
 from retriever.config import BudgetConfig, ExperimentConfig
 from retriever.losses import LossOutput
-from retriever.models.backbone import is_random_preset, load_backbone, tokenizer_reference
+from retriever.models.backbone import load_configured_backbone, tokenizer_reference
 from retriever.models.bidirectional import check_supported, decoder_states, set_bidirectional
 from retriever.models.lora import apply_lora, base_model, load_adapter
 from retriever.models.tokenizers import load_tokenizer
@@ -139,14 +139,7 @@ class MntpTask:
 
         cfg = self.cfg
         self.tokenizer = load_tokenizer(tokenizer_reference(cfg.backbone.name, cfg.backbone.tokenizer))
-        vocab = len(self.tokenizer) if is_random_preset(cfg.backbone.name) else None
-        model = load_backbone(
-            cfg.backbone.name,
-            dtype=cfg.backbone.dtype,
-            attn_implementation=cfg.backbone.attn_implementation,
-            vocab_size=vocab,
-            seed=cfg.backbone.seed,
-        )
+        model = load_configured_backbone(cfg.backbone, len(self.tokenizer))
         check_supported(model.config)
         set_bidirectional(model, True)
         if cfg.backbone.init_adapter:

@@ -1,9 +1,11 @@
-"""The experiment service end to end on local Ray: a 2-cell sweep with SQLite MLflow, and resuming a sweep."""
+"""The experiment service end to end on local Ray: a 2-cell sweep with SQLite MLflow, resuming a sweep, and the
+console of a sweep with a failing cell."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -81,6 +83,13 @@ def test_two_cell_sweep_logs_nested_runs_and_writes_the_report(ray_cluster, tmp_
     assert {a.path for a in client.list_artifacts(result.parent_run_id)} == {"report"}
     report = Path(result.report["markdown"]).read_text()
     assert "tiny-s" in report and "| dense" in report
+    # The baselines: BM25 and the untrained tiny-s dense encoder, as rows of the table and metrics of the parent.
+    assert "BM25" in report and "step 0" in report
+    assert parent.data.metrics["baseline/bm25/synthetic_test/ndcg_at_10"] > 0.3
+    step0 = json.loads((result.directory / "baselines" / "step0__tiny-s__dense" / "result.json").read_text())
+    assert step0["kind"] == "step0" and step0["flops"] == 0
+    assert 0.0 <= step0["metrics"]["synthetic/test"]["ndcg@10"] <= 1.0
+    assert (result.directory / "report" / "findings.md").is_file()
     versions = client.search_model_versions("name='retriever-dense'")
     assert len(versions) == 1
 
@@ -98,6 +107,7 @@ def test_an_interrupted_sweep_resumes_without_rerunning_finished_cells(tmp_path)
             "sweep.losses": ["cl", "kd"],
             "sweep.max_concurrent": 1,
             "sweep.cpus_per_trial": 1,
+            "sweep.baselines": False,
             "budget.max_steps": 30,
         },
     )
@@ -144,3 +154,45 @@ def test_an_interrupted_sweep_resumes_without_rerunning_finished_cells(tmp_path)
         "sparse/kd",
     ]
     assert all("synthetic/test/ndcg_at_10" in c.data.metrics for c in children)
+
+
+@pytest.mark.timeout(480)
+def test_the_console_shows_progress_and_cells_while_tune_output_goes_to_files(tmp_path):
+    from retriever.train.loop import FAIL_ONCE_ENV
+
+    path = write_config(
+        tmp_path,
+        "console",
+        output_dir="runs",
+        **{
+            "sweep.backbones": ["tiny-s"],
+            "sweep.paradigms": ["dense"],
+            "sweep.losses": ["cl", "kd"],
+            "sweep.max_concurrent": 1,
+            "sweep.cpus_per_trial": 1,
+        },
+    )
+    # The first cell (cl) fails at step 2; the second one finishes.
+    env = {**os.environ, FAIL_ONCE_ENV: f"2:{tmp_path / 'failed-once'}"}
+    env.pop("RETRIEVER_TUNE_VERBOSE", None)
+    run = subprocess.run(
+        [sys.executable, "-m", "retriever", "sweep", str(path)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=420,
+    )
+    assert run.returncode == 1, run.stderr[-3000:]  # a cell failed
+    console = run.stdout + run.stderr
+    cells = tmp_path / "runs" / "sweeps" / "console" / "cells"
+    assert re.search(r"\[sweep console\] 0/2 done, 0 failed \| running: tiny-s dense cl \(\w+", run.stderr)
+    failed = "✗ tiny-s dense cl  failed: RuntimeError: injected failure at step 2"
+    assert f"{failed} (rank 0)  (log: runs/sweeps/console/cells/tiny-s__dense__cl/trial.log)" in run.stderr
+    assert re.search(r"✓ tiny-s dense kd  nDCG@10 [01]\.\d{3}  \d\.\de\d+ FLOPs  \d+s", run.stderr)
+    assert re.search(r"\n\[sweep console\] finished in \d+s: 1/2 done, 1 failed\n", run.stderr)
+    for tune_output in ("Trial status", "│ Trial name", "started with configuration", "Traceback"):
+        assert tune_output not in console
+    assert "| tiny-s" in run.stdout  # the results table comes after the progress
+    assert "Trial status" in (cells.parents[0] / "tune.log").read_text()
+    assert "RuntimeError: injected failure at step 2" in (cells / "tiny-s__dense__cl" / "trial.log").read_text()

@@ -91,7 +91,8 @@ def test_full_finetune_step_matches_flop_counter(tiny_tokenizer_dir, paradigm):
     # Full fine-tuning: every linear costs forward + input grad + weight grad = 3x its forward (6N per token).
     assert want.component("linear") == 3 * want.forward["linear"]
     if paradigm == "sparse":
-        assert want.component("lm_head") == 3 * want.forward["lm_head"]
+        # The max-pooled head's backward is routed through scatter-adds: no product at all.
+        assert want.component("lm_head") == want.forward["lm_head"] > 0
 
 
 @pytest.mark.parametrize(
@@ -195,9 +196,10 @@ def test_hand_computed_small_case():
     assert got.total == forward + input_grad + weight_grad == 18896
     assert got.tokens == tokens
     assert got.forward == {"linear": 3744, "lora": 3328, "attention": 944, "lm_head": 0, "scoring": 16}
-    # Sparse adds the LM head (2*13*4*10 forward, the same again for the hidden-state gradient); D = |V| = 10.
+    # Sparse adds the LM head forward (2*13*4*10; its routed backward is a free scatter-add with a frozen head);
+    # D = |V| = 10.
     sparse = step_flops(shape, "sparse", batch, lora_rank=2)
-    assert sparse.total - got.total == 2 * (2 * 13 * 4 * 10) + 3 * (2 * 2 * 10) - 3 * (2 * 2 * 4)
+    assert sparse.total - got.total == 2 * 13 * 4 * 10 + 3 * (2 * 2 * 10) - 3 * (2 * 2 * 4)
 
 
 def test_paper_shapes_matmul_and_lora_parameters():

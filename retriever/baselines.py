@@ -1,0 +1,104 @@
+"""The reference rows of a sweep: BM25 and every (backbone, paradigm) encoder before retrieval training (step 0).
+
+Each baseline is evaluated exactly as the cells are and written next to them as
+``<sweep>/baselines/<id>/result.json`` (the record format `retriever.report.collect_baselines` reads) with its runs
+under ``<sweep>/baselines/<id>/eval/``. A finished baseline is never evaluated again (resumed sweeps reuse it).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from retriever.config import ExperimentConfig
+
+log = logging.getLogger(__name__)
+
+BASELINES_DIR = "baselines"
+RESULT_FILE = "result.json"
+
+
+def step0_id(backbone: str, paradigm: str) -> str:
+    safe = "".join(ch if ch.isalnum() or ch in "-." else "_" for ch in backbone)
+    return f"step0__{safe}__{paradigm}"
+
+
+def _finished(directory: Path) -> dict[str, Any] | None:
+    path = directory / RESULT_FILE
+    if not path.is_file():
+        return None
+    record = json.loads(path.read_text())
+    return record if record.get("status") == "ok" else None
+
+
+def _write(directory: Path, record: dict[str, Any]) -> dict[str, Any]:
+    directory.mkdir(parents=True, exist_ok=True)
+    partial = directory / f"{RESULT_FILE}.partial"
+    partial.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    partial.replace(directory / RESULT_FILE)  # a record is complete or absent, never half written
+    return record
+
+
+def run_bm25_baseline(cfg: ExperimentConfig, root: Path) -> dict[str, Any]:
+    """BM25 (Lucene idf, k1 0.9, b 0.4, whitespace tokens) on every evaluation dataset of `cfg`."""
+    from retriever.bm25 import evaluate_bm25
+
+    directory = Path(root) / BASELINES_DIR / "bm25"
+    done = _finished(directory)
+    if done is not None:
+        return done
+    metrics = {dataset: evaluate_bm25(dataset, cfg, directory / "eval") for dataset in cfg.eval.datasets}
+    record = {"kind": "bm25", "name": "BM25", "backbone": None, "paradigm": None, "loss": None}
+    record |= {"parameters": None, "flops": 0, "metrics": metrics, "status": "ok"}
+    return _write(directory, record)
+
+
+def run_step0_baseline(cell: ExperimentConfig, root: Path) -> dict[str, Any]:
+    """The cell's encoder exactly as its training starts (same seed, same pre-trained weights), evaluated as the
+    trained cells are. `cell` is any cell config of the (backbone, paradigm) pair."""
+    import torch
+
+    from retriever.flops import plan_cell
+    from retriever.models.encoders import build_encoder
+    from retriever.pipeline import evaluate_encoder
+
+    backbone, paradigm = cell.backbone.name, cell.encoder.paradigm
+    directory = Path(root) / BASELINES_DIR / step0_id(backbone, paradigm)
+    done = _finished(directory)
+    if done is not None:
+        return done
+    torch.manual_seed(cell.train.seed)  # as the training loop does before building the encoder
+    encoder = build_encoder(cell.backbone, cell.encoder, trainable=False)
+    encoder.save(directory / "encoder")
+    metrics = evaluate_encoder(directory / "encoder", cell.eval.datasets, cell, directory / "eval")
+    record = {
+        "kind": "step0",
+        "name": f"{backbone} {paradigm} step 0",
+        "backbone": backbone,
+        "paradigm": paradigm,
+        "loss": None,
+        "parameters": plan_cell(cell).total_parameters,
+        "flops": 0,
+        "metrics": metrics,
+        "status": "ok",
+    }
+    return _write(directory, record)
+
+
+def run_baselines(cfg: ExperimentConfig, root: Path, cells: Sequence[ExperimentConfig]) -> list[dict[str, Any]]:
+    """BM25 and one step-0 row per (backbone, paradigm) among `cells` (the sweep's cell configs)."""
+    records = [run_bm25_baseline(cfg, root)]
+    seen: set[tuple[str, str]] = set()
+    for cell in cells:
+        key = (cell.backbone.name, cell.encoder.paradigm)
+        if key not in seen:
+            seen.add(key)
+            records.append(run_step0_baseline(cell, root))
+            log.info("baseline %s: %s", records[-1]["name"], records[-1]["metrics"])
+    return records
+
+
+__all__ = ["BASELINES_DIR", "run_baselines", "run_bm25_baseline", "run_step0_baseline", "step0_id"]
