@@ -257,7 +257,7 @@ def run_sweep(cfg: ExperimentConfig, *, resume: bool = False, verbose: bool = Fa
     if cfg.mntp.enabled and "pretrain" not in state:
         from retriever.pretrain import pretrain_backbones
 
-        cfg, stages = pretrain_backbones(cfg, root, state["parent_run_id"])
+        cfg, stages = pretrain_backbones(cfg, state["parent_run_id"])
         state["config"], state["pretrain"] = cfg.model_dump(mode="json"), stages
         if tracking:
             RunTracker(tracking["uri"], tracking["experiment_id"], state["parent_run_id"]).log_metrics(

@@ -190,6 +190,8 @@ def train_word_tokenizer(
 
     from tokenizers.models import WordLevel
 
+    if max_words is not None and max_words < 1:
+        raise ValueError(f"train_word_tokenizer: max_words must be >= 1 or None, got {max_words}")
     pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
     counts: Counter[str] = Counter()
     for seen, text in enumerate(texts):

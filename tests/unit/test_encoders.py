@@ -202,3 +202,111 @@ def test_encoder_directory_alone_rebuilds_the_encoder_in_a_fresh_process(tiny_to
 def test_loading_a_non_encoder_directory_fails_clearly(tmp_path):
     with pytest.raises(FileNotFoundError, match="encoder.json missing"):
         load_encoder(tmp_path)
+
+
+# ---- the chunked sparse head (_ChunkedMaxLogits) against the naive relu(max over valid positions) -------------
+
+
+def naive_max_logits(hidden, weight, valid):
+    """relu(max over valid positions of hidden @ weight.T), with the whole [batch, length, vocab] tensor."""
+    logits = (hidden @ weight.T).masked_fill(~valid.bool()[:, :, None], float("-inf"))
+    return torch.relu(logits.max(dim=1).values)
+
+
+def sparse_head_inputs(batch=5, length=6, dim=8, vocab=40, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(batch, length, dim, dtype=torch.float64, generator=generator)
+    weight = torch.randn(vocab, dim, dtype=torch.float64, generator=generator)
+    # Left padding of different widths; text 1 has no pad, text 4 keeps only its last position.
+    valid = torch.ones(batch, length, dtype=torch.long)
+    for text, pads in enumerate([2, 0, 3, 1, length - 1][:batch]):
+        valid[text, :pads] = 0
+    upstream = torch.randn(batch, vocab, dtype=torch.float64, generator=generator)
+    upstream[torch.rand(batch, vocab, generator=generator) < 0.4] = 0.0  # relu / FLOPS leave many zeros
+    upstream[0] = 0.0  # a text with no gradient at all
+    return hidden, weight, valid, upstream
+
+
+def values_and_gradients(head, hidden, weight, valid, upstream):
+    hidden = hidden.clone().requires_grad_(True)
+    weight = weight.clone().requires_grad_(True)
+    out = head(hidden, weight, valid)
+    (out * upstream).sum().backward()
+    return out.detach(), hidden.grad, weight.grad
+
+
+# sparse_max_logits splits into chunk_tokens // length texts: 1 text, 2 texts (5 = 2 + 2 + 1), the whole batch,
+# and more texts than the batch holds.
+@pytest.mark.parametrize("chunk_tokens", [1, 6, 12, 30, 10_000])
+def test_sparse_max_logits_equals_naive_relu_max_values_and_gradients(chunk_tokens):
+    hidden, weight, valid, upstream = sparse_head_inputs()
+    expected = values_and_gradients(naive_max_logits, hidden, weight, valid, upstream)
+    got = values_and_gradients(
+        lambda h, w, v: sparse_max_logits(h, w, v, chunk_tokens), hidden, weight, valid, upstream
+    )
+    assert got[0].shape == (5, 40) and got[1].shape == hidden.shape and got[2].shape == weight.shape
+    for name, a, b in zip(("values", "grad hidden", "grad weight"), got, expected):
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-12), name
+    # Sanity of the setup: the head is neither all zero nor all positive, and the gradients are not trivial.
+    assert 0 < int((got[0] > 0).sum()) < got[0].numel()
+    assert float(got[1].abs().sum()) > 0 and float(got[2].abs().sum()) > 0
+    # Pad positions and texts without upstream gradient get no hidden-state gradient.
+    assert float(got[1][~valid.bool()].abs().sum()) == 0.0
+    assert float(got[1][0].abs().sum()) == 0.0
+
+
+def test_sparse_max_logits_values_by_hand():
+    # Two texts of three positions, d = 2, vocabulary of 3; text 0's first position is padding.
+    hidden = torch.tensor(
+        [[[9.0, 9.0], [1.0, -2.0], [0.5, 1.0]], [[-1.0, 0.0], [2.0, 1.0], [0.0, -3.0]]], dtype=torch.float64
+    )
+    weight = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, -1.0]], dtype=torch.float64, requires_grad=True)
+    valid = torch.tensor([[0, 1, 1], [1, 1, 1]])
+    hidden.requires_grad_(True)
+    out = sparse_max_logits(hidden, weight, valid, chunk_tokens=3)
+    # logits text 0 (valid rows): [1, -2, 1], [0.5, 1, -1.5] -> max [1, 1, 1]
+    # logits text 1: [-1, 0, 1], [2, 1, -3], [0, -3, 3] -> max [2, 1, 3]
+    assert out.tolist() == [[1.0, 1.0, 1.0], [2.0, 1.0, 3.0]]
+    out[1, 2].backward()  # d/d(...) of text 1's term 2: argmax at position 2, weight row 2
+    assert hidden.grad[1].tolist() == [[0.0, 0.0], [0.0, 0.0], [-1.0, -1.0]]
+    assert float(hidden.grad[0].abs().sum()) == 0.0
+    assert weight.grad.tolist() == [[0.0, 0.0], [0.0, 0.0], [0.0, -3.0]]
+
+
+def test_sparse_max_logits_with_every_logit_negative_is_zero_and_passes_no_gradient():
+    hidden = torch.full((2, 3, 2), 1.0, dtype=torch.float64, requires_grad=True)
+    weight = torch.full((4, 2), -1.0, dtype=torch.float64, requires_grad=True)
+    valid = torch.tensor([[0, 1, 1], [1, 1, 1]])
+    out = sparse_max_logits(hidden, weight, valid, chunk_tokens=1)
+    assert torch.equal(out, torch.zeros(2, 4, dtype=torch.float64))
+    out.sum().backward()
+    assert float(hidden.grad.abs().sum()) == 0.0 and float(weight.grad.abs().sum()) == 0.0
+
+
+@pytest.mark.parametrize("texts_per_chunk", [1, 2, 5, 7])
+def test_chunked_max_logits_function_equals_the_plain_max(texts_per_chunk):
+    """Without masking or relu: the autograd function is max over all positions of hidden @ weight.T (values and
+    gradients routed to the argmax), for any number of texts per chunk."""
+    from retriever.models.encoders import _ChunkedMaxLogits
+
+    hidden, weight, _, upstream = sparse_head_inputs(seed=1)
+    expected = values_and_gradients(lambda h, w, v: (h @ w.T).max(dim=1).values, hidden, weight, None, upstream)
+    got = values_and_gradients(
+        lambda h, w, v: _ChunkedMaxLogits.apply(h, w, texts_per_chunk), hidden, weight, None, upstream
+    )
+    for name, a, b in zip(("values", "grad hidden", "grad weight"), got, expected):
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-12), name
+    assert bool((got[0] < 0).any())  # no relu here: negative maxima stay
+
+
+def test_chunked_max_logits_gradient_only_for_the_input_that_needs_it():
+    from retriever.models.encoders import _ChunkedMaxLogits
+
+    hidden, weight, _, upstream = sparse_head_inputs(seed=2)
+    frozen_head = weight.clone()  # a frozen LM head: only hidden states get a gradient
+    live = hidden.clone().requires_grad_(True)
+    (_ChunkedMaxLogits.apply(live, frozen_head, 2) * upstream).sum().backward()
+    reference = hidden.clone().requires_grad_(True)
+    ((reference @ frozen_head.T).max(dim=1).values * upstream).sum().backward()
+    assert frozen_head.grad is None
+    assert torch.allclose(live.grad, reference.grad, rtol=1e-12, atol=1e-12)

@@ -23,6 +23,7 @@ from retriever.models.tokenizers import (
     prepare_for_retrieval,
     tokenize,
     train_bpe_tokenizer,
+    train_word_tokenizer,
 )
 
 CORPUS = [
@@ -223,3 +224,70 @@ def test_missing_hub_tokenizer_offline_fails_fast_with_instructions(monkeypatch:
     assert "HF_HUB_OFFLINE=1" in message
     assert "huggingface-cli download retriever-tests/no-such-tokenizer" in message
     assert "pass its path" in message
+
+
+# ---- the word-level tokenizer of the synthetic benchmark ---------------------------------------------------------
+
+WORD_CORPUS = [
+    "kotibo suka ab1234 butefi, kotibo.",
+    "suka kotibo zx9 fufa!",
+    "the code ab1234 names kotibo",
+]
+
+
+def test_word_tokenizer_vocabulary_is_ordered_by_frequency_then_word() -> None:
+    tokenizer = train_word_tokenizer(WORD_CORPUS)
+    # kotibo 4; suka 2, ab1234 2; every other word once (ties by the word: punctuation sorts before letters).
+    expected = ["<unk>", "<s>", "</s>", "kotibo", "ab1234", "suka", "!", ",", ".", "butefi", "code", "fufa"]
+    expected += ["names", "the", "zx9"]
+    assert tokenizer.get_vocab() == {token: index for index, token in enumerate(expected)}
+    assert len(tokenizer) == 15
+    assert tokenizer.convert_ids_to_tokens([0, 1, 2]) == ["<unk>", "<s>", "</s>"]
+    assert (tokenizer.unk_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id) == (0, 1, 2)
+    assert tokenizer.pad_token_id == tokenizer.eos_token_id == 2 and tokenizer.padding_side == "left"
+
+
+def test_word_tokenizer_keeps_words_whole_splits_punctuation_and_adds_bos() -> None:
+    tokenizer = train_word_tokenizer(WORD_CORPUS)
+    text = "kotibo, ab1234 zx9! butefi."
+    assert tokenizer.tokenize(text) == ["kotibo", ",", "ab1234", "zx9", "!", "butefi", "."]
+    assert tokenizer.encode(text) == [1, 3, 7, 4, 14, 6, 9, 8]
+    assert tokenizer.encode(text, add_special_tokens=False) == [3, 7, 4, 14, 6, 9, 8]
+    # Words outside the corpus (and pieces of a made-up code) are <unk>, never split into known sub-words.
+    assert tokenizer.encode("kotibo xyz ab123 ab12345", add_special_tokens=False) == [3, 0, 0, 0]
+    assert tokenizer.decode(tokenizer.encode("suka kotibo fufa"), skip_special_tokens=True) == "suka kotibo fufa"
+    batch = tokenize(tokenizer, ["suka", "kotibo ab1234 fufa"], max_length=16, add_bos=True)
+    assert batch["input_ids"].tolist() == [[2, 2, 1, 5], [1, 3, 4, 11]]  # pad = eos on the left, no eos appended
+    assert batch["attention_mask"].tolist() == [[0, 0, 1, 1], [1, 1, 1, 1]]
+
+
+def test_word_tokenizer_max_words_keeps_the_most_frequent() -> None:
+    tokenizer = train_word_tokenizer(WORD_CORPUS, max_words=3)
+    assert tokenizer.get_vocab() == {"<unk>": 0, "<s>": 1, "</s>": 2, "kotibo": 3, "ab1234": 4, "suka": 5}
+    assert tokenizer.encode("kotibo butefi suka, zx9", add_special_tokens=False) == [3, 0, 5, 0, 0]
+    ties = train_word_tokenizer(["b a c", "c b a"], max_words=2)  # all twice: the first two words by order
+    assert ties.convert_ids_to_tokens([3, 4]) == ["a", "b"] and len(ties) == 5
+
+
+def test_word_tokenizer_is_deterministic_and_round_trips(tmp_path: Path) -> None:
+    first = train_word_tokenizer(WORD_CORPUS, out_dir=tmp_path / "a")
+    again = train_word_tokenizer(iter(list(WORD_CORPUS)), out_dir=tmp_path / "b")  # any iterable of str
+    assert (tmp_path / "a" / "tokenizer.json").read_bytes() == (tmp_path / "b" / "tokenizer.json").read_bytes()
+    assert first.backend_tokenizer.to_str() == again.backend_tokenizer.to_str()
+    reloaded = load_tokenizer(tmp_path / "a")
+    text = "the code zx9, kotibo!"
+    assert reloaded.encode(text) == first.encode(text) == [1, 13, 10, 14, 7, 3, 6]
+    assert (reloaded.pad_token_id, reloaded.padding_side) == (2, "left")
+    other = train_word_tokenizer(list(reversed(WORD_CORPUS)))  # the order of texts does not change the ids
+    assert other.get_vocab() == first.get_vocab()
+
+
+def test_word_tokenizer_bad_input() -> None:
+    with pytest.raises(TypeError, match="text 1 is int, expected str"):
+        train_word_tokenizer(["fine", 3])  # type: ignore[list-item]
+    with pytest.raises(TypeError, match="text 0 is bytes"):
+        train_word_tokenizer([b"bytes"])  # type: ignore[list-item]
+    with pytest.raises(ValueError, match="no words"):
+        train_word_tokenizer([])
+    with pytest.raises(ValueError, match="no words"):
+        train_word_tokenizer(["", "   \n\t"])
