@@ -119,20 +119,21 @@ class Ours:
         params = [p for p in self.module.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
         self.context = LocalContext(table, run_dir_for(cfg))
-        self.rows = self._rows()
+        self.rows = self.batches()
         self.step_index = 0
         self.times: list[float] = []
         self.flops: list[float] = []
         self.tokens: list[int] = []
 
-    def _rows(self) -> Iterator[dict[str, Any]]:
+    def batches(self) -> Iterator[tuple[int, dict[str, Any]]]:
+        """(epoch, rows) of every step, epoch after epoch, as the loop draws them."""
         epoch = 0
         while True:
             for rows in self.context.batches(epoch, self.cfg.train.batch_size, self.cfg.train.seed):
                 yield epoch, rows
             epoch += 1
 
-    def batch(self) -> TrainingBatch:
+    def next_batch(self) -> TrainingBatch:
         epoch, rows = next(self.rows)
         return self.task.collate(rows, epoch)
 
@@ -171,7 +172,7 @@ class NaiveSparse:
         self.optimizer = torch.optim.AdamW(self.lm.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
         self.scale = self.lm.config.hidden_size**-0.25
         self.ramp = max(1, int(ours.planned * cfg.loss.flops_ramp_fraction))
-        self.rows = ours._rows()
+        self.rows = ours.batches()
         self.step_index = 0
         self.times: list[float] = []
 
@@ -215,7 +216,7 @@ class NaiveSparse:
 
 def check_same_loss(ours: Ours, naive: NaiveSparse, step: int = 100) -> float:
     """Both sparse methods give the same loss on the same batch before training (a step past the ramp)."""
-    batch = ours.batch()
+    batch = ours.next_batch()
     with torch.no_grad():
         mine = float(ours.task.loss(ours.module, batch, step).total)
         theirs = float(naive.loss(batch, step))
@@ -224,16 +225,19 @@ def check_same_loss(ours: Ours, naive: NaiveSparse, step: int = 100) -> float:
     return error
 
 
-def run_sparse(cfg: ExperimentConfig, table: Any, args: argparse.Namespace) -> tuple[Ours, list[float], float]:
-    ours = Ours(cfg, table)
-    naive = NaiveSparse(cfg, ours)
-    error = check_same_loss(ours, naive)
-    print(f"    sparse: same weights, loss of ours vs naive differs by {error:.1e} (relative)", file=sys.stderr)
-    ours.rows, naive.rows = ours._rows(), ours._rows()  # both start at the first batch
+def run_sparse(cfg: ExperimentConfig, ours: list[Ours], args: argparse.Namespace) -> tuple[list[float], float]:
+    """Naive and our steps interleaved; (naive step times, counted FLOPs per naive step)."""
+    naive = NaiveSparse(cfg, ours[0])
+    error = check_same_loss(ours[0], naive)
+    print(f"    same weights; loss of ours vs naive on one batch differs by {error:.1e} (relative)", file=sys.stderr)
+    for method in ours:
+        method.rows = method.batches()  # every method starts at the first batch
+    naive.rows = ours[0].batches()
     for _ in range(args.warmup + args.steps):
         naive.step()
-        ours.step()
-    return ours, naive.times, statistics.fmean(ours.flops[args.warmup :])
+        for method in ours:
+            method.step()
+    return naive.times, statistics.fmean(ours[0].flops[args.warmup :])  # the same batches as ours[0]
 
 
 # ----------------------------------------------------------------------------------------------- dense baseline
@@ -290,8 +294,9 @@ def counted_flops(cost: StepCostModel, columns: dict[str, tuple[int, int]]) -> i
 
 
 def run_dense(
-    cfg: ExperimentConfig, table: Any, args: argparse.Namespace, scratch: Path
-) -> tuple[Ours, list[float], float, float]:
+    cfg: ExperimentConfig, table: Any, ours: list[Ours], args: argparse.Namespace, scratch: Path
+) -> tuple[list[float], float, float]:
+    """The trainer's steps with ours interleaved; (its step times, counted FLOPs and padded tokens per step)."""
     from sentence_transformers import (
         SentenceTransformer,
         SentenceTransformerTrainer,
@@ -301,8 +306,7 @@ def run_dense(
     from sentence_transformers.sentence_transformer.modules import Pooling, Transformer
     from transformers import PrinterCallback, TrainerCallback
 
-    ours = Ours(cfg, table)
-    encoder = ours.task.encoder
+    encoder = ours[0].task.encoder  # not trained yet
     model_dir = scratch / f"hf-{cfg.backbone.name}"
     encoder.lm.save_pretrained(model_dir)
     encoder.tokenizer.save_pretrained(model_dir)
@@ -316,7 +320,7 @@ def run_dense(
     assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine), "weights differ"
 
     negatives = [f"negative_{i + 1}" for i in range(cfg.loss.num_negatives)]
-    timer = _StepTimer(TrainerCallback, ours.step)
+    timer = _StepTimer(TrainerCallback, lambda: [method.step() for method in ours])
     training = SentenceTransformerTrainingArguments(
         output_dir=str(scratch / f"st-{cfg.backbone.name}"),
         per_device_train_batch_size=cfg.train.batch_size,
@@ -338,7 +342,7 @@ def run_dense(
     trainer = SentenceTransformerTrainer(
         model=model,
         args=training,
-        train_dataset=st_dataset(cfg, table, ours.task.docs),
+        train_dataset=st_dataset(cfg, table, ours[0].task.docs),
         loss=MultipleNegativesRankingLoss(model),
         callbacks=[timer.callback],
     )
@@ -346,10 +350,10 @@ def run_dense(
     recorder = ShapeRecorder(trainer.data_collator)
     trainer.data_collator = recorder
     trainer.train()
-    assert len(timer.times) == args.warmup + args.steps == len(ours.times), (len(timer.times), len(ours.times))
-    theirs_flops = statistics.fmean(counted_flops(ours.task.cost_model, s) for s in recorder.shapes)
+    assert len(timer.times) == args.warmup + args.steps == len(ours[0].times), (len(timer.times), len(ours[0].times))
+    theirs_flops = statistics.fmean(counted_flops(ours[0].task.cost_model, s) for s in recorder.shapes)
     theirs_tokens = statistics.fmean(sum(a * b for a, b in s.values()) for s in recorder.shapes)
-    return ours, timer.times, theirs_flops, theirs_tokens
+    return timer.times, theirs_flops, theirs_tokens
 
 
 class _StepTimer:
@@ -376,42 +380,55 @@ class _StepTimer:
 # -------------------------------------------------------------------------------------------------------- main
 
 
+OURS = "**ours: RetrievalTask step**"
+OURS_DYNAMIC = "ours, `train.pad_to_max_length=false`"
+
+
 def bench(backbone: str, paradigm: str, threads: int, args: argparse.Namespace, scratch: Path) -> list[Row]:
     torch.set_num_threads(threads)
     cfg = experiment_config(args, backbone, paradigm, scratch)
     table = read_training_examples(prepare_training_data(cfg))
+    # Ours as the quickstart trains (fixed shapes), then, for reference, padded to each batch's longest text.
+    ours = [Ours(cfg, table)]
+    if args.dynamic:
+        dynamic = cfg.model_copy(update={"train": cfg.train.model_copy(update={"pad_to_max_length": False})})
+        ours.append(Ours(dynamic, table))
     queries = cfg.train.batch_size
     texts = queries * (2 + cfg.loss.num_negatives)  # the queries and their 1 + n passages
     skip = args.warmup
     if paradigm == "sparse":
-        ours, base_times, base_flops = run_sparse(cfg, table, args)
-        base_tokens = statistics.fmean(ours.tokens[skip:])
-        base_name = "naive PyTorch loop, full [B, L, V] logits"
+        base_times, base_flops = run_sparse(cfg, ours, args)
+        base_tokens = statistics.fmean(ours[0].tokens[skip:])
+        base_name = "naive PyTorch loop, [B, L, V] logits"
     else:
         with contextlib.redirect_stdout(sys.stderr):  # the trainer's (and DeepSpeed's import) messages
-            ours, base_times, base_flops, base_tokens = run_dense(cfg, table, args, scratch)
+            base_times, base_flops, base_tokens = run_dense(cfg, table, ours, args, scratch)
         base_name = "sentence-transformers Trainer + MNRL"
-    ours_row = Row(
-        backbone,
-        paradigm,
-        "ours: RetrievalTask step",
-        threads,
-        ours.times[skip:],
-        statistics.fmean(ours.flops[skip:]),
-        statistics.fmean(ours.tokens[skip:]),
-        queries,
-        texts,
-    )
-    base_row = Row(
-        backbone, paradigm, base_name, threads, base_times[skip:], base_flops, base_tokens, queries, texts, True
-    )
-    print(
-        f"    {paradigm} {threads} thread(s): ours {1e3 * ours_row.seconds:.0f} ms/step, "
-        f"baseline {1e3 * base_row.seconds:.0f} ms/step (load average {os.getloadavg()[0]:.2f})",
-        file=sys.stderr,
-        flush=True,
-    )
-    return [base_row, ours_row]
+    rows = [
+        Row(backbone, paradigm, base_name, threads, base_times[skip:], base_flops, base_tokens, queries, texts, True)
+    ]
+    for name, method in zip((OURS, OURS_DYNAMIC), ours):
+        flops, tokens = statistics.fmean(method.flops[skip:]), statistics.fmean(method.tokens[skip:])
+        rows.append(Row(backbone, paradigm, name, threads, method.times[skip:], flops, tokens, queries, texts))
+    line = ", ".join(f"{row.method.strip('*')} {1e3 * row.seconds:.0f}" for row in rows)
+    print(f"    ms/step: {line} (load average {os.getloadavg()[0]:.2f})", file=sys.stderr, flush=True)
+    if args.profile:
+        profile_step(ours[0])
+    return rows
+
+
+def profile_step(ours: Ours, top: int = 12) -> None:
+    """Where one of our steps spends its time: the operators with the most self CPU time."""
+    from torch.profiler import profile
+
+    with profile() as prof:
+        ours.step()
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events)
+    print(f"    profile of one step of ours ({total / 1e3:.0f} ms of operators):", file=sys.stderr)
+    for event in events[:top]:
+        share = 100 * event.self_cpu_time_total / total
+        print(f"      {event.key[:60]:60s} {event.self_cpu_time_total / 1e3:8.1f} ms {share:5.1f} %", file=sys.stderr)
 
 
 def print_table(rows: list[Row], peaks: dict[int, float]) -> None:
@@ -428,9 +445,8 @@ def print_table(rows: list[Row], peaks: dict[int, float]) -> None:
         )
         rate = row.flops / row.seconds
         share = 100 * rate / peaks[row.threads]
-        method = row.method if row.baseline else f"**{row.method}**"
         print(
-            f"| {row.backbone} | {row.paradigm} | {method} | {row.threads} | {1e3 * row.seconds:.0f} "
+            f"| {row.backbone} | {row.paradigm} | {row.method} | {row.threads} | {1e3 * row.seconds:.0f} "
             f"| {row.queries / row.seconds:.1f} | {row.texts / row.seconds:.0f} | {base.seconds / row.seconds:.2f}x "
             f"| {row.tokens:.0f} | {row.flops / 1e9:.1f} G | {rate / 1e9:.1f} | {share:.0f} % |"
         )
@@ -444,6 +460,10 @@ def main() -> None:
     parser.add_argument("--threads", nargs="+", type=int, default=None, help="torch thread counts (default: 1, all)")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per method")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps before them")
+    parser.add_argument(
+        "--no-dynamic", dest="dynamic", action="store_false", help="skip ours with train.pad_to_max_length=false"
+    )
+    parser.add_argument("--profile", action="store_true", help="print where one step of ours spends its time")
     args = parser.parse_args()
     cores = os.cpu_count() or 1
     threads = args.threads or sorted({1, torch.get_num_threads(), cores})
