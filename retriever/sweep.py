@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -254,10 +255,17 @@ def run_sweep(cfg: ExperimentConfig, *, resume: bool = False, verbose: bool = Fa
             parent.log_params({"sweep." + k: v for k, v in flatten(cfg.sweep).items()})
             parent.log_params({"budget.flops": cfg.budget.flops, "budget.max_steps": cfg.budget.max_steps})
         state["parent_run_id"] = parent.run_id
+    from retriever.sweep_console import stage_output
+
+    stages_log = root / "stages.log"
     if cfg.mntp.enabled and "pretrain" not in state:
         from retriever.pretrain import pretrain_backbones
 
-        cfg, stages = pretrain_backbones(cfg, state["parent_run_id"])
+        print(f"pre-training (MNTP) {len(cfg.sweep.backbones)} backbone(s); output: {stages_log}", file=sys.stderr)
+        with stage_output(stages_log, verbose):
+            cfg, stages = pretrain_backbones(cfg, state["parent_run_id"])
+        for stage in stages:
+            print(f"  {stage['backbone']}: {stage['steps']} MNTP steps, {stage['flops']:.2e} FLOPs", file=sys.stderr)
         state["config"], state["pretrain"] = cfg.model_dump(mode="json"), stages
         if tracking:
             RunTracker(tracking["uri"], tracking["experiment_id"], state["parent_run_id"]).log_metrics(
@@ -267,7 +275,14 @@ def run_sweep(cfg: ExperimentConfig, *, resume: bool = False, verbose: bool = Fa
     if cfg.sweep.baselines:
         from retriever.baselines import run_baselines
 
-        run_baselines(cfg, root, [cell_config(cfg, b, p, cfg.sweep.losses[0]) for b, p in _backbone_paradigms(cfg)])
+        cells = [cell_config(cfg, b, p, cfg.sweep.losses[0]) for b, p in _backbone_paradigms(cfg)]
+        print(f"baselines: BM25 and {len(cells)} step-0 encoder(s); output: {stages_log}", file=sys.stderr)
+        with stage_output(stages_log, verbose):
+            baselines = run_baselines(cfg, root, cells)
+        dataset = cfg.eval.datasets[0]
+        for record in baselines:
+            shown = ", ".join(f"{k} {v:.3f}" for k, v in record["metrics"].get(dataset, {}).items())
+            print(f"  {record['name']}: {shown}", file=sys.stderr)
 
     if not ray.is_initialized():
         ray.init(include_dashboard=False, log_to_driver=verbose)  # else trial output: cells/<cell>/trial.log

@@ -415,7 +415,7 @@ def output_to_cell_log(trainable: Callable[[dict[str, Any]], None]) -> Callable[
         with path.open("a", encoding="utf-8") as log:
             log.write(f"=== {datetime.datetime.now().isoformat(timespec='seconds')} {cell_name(config)}\n")
             log.flush()
-            with _redirected_output(log):
+            with redirected_output(log):
                 try:
                     trainable(config)
                 except Exception:  # not SystemExit: Tune ends a finished trial's thread with it
@@ -426,7 +426,19 @@ def output_to_cell_log(trainable: Callable[[dict[str, Any]], None]) -> Callable[
 
 
 @contextlib.contextmanager
-def _redirected_output(target: IO[str]) -> Iterator[None]:
+def stage_output(path: Path, verbose: bool) -> Iterator[None]:
+    """The output of a sweep stage that runs in this process (pre-training, baselines): appended to `path` unless
+    `verbose`, so the console keeps to one line per result."""
+    if verbose:
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a", encoding="utf-8") as log, redirected_output(log):
+        yield
+
+
+@contextlib.contextmanager
+def redirected_output(target: IO[str]) -> Iterator[None]:
     """Inside the block, this process's output goes to `target`: `sys.stdout` and `sys.stderr`, and file descriptors
     1 and 2 (C++ messages, subprocesses, streams bound to them before)."""
     for stream in (sys.stdout, sys.stderr):
