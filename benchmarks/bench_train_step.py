@@ -3,11 +3,12 @@
 Every method trains the same tiny random Llama (one of the tiny presets, same seeded weights, same word-level
 tokenizer of the synthetic corpus) on the same synthetic training examples, with the settings of
 configs/quickstart.yaml: CL loss (InfoNCE over in-batch and hard negatives), 16 queries x (1 positive + 4 hard
-negatives) per step, query length 16, passage length 64, full fine-tuning, AdamW with lr 1e-3, fp32 on the CPU with
-the same torch thread count:
+negatives) per step, query length 16, passage length 64, full fine-tuning, AdamW at the config's `train.lr` and
+schedule (the learning rate does not change the cost of a step), fp32 on the CPU with the same torch thread count:
 
 - ours: the project's training task (`TASKS.get("retrieval")(cfg, planned).build()`, `.collate`, `.step_cost`,
-  `.loss`, backward, `torch.optim.AdamW` step), batches from `LocalContext.batches` as `run_loop` draws them;
+  `.loss`, backward, `torch.optim.AdamW` step), batches from `LocalContext.batches` as `run_loop` draws them; and,
+  for reference, the same with `train.pad_to_max_length=false` (each batch padded to its longest text);
 - dense baseline: `SentenceTransformerTrainer` with `MultipleNegativesRankingLoss` over (query, positive, 4 negative)
   columns on `SentenceTransformer([Transformer(model dir), Pooling(dim, "mean")])`, the same weights and tokenizer,
   per-task max lengths 16 (query) and 64 (document); it runs the decoder causally (its default for Llama; ours is
@@ -18,8 +19,8 @@ the same torch thread count:
   [batch, length, vocabulary] and pools them as the paper's code and Tevatron do,
   max over positions of log(1 + relu(logits)) x mask, then InfoNCE + the FLOPS regularizer as ours.
 
-Steps of the two methods of a row run interleaved (baseline step, our step, ...), so that load from other processes
-affects both alike; the first `--warmup` steps are excluded and the median step time is reported. A step is
+Steps of the methods of a row run interleaved (baseline step, our step, ...), so that load from other processes
+affects all alike; the first `--warmup` steps are excluded and the median step time is reported. A step is
 everything from drawing the batch to the end of the optimizer step (tokenization included; for the trainer, the
 interval between two `on_step_end` callbacks). FLOPs/step is the project's analytic counter
 (`retriever.flops.StepCostModel.step_flops`, as `RetrievalTask.step_cost` computes it) at each method's padded
