@@ -7,39 +7,24 @@ under ``<sweep>/baselines/<id>/eval/``. A finished baseline is never evaluated a
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from retriever.config import ExperimentConfig
+from retriever.records import BASELINES_DIR, read_record, safe_name, write_record
 
 log = logging.getLogger(__name__)
 
-BASELINES_DIR = "baselines"
-RESULT_FILE = "result.json"
-
 
 def step0_id(backbone: str, paradigm: str) -> str:
-    safe = "".join(ch if ch.isalnum() or ch in "-." else "_" for ch in backbone)
-    return f"step0__{safe}__{paradigm}"
+    return f"step0__{safe_name(backbone)}__{paradigm}"
 
 
 def _finished(directory: Path) -> dict[str, Any] | None:
-    path = directory / RESULT_FILE
-    if not path.is_file():
-        return None
-    record = json.loads(path.read_text())
-    return record if record.get("status") == "ok" else None
-
-
-def _write(directory: Path, record: dict[str, Any]) -> dict[str, Any]:
-    directory.mkdir(parents=True, exist_ok=True)
-    partial = directory / f"{RESULT_FILE}.partial"
-    partial.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-    partial.replace(directory / RESULT_FILE)  # a record is complete or absent, never half written
-    return record
+    record = read_record(directory)
+    return record if record is not None and record.get("status") == "ok" else None
 
 
 def run_bm25_baseline(cfg: ExperimentConfig, root: Path) -> dict[str, Any]:
@@ -53,7 +38,7 @@ def run_bm25_baseline(cfg: ExperimentConfig, root: Path) -> dict[str, Any]:
     metrics = {dataset: evaluate_bm25(dataset, cfg, directory / "eval") for dataset in cfg.eval.datasets}
     record = {"kind": "bm25", "name": "BM25", "backbone": None, "paradigm": None, "loss": None}
     record |= {"parameters": None, "flops": 0, "metrics": metrics, "status": "ok"}
-    return _write(directory, record)
+    return write_record(directory, record)
 
 
 def run_step0_baseline(cell: ExperimentConfig, root: Path) -> dict[str, Any]:
@@ -85,7 +70,7 @@ def run_step0_baseline(cell: ExperimentConfig, root: Path) -> dict[str, Any]:
         "metrics": metrics,
         "status": "ok",
     }
-    return _write(directory, record)
+    return write_record(directory, record)
 
 
 def run_baselines(cfg: ExperimentConfig, root: Path, cells: Sequence[ExperimentConfig]) -> list[dict[str, Any]]:

@@ -132,7 +132,8 @@ def evaluate_bm25(
     from retriever.data.catalog import resolve_dataset
     from retriever.data.sources import load_source
     from retriever.evaluation import evaluate_detailed, protocol_for_dataset, write_run
-    from retriever.pipeline import _judged_queries, _safe  # the evaluation layout of cells, shared on purpose
+    from retriever.pipeline import _judged_queries
+    from retriever.records import safe_name
 
     proto = protocol_for_dataset(dataset_id)
     source = load_source(resolve_dataset(dataset_id, cfg))
@@ -140,7 +141,7 @@ def evaluate_bm25(
     if index is None:
         index = Bm25Index(source.docs(), k1=k1, b=b)
     run = index.search(dict(_judged_queries(source, qrels)), proto.depth)
-    run_file = Path(out_dir) / _safe(dataset_id) / "run.trec"
+    run_file = Path(out_dir) / safe_name(dataset_id) / "run.trec"
     write_run(run, run_file, tag=RUN_TAG, depth=proto.depth)
     result = evaluate_detailed(run, qrels, proto, run_name=f"BM25 {dataset_id}")
     metrics = {name: float(value) for name, value in result.metrics.items()}

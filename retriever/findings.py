@@ -109,11 +109,11 @@ def per_query_values(
 
 def cell_run_file(root: str | Path, record: Mapping[str, Any], dataset: str) -> Path:
     """Where a cell's run on ``dataset`` lives: ``cells/<cell>/eval/<safe dataset>/run.trec`` (as pipeline.py)."""
-    from retriever.pipeline import _safe  # the evaluation layout of cells, shared on purpose
+    from retriever.records import safe_name
     from retriever.sweep import cell_id
 
     cell = record.get("cell") or cell_id(record["backbone"], record["paradigm"], record["loss"])
-    return Path(root) / "cells" / str(cell) / "eval" / _safe(dataset) / "run.trec"
+    return Path(root) / "cells" / str(cell) / "eval" / safe_name(dataset) / "run.trec"
 
 
 def load_cell_values(

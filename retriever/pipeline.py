@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from retriever.config import ExperimentConfig
+from retriever.records import safe_name
 
 if TYPE_CHECKING:
     from retriever.evaluation import EvaluationProtocol
@@ -26,10 +27,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.json"
-
-
-def _safe(name: str) -> str:
-    return "".join(ch if ch.isalnum() or ch in "-." else "_" for ch in name)
 
 
 def _corpus_key(dataset_id: str) -> str:
@@ -128,15 +125,17 @@ def evaluate_encoder(
         qrels = source.qrels()
         query_length = cfg.eval.query_max_length or proto.query_max_length
         passage_length = cfg.eval.passage_max_length or proto.passage_max_length
-        corpus = out_dir / "corpus" / f"{_safe(_corpus_key(source_id))}-p{passage_length}-{fingerprint}"
+        corpus = out_dir / "corpus" / f"{safe_name(_corpus_key(source_id))}-p{passage_length}-{fingerprint}"
         _encode(encoder_dir, source.docs(), corpus / "encodings", kind="passage", max_length=passage_length, cfg=cfg)
         if not (corpus / "index").is_dir():
             build_shards(corpus / "encodings", corpus / "index", cfg.eval.num_shards, index_kind, overwrite=True)
-        where = out_dir / _safe(dataset)
+        where = out_dir / safe_name(dataset)
         queries = where / f"queries-q{query_length}-{fingerprint}"
         _encode(encoder_dir, _judged_queries(source, qrels), queries, kind="query", max_length=query_length, cfg=cfg)
         run_file = where / "run.trec"
-        run = search_to_run(corpus / "index", queries, depths[dataset], output=run_file, tag=_safe(encoder_dir.name))
+        run = search_to_run(
+            corpus / "index", queries, depths[dataset], output=run_file, tag=safe_name(encoder_dir.name)
+        )
         result = evaluate_detailed(run, qrels, proto, run_name=dataset)
         results[dataset] = {name: float(value) for name, value in result.metrics.items()}
         summary["datasets"][dataset] = {

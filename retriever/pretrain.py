@@ -9,26 +9,20 @@ continue its product: the LoRA adapter (`backbone.init_adapter`) or, with full f
 
 from __future__ import annotations
 
-import json
 import logging
 from typing import Any
 
 from retriever.config import CellOverride, ExperimentConfig
+from retriever.records import read_record, safe_name, write_record
 
 log = logging.getLogger(__name__)
-
-RESULT_FILE = "result.json"
-
-
-def _safe(text: str) -> str:
-    return "".join(ch if ch.isalnum() or ch in "-." else "_" for ch in text)
 
 
 def stage_config(cfg: ExperimentConfig, backbone: str) -> ExperimentConfig:
     """The MNTP run of one backbone, named after the sweep and the backbone."""
     stage = cfg.model_copy(deep=True)
     stage.backbone.name = backbone
-    stage.name = f"{cfg.name}-mntp-{_safe(backbone)}"
+    stage.name = f"{cfg.name}-mntp-{safe_name(backbone)}"
     return stage
 
 
@@ -37,9 +31,10 @@ def pretrain_backbone(cfg: ExperimentConfig, backbone: str, parent_run_id: str |
     from retriever.train.trainer import run_dir_for, run_training
 
     stage = stage_config(cfg, backbone)
-    record_path = run_dir_for(stage) / RESULT_FILE
-    if record_path.is_file():
-        return json.loads(record_path.read_text())
+    run_dir = run_dir_for(stage)
+    done = read_record(run_dir)  # written last: a stage without it is unfinished and runs again
+    if done is not None:
+        return done
     result = run_training(stage, task="mntp", parent_run_id=parent_run_id)
     record = {
         "backbone": backbone,
@@ -51,9 +46,7 @@ def pretrain_backbone(cfg: ExperimentConfig, backbone: str, parent_run_id: str |
         "kind": "adapter" if stage.backbone.lora.enabled else "weights",
         "tracking_run_id": result.get("tracking_run_id"),
     }
-    partial = record_path.with_suffix(".partial")
-    partial.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-    partial.replace(record_path)  # written last: a stage without it is unfinished and runs again
+    write_record(run_dir, record)
     log.info(
         "pre-trained %s: %d MNTP steps, %.3g FLOPs -> %s",
         backbone,

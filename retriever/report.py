@@ -14,14 +14,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from retriever.config import ExperimentConfig
+from retriever.records import BASELINES_DIR, RESULT_FILE
 from retriever.tracking import RunTracker, safe_metric_name
 
 if TYPE_CHECKING:
     from retriever.findings import Findings
 
 log = logging.getLogger(__name__)
-
-BASELINES_DIR = "baselines"
 
 
 def primary_metric(cfg: ExperimentConfig) -> tuple[str, str]:
@@ -85,7 +84,6 @@ def collect_baselines(root: Path) -> list[dict[str, Any]]:
     """The baseline records of a sweep, ``<sweep>/baselines/<id>/result.json`` (BM25, step-0 encoders), in id order;
     each gets its folder name as ``id`` unless it has one. Their runs follow the cells' layout: ``<id>/eval/``."""
     from retriever.analysis import RecordError
-    from retriever.sweep import RESULT_FILE
 
     records = []
     for path in sorted((Path(root) / BASELINES_DIR).glob(f"*/{RESULT_FILE}")):
@@ -102,10 +100,10 @@ def collect_baselines(root: Path) -> list[dict[str, Any]]:
 def baseline_metrics(baselines: list[dict[str, Any]]) -> dict[str, float]:
     """MLflow metrics of the baselines: ``baseline/<id>/<safe dataset>/<metric>`` (e.g. ``baseline/bm25/
     synthetic_test/ndcg_at_10``), finished baselines only."""
-    from retriever.pipeline import _safe  # dataset folder names of the evaluation layout
+    from retriever.records import safe_name
 
     return {
-        safe_metric_name(f"baseline/{record['id']}/{_safe(dataset)}/{metric}"): float(value)
+        safe_metric_name(f"baseline/{record['id']}/{safe_name(dataset)}/{metric}"): float(value)
         for record in baselines
         if record.get("status", "ok") == "ok"
         for dataset, scores in (record.get("metrics") or {}).items()

@@ -25,21 +25,17 @@ from pathlib import Path
 from typing import Any
 
 from retriever.config import ExperimentConfig, dump_config, flatten
+from retriever.records import RESULT_FILE, safe_name, write_record
 from retriever.tracking import RunTracker, artifact_location, ensure_experiment, tracking_uri
 
 log = logging.getLogger(__name__)
 
 STATE_FILE = "sweep.json"
-RESULT_FILE = "result.json"
-
-
-def _safe_name(text: str) -> str:
-    return "".join(ch if ch.isalnum() or ch in "-." else "_" for ch in text)
 
 
 def cell_id(backbone: str, paradigm: str, loss: str) -> str:
     """A file-system safe, stable cell name: `tiny-s__sparse__cl_kd`."""
-    return f"{_safe_name(backbone)}__{paradigm}__{_safe_name(loss)}"
+    return f"{safe_name(backbone)}__{paradigm}__{safe_name(loss)}"
 
 
 def cell_config(cfg: ExperimentConfig, backbone: str, paradigm: str, loss: str) -> ExperimentConfig:
@@ -125,7 +121,7 @@ def run_cell(config: dict[str, Any]) -> None:
         record["error"] = f"{type(exc).__name__}: {exc}"
         raise
     finally:
-        (directory / RESULT_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+        write_record(directory, record)
     _tune_report({"done": 1, "flops": record["flops"], **_flat_metrics(record["metrics"])})
 
 
@@ -269,7 +265,7 @@ def run_sweep(cfg: ExperimentConfig, *, resume: bool = False, verbose: bool = Fa
         state["config"], state["pretrain"] = cfg.model_dump(mode="json"), stages
         if tracking:
             RunTracker(tracking["uri"], tracking["experiment_id"], state["parent_run_id"]).log_metrics(
-                {f"pretrain/{_safe_name(s['backbone'])}/{k}": float(s[k]) for s in stages for k in ("flops", "steps")}
+                {f"pretrain/{safe_name(s['backbone'])}/{k}": float(s[k]) for s in stages for k in ("flops", "steps")}
             )
     state_path.write_text(json.dumps(state, indent=2) + "\n")
     if cfg.sweep.baselines:

@@ -9,13 +9,16 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from retriever.data.examples import sample_negatives
 from retriever.models.tokenizers import tokenize
+
+if TYPE_CHECKING:
+    from retriever.data.examples import DocTexts
 
 
 @dataclass
@@ -61,7 +64,7 @@ class TrainingCollator:
         pad_to_max_length: bool,
         need_teacher: bool,
         seed: int,
-        docs: Mapping[str, str] | None = None,
+        docs: DocTexts | None = None,
     ) -> None:
         self.tokenizer = tokenizer
         self.num_negatives = num_negatives

@@ -288,28 +288,26 @@ class _DocLookup:
     """Document id → text over a mapping or any ``.get`` store, caching what it has resolved."""
 
     def __init__(self, docs: Any) -> None:
-        if not callable(getattr(docs, "get", None)):
-            raise TypeError(f"docs must be a mapping or have .get(doc_id), got {type(docs).__name__}")
-        self._docs = docs
+        self._docs = DocTexts(docs)
         self._texts: dict[str, str] = {}
 
     def require(self, docid: str, where: str) -> None:
         if docid in self._texts:
             return
         try:
-            value = self._docs.get(docid)
+            self._texts[docid] = self._docs[docid]
         except KeyError:
-            value = None
-        if value is None:
-            raise ValueError(f"{where}: unknown document id {docid!r} (not in the docs store); fix the id or the docs")
-        self._texts[docid] = _as_text(value, docid)
+            raise ValueError(
+                f"{where}: unknown document id {docid!r} (not in the docs store); fix the id or the docs"
+            ) from None
 
     def text(self, docid: str) -> str:
         return self._texts[docid]
 
 
-class DocTexts(Mapping[str, str]):
-    """Document id → text over an ir_datasets docs store (or any ``.get`` store), for examples that hold ids."""
+class DocTexts:
+    """Document id → text (``docs[id]``) over a mapping, an ir_datasets docs store or any ``.get`` store, for
+    training examples that hold passage ids."""
 
     def __init__(self, store: Any, name: str = "the docs store") -> None:
         if not callable(getattr(store, "get", None)):
@@ -325,12 +323,6 @@ class DocTexts(Mapping[str, str]):
         if value is None:
             raise KeyError(f"document {docid!r} is not in {self._name}; the examples and data.docs do not match")
         return _as_text(value, docid)
-
-    def __iter__(self) -> Iterator[str]:
-        raise TypeError(f"{self._name} is looked up by id, not iterated")
-
-    def __len__(self) -> int:
-        return len(self._store) if hasattr(self._store, "__len__") else 0
 
 
 def _as_text(value: Any, docid: str) -> str:

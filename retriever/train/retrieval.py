@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -16,6 +16,9 @@ from retriever.flops import passages_per_query
 from retriever.losses import LossOutput, RetrievalBatch, build_loss
 from retriever.models.backbone import is_random_preset
 from retriever.models.encoders import RetrievalEncoder, build_encoder
+
+if TYPE_CHECKING:
+    from retriever.data.examples import DocTexts
 
 
 class PairModule(nn.Module):
@@ -52,7 +55,7 @@ def gathered_state_dict(module: nn.Module, full: bool) -> dict[str, torch.Tensor
 class RetrievalTask:
     name = "retrieval"
 
-    def __init__(self, cfg: ExperimentConfig, *, planned_steps: int, docs: Mapping[str, str] | None = None) -> None:
+    def __init__(self, cfg: ExperimentConfig, *, planned_steps: int, docs: DocTexts | None = None) -> None:
         self.cfg = cfg
         self.planned_steps = planned_steps
         self.docs = docs

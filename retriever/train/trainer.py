@@ -9,13 +9,16 @@ from the latest checkpoint (Ray Train's job-level resume, or the local checkpoin
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from retriever.config import ExperimentConfig
 from retriever.registry import Registry
 from retriever.tracking import RunTracker, artifact_location, ensure_experiment, tracking_uri
+
+if TYPE_CHECKING:
+    from retriever.data.examples import DocTexts
 
 log = logging.getLogger(__name__)
 
@@ -65,19 +68,19 @@ def prepare_training_data(cfg: ExperimentConfig) -> Path:
     return out
 
 
-def training_docs(cfg: ExperimentConfig) -> Mapping[str, str] | None:
+def training_docs(cfg: ExperimentConfig) -> DocTexts | None:
     """Passage texts for examples that hold ids: the `data.docs` dataset's docs, or the synthetic corpus."""
     from retriever.data.catalog import resolve_dataset
+    from retriever.data.examples import DocTexts
 
     if cfg.data.docs is not None:
-        from retriever.data.examples import DocTexts
         from retriever.data.sources import load_source
 
         return DocTexts(load_source(resolve_dataset(cfg.data.docs, cfg)).docs_store(), f"data.docs={cfg.data.docs!r}")
     if cfg.data.train == "synthetic":
         from retriever.data.catalog import synthetic_benchmark
 
-        return synthetic_benchmark(cfg).docs()
+        return DocTexts(synthetic_benchmark(cfg).docs(), "the synthetic corpus")
     return None
 
 

@@ -10,23 +10,13 @@ import pytest
 from test_train_loop import make_config
 
 from retriever.data.catalog import synthetic_benchmark
-from retriever.data.examples import build_training_examples
+from retriever.data.examples import build_synthetic_examples
 from retriever.train.trainer import run_dir_for, run_training
 
 
 def ids_only_examples(cfg, out):
-    """The synthetic benchmark's training examples with passage ids only (no `positive` / `negatives` texts)."""
-    bench = synthetic_benchmark(cfg)
-    build_training_examples(
-        bench.qrels_train,
-        bench.candidates_train,
-        bench.queries,
-        bench.docs(),
-        out,
-        teacher=bench.teacher_train,
-        num_negatives=cfg.loss.num_negatives,
-        inline_text=False,
-    )
+    """The synthetic benchmark's training examples, which hold passage ids only (no `positive` / `negatives`)."""
+    build_synthetic_examples(synthetic_benchmark(cfg), out, num_negatives=cfg.loss.num_negatives)
     assert {"positive", "negatives"}.isdisjoint(pq.read_schema(out).names)
     return out
 
