@@ -64,7 +64,7 @@ class EncoderConfig(StrictModel):
     passage_max_length: int = Field(128, gt=0)
     temperature: float = Field(0.01, gt=0, description="dense training logits are divided by this")
     sparse_chunk_tokens: int = Field(
-        2048, gt=0, description="(text, position) cells per LM-head chunk: bounds the [cells, vocab] logits memory"
+        256, gt=0, description="(text, position) cells per LM-head chunk: bounds the [cells, vocab] logits memory"
     )
 
 
@@ -133,6 +133,9 @@ class DataConfig(StrictModel):
     synthetic_docs: int = Field(2000, gt=0)
     synthetic_train_queries: int = Field(800, gt=0)
     synthetic_test_queries: int = Field(200, gt=0)
+    synthetic_candidates: int = Field(
+        50, gt=0, description="BM25 candidates per training query: the pool of hard negatives and teacher scores"
+    )
 
 
 class EvalConfig(StrictModel):

@@ -209,7 +209,15 @@ def _prepare(cfg: ExperimentConfig) -> ExperimentConfig:
 
     cfg = resolve_references(cfg)
     plan_grid(cfg)  # fails now, with the cell and the minimum budget, if a cell cannot afford one step
-    prepare_training_data(cfg)
+    # Overrides may give cells their own data or negatives: build each distinct training set once, here.
+    prepared: set[str] = set()
+    for backbone, paradigm in _backbone_paradigms(cfg):
+        for loss in cfg.sweep.losses:
+            cell = cell_config(cfg, backbone, paradigm, loss)
+            key = cell.data.model_dump_json() + f"/{cell.loss.num_negatives}"
+            if key not in prepared:
+                prepared.add(key)
+                prepare_training_data(cell)
     for dataset in cfg.eval.datasets:
         resolve_dataset(dataset, cfg)
     return cfg

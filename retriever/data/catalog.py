@@ -22,7 +22,7 @@ def synthetic_benchmark(cfg: ExperimentConfig) -> SyntheticBenchmark:
         / "data"
         / (
             f"synthetic-s{data.synthetic_seed}-d{data.synthetic_docs}"
-            f"-q{data.synthetic_train_queries}-{data.synthetic_test_queries}"
+            f"-q{data.synthetic_train_queries}-{data.synthetic_test_queries}-c{data.synthetic_candidates}"
         )
     )
     return ensure_synthetic(
@@ -31,6 +31,7 @@ def synthetic_benchmark(cfg: ExperimentConfig) -> SyntheticBenchmark:
         num_docs=data.synthetic_docs,
         num_train_queries=data.synthetic_train_queries,
         num_test_queries=data.synthetic_test_queries,
+        num_candidates=data.synthetic_candidates,
     )
 
 

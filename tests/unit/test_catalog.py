@@ -54,3 +54,38 @@ def test_ids_presets_and_symbolic_names_stay_as_they_are(tmp_path: Path):
     assert resolved.tracking.artifact_location == "s3://bucket/artifacts"
     hub = absolute_paths(make_config(backbone={"name": "meta-llama/Llama-3.2-1B"}), tmp_path)
     assert hub.backbone.name == "meta-llama/Llama-3.2-1B"  # a hub id with no local folder stays an id
+
+
+def test_cells_with_their_own_data_get_their_training_set_built_before_the_grid(tmp_path: Path):
+    """A `sweep.overrides` entry that changes a cell's data (here the candidate pool of the KD cells) gets its own
+    benchmark folder and training examples, built once by the sweep's preparation, so no two trials build them."""
+    from retriever.data.catalog import synthetic_benchmark
+    from retriever.sweep import _prepare, cell_config
+
+    cfg = make_config(
+        train={"output_dir": str(tmp_path)},
+        data={"synthetic_docs": 200, "synthetic_train_queries": 20, "synthetic_test_queries": 12},
+        loss={"num_negatives": 2},
+        budget={"max_steps": 1},
+        sweep={
+            "backbones": ["tiny-s"],
+            "paradigms": ["dense"],
+            "losses": ["cl", "kd"],
+            "overrides": [{"losses": ["kd"], "set": {"data.synthetic_candidates": 80}}],
+        },
+    )
+    prepared = _prepare(cfg)
+    cl, kd = (cell_config(prepared, "tiny-s", "dense", loss) for loss in ("cl", "kd"))
+    cl_bench, kd_bench = synthetic_benchmark(cl), synthetic_benchmark(kd)
+    assert (cl_bench.num_candidates, kd_bench.num_candidates) == (50, 80)
+    assert cl_bench.root != kd_bench.root
+    for bench in (cl_bench, kd_bench):
+        assert (bench.root / "train-examples-2.parquet").is_file()
+    pools = {}
+    for bench in (cl_bench, kd_bench):
+        ranked: dict[str, int] = {}
+        for line in bench.candidates_train.read_text().splitlines():
+            qid = line.split()[0]
+            ranked[qid] = ranked.get(qid, 0) + 1
+        pools[bench.num_candidates] = max(ranked.values())
+    assert pools[50] <= 50 < pools[80] <= 80
