@@ -2,16 +2,17 @@
 
 Every method trains the same tiny random Llama (one of the tiny presets, same seeded weights, same word-level
 tokenizer of the synthetic corpus) on the same synthetic training examples, with the settings of
-configs/quickstart.yaml: CL loss (InfoNCE over in-batch and hard negatives), 16 queries x (1 positive + 4 hard
-negatives) per step, query length 16, passage length 64, full fine-tuning, AdamW at the config's `train.lr` and
-schedule (the learning rate does not change the cost of a step), fp32 on the CPU with the same torch thread count:
+configs/quickstart.yaml for that backbone's CL cell (its `sweep.overrides` applied): InfoNCE over in-batch and hard
+negatives, 128 / 64 / 32 queries (tiny-s / m / l) x (1 positive + 1 hard negative) per step, query length 8, passage
+length 56, full fine-tuning, AdamW at the config's `train.lr` and schedule (the learning rate does not change the
+cost of a step), fp32 on the CPU with the same torch thread count:
 
 - ours: the project's training task (`TASKS.get("retrieval")(cfg, planned).build()`, `.collate`, `.step_cost`,
   `.loss`, backward, `torch.optim.AdamW` step), batches from `LocalContext.batches` as `run_loop` draws them; and,
   for reference, the same with `train.pad_to_max_length=false` (each batch padded to its longest text);
-- dense baseline: `SentenceTransformerTrainer` with `MultipleNegativesRankingLoss` over (query, positive, 4 negative)
+- dense baseline: `SentenceTransformerTrainer` with `MultipleNegativesRankingLoss` over (query, positive, negative)
   columns on `SentenceTransformer([Transformer(model dir), Pooling(dim, "mean")])`, the same weights and tokenizer,
-  per-task max lengths 16 (query) and 64 (document); it runs the decoder causally (its default for Llama; ours is
+  the same per-task max lengths (query, document); it runs the decoder causally (its default for Llama; ours is
   bidirectional), pads each column to its longest text (ours pads to the max length: fixed shapes), and uses the
   trainer's default AdamW implementation (fused);
 - sparse baseline (sentence-transformers' sparse trainer needs a masked-LM model, which Llama is not): a plain

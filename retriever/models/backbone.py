@@ -91,10 +91,11 @@ for _preset in (
     _llama3("llama-3.2-1b", "meta-llama/Llama-3.2-1B", 2048, 8192, layers=16, heads=32, head_dim=64, **_LLAMA32),
     _llama3("llama-3.2-3b", "meta-llama/Llama-3.2-3B", 3072, 8192, layers=28, heads=24, head_dim=128, **_LLAMA32),
     _llama3("llama-3-8b", "meta-llama/Meta-Llama-3-8B", 4096, 14336, layers=32, heads=32, head_dim=128, **_LLAMA3_8K),
-    # Tiny Llama-shaped presets, about 4x apart in parameters at the default 4,096-token vocabulary.
+    # Tiny two-layer Llamas that differ in width only (32 / 64 / 128): deeper random-init models learn too slowly
+    # per step for the quickstart's budget, and width is what dense vectors need.
     _tiny("tiny-s", hidden=32, ffn=96, layers=2, heads=2, kv_heads=1),
-    _tiny("tiny-m", hidden=64, ffn=256, layers=6, heads=4, kv_heads=2),
-    _tiny("tiny-l", hidden=128, ffn=384, layers=10, heads=4, kv_heads=2),
+    _tiny("tiny-m", hidden=64, ffn=192, layers=2, heads=2, kv_heads=1),
+    _tiny("tiny-l", hidden=128, ffn=384, layers=2, heads=4, kv_heads=2),
 ):
     BACKBONES.add(_preset.name, _preset)
 
