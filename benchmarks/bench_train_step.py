@@ -3,8 +3,8 @@
 Every method trains the same tiny random Llama (one of the tiny presets, same seeded weights, same word-level
 tokenizer of the synthetic corpus) on the same synthetic training examples, with the settings of
 configs/quickstart.yaml for that backbone's CL cell (its `sweep.overrides` applied): InfoNCE over in-batch and hard
-negatives, 128 / 64 / 32 queries (tiny-s / m / l) x (1 positive + 1 hard negative) per step, query length 8, passage
-length 56, full fine-tuning, AdamW at the config's `train.lr` and schedule (the learning rate does not change the
+negatives, that cell's batch of queries x (1 positive + its hard negatives) per step and its query and passage
+lengths, full fine-tuning, AdamW at the config's `train.lr` and schedule (the learning rate does not change the
 cost of a step), fp32 on the CPU with the same torch thread count:
 
 - ours: the project's training task (`TASKS.get("retrieval")(cfg, planned).build()`, `.collate`, `.step_cost`,
