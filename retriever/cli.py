@@ -112,6 +112,13 @@ def _plan(args: argparse.Namespace) -> int:
             f"{m.max_length} tokens, mask {m.mask_probability}, on {m.corpus}); its FLOPs are reported per backbone "
             "and are not part of a cell's budget; every cell continues its backbone's product"
         )
+    if cfg.bow.enabled:
+        b = cfg.bow
+        print(
+            f"pre-training: bag-of-words once per backbone x paradigm before the grid ({b.steps:,} steps of "
+            f"{b.batch_size} texts, lr {b.lr}, on {b.corpus}; `sweep.overrides` without a loss selector apply); its "
+            "FLOPs are reported per stage and are not part of a cell's budget; every cell continues its pair's product"
+        )
     for index in unmatched_overrides(cfg):
         print(f"note: sweep.overrides[{index}] matches no cell of this grid (check its selectors)")
     return 0
@@ -122,9 +129,10 @@ def _train_args(parser: argparse.ArgumentParser) -> None:
     _config_args(parser)
     parser.add_argument(
         "--stage",
-        choices=["retrieval", "mntp"],
+        choices=["retrieval", "mntp", "bow"],
         default="retrieval",
-        help="retrieval fine-tuning (default) or the MNTP adaptation stage",
+        help="retrieval fine-tuning (default), the MNTP adaptation stage or bag-of-words pre-training "
+        "(the configured backbone x paradigm)",
     )
 
 

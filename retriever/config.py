@@ -124,6 +124,18 @@ class MntpConfig(StrictModel):
     lr: float = Field(5e-5, gt=0)
 
 
+class BowConfig(StrictModel):
+    """Bag-of-words pre-training: each text's own representation (the cell's paradigm) learns to predict the text's
+    terms; once per backbone x paradigm before the grid, after MNTP when both run."""
+
+    enabled: bool = False
+    corpus: str = Field("synthetic", description="texts: `synthetic`, a dataset id, or a text file")
+    steps: int = Field(300, gt=0)
+    batch_size: int = Field(64, gt=0, description="texts per step, cut to encoder.passage_max_length tokens")
+    lr: float = Field(2e-3, gt=0)
+    temperature: float = Field(0.05, gt=0, description="dense: the LM head's logits of the pooled vector / this")
+
+
 class DataConfig(StrictModel):
     train: str = Field("synthetic", description="training examples parquet, or `synthetic`")
     docs: str | None = Field(
@@ -196,7 +208,8 @@ class CellOverride(StrictModel):
     def _flatten_set(cls, values: dict[str, Any]) -> dict[str, Any]:
         return _dotted_leaves(values)
 
-    def matches(self, backbone: str, paradigm: str, loss: str) -> bool:
+    def matches(self, backbone: str, paradigm: str, loss: str | None) -> bool:
+        """Whether this entry applies; `loss` None (a stage shared by every loss) matches only loss-free entries."""
         return all(
             chosen is None or value in chosen
             for chosen, value in ((self.backbones, backbone), (self.paradigms, paradigm), (self.losses, loss))
@@ -263,6 +276,7 @@ class ExperimentConfig(StrictModel):
     budget: BudgetConfig = Field(default_factory=lambda: BudgetConfig(max_steps=100))
     train: TrainConfig = Field(default_factory=TrainConfig)
     mntp: MntpConfig = Field(default_factory=MntpConfig)
+    bow: BowConfig = Field(default_factory=BowConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
@@ -326,16 +340,29 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 def cell_settings(cfg: ExperimentConfig, backbone: str, paradigm: str, loss: str) -> ExperimentConfig:
     """`cfg` for one sweep cell: its axes set, then every matching `sweep.overrides` entry applied in order (later
     wins). Shared by the sweep (`retriever.sweep.cell_config`) and the planner, so plans equal what runs."""
+    return _with_overrides(cfg, backbone, paradigm, loss)
+
+
+def stage_settings(cfg: ExperimentConfig, backbone: str, paradigm: str) -> ExperimentConfig:
+    """`cfg` for a pre-training stage of one backbone x paradigm (shared by all its losses): the overrides that
+    select no loss and match both axes, applied in order."""
+    return _with_overrides(cfg, backbone, paradigm, None)
+
+
+def _with_overrides(cfg: ExperimentConfig, backbone: str, paradigm: str, loss: str | None) -> ExperimentConfig:
     data = cfg.model_dump(mode="json")
-    data["backbone"]["name"], data["encoder"]["paradigm"], data["loss"]["name"] = backbone, paradigm, loss
+    data["backbone"]["name"], data["encoder"]["paradigm"] = backbone, paradigm
+    if loss is not None:
+        data["loss"]["name"] = loss
     for index, override in enumerate(cfg.sweep.overrides):
         if override.matches(backbone, paradigm, loss):
             for key, value in override.set.items():
                 _set_path(data, key.split("."), copy.deepcopy(value), f"sweep.overrides[{index}] key {key!r}")
+    where = f"cell ({backbone}, {paradigm}, {loss})" if loss else f"stage ({backbone}, {paradigm})"
     try:
         return ExperimentConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc, f"cell ({backbone}, {paradigm}, {loss})")) from None
+        raise ConfigError(format_validation_error(exc, where)) from None
 
 
 def unmatched_overrides(cfg: ExperimentConfig) -> list[int]:

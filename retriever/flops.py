@@ -469,6 +469,25 @@ def mntp_flops(
     return _breakdown(p, rows * length)
 
 
+def bow_flops(
+    shape: ModelShape,
+    paradigm: str,
+    texts: int,
+    length: int,
+    **training: Unpack[TrainingOptions],
+) -> FlopBreakdown:
+    """FLOPs of one bag-of-words pre-training step: the encoder over `texts` x `length` tokens, then the LM head on
+    what the paradigm predicts from (sparse: every position, max-pooled with the routed backward; dense: each
+    text's pooled vector); `training`: see `TrainingOptions`."""
+    if texts <= 0 or length <= 0:
+        raise ValueError(f"bow_flops: need texts, length > 0, got {texts}, {length}")
+    sparse = PARADIGM_COSTS.get(paradigm).lm_head
+    setup = _Setup.make(**training)
+    p = _Phases()
+    _encode(p, shape, setup, texts, length, head_positions=texts * length if sparse else texts, routed=sparse)
+    return _breakdown(p, texts * length)
+
+
 def _attention_kernel(attn_implementation: str) -> AttentionKernel:
     # sdpa runs fused kernels (flash / memory-efficient, on CPU too) whose backward recomputes the scores.
     return "eager" if attn_implementation == "eager" else "fused"
@@ -554,6 +573,11 @@ class StepCostModel:
         """MNTP of `cfg`: the decoder alone (no scoring), through LoRA or full fine-tuning as the task trains it."""
         return cls._for(cfg, config, "dense", ())
 
+    @classmethod
+    def for_bow(cls, cfg: ExperimentConfig, config: PretrainedConfig) -> StepCostModel:
+        """Bag-of-words pre-training of `cfg`'s paradigm (no scoring)."""
+        return cls._for(cfg, config, cfg.encoder.paradigm, ())
+
     def _options(self) -> TrainingOptions:
         return {
             "lora_rank": self.lora_rank,
@@ -585,6 +609,9 @@ class StepCostModel:
 
     def mntp_step_flops(self, *, rows: int, length: int, predicted: int) -> int:
         return mntp_flops(self.shape, rows, length, predicted, **self._options()).total
+
+    def bow_step_flops(self, *, texts: int, length: int) -> int:
+        return bow_flops(self.shape, self.paradigm, texts, length, **self._options()).total
 
 
 # ------------------------------------------------------------------------------------------------- planner
@@ -662,6 +689,29 @@ def _vocab_size(
             cache[cfg.backbone.tokenizer] = len(load_tokenizer(cfg.backbone.tokenizer))
         return cache[cfg.backbone.tokenizer]
     return None
+
+
+def stage_flops(stage: ExperimentConfig, task: str) -> float:
+    """Planned FLOPs of a pre-training stage (`mntp`: the expected share of masked positions; `bow`), from the
+    stage's config before `retriever.train` specialises it (its own steps and batch come from `mntp` / `bow`)."""
+    name = stage.backbone.name
+    shape = ModelShape.from_name(stage.backbone.init_weights or name, _vocab_size(stage, name, None, {}))
+    lora_rank, lora_targets, _ = _planned_lora(stage)
+    options: TrainingOptions = {
+        "lora_rank": lora_rank,
+        "lora_targets": lora_targets,
+        "gradient_checkpointing": stage.backbone.gradient_checkpointing,
+        "attention": _attention_kernel(stage.backbone.attn_implementation),
+    }
+    if task == "mntp":
+        m = stage.mntp
+        predicted = round(m.mask_probability * m.batch_size * m.max_length)
+        return float(m.steps * mntp_flops(shape, m.batch_size, m.max_length, predicted, **options).total)
+    if task == "bow":
+        b = stage.bow
+        length = stage.encoder.passage_max_length
+        return float(b.steps * bow_flops(shape, stage.encoder.paradigm, b.batch_size, length, **options).total)
+    raise ValueError(f"no FLOP plan for a {task!r} stage (known: mntp, bow)")
 
 
 def _plan(cfg: ExperimentConfig, name: str, backbone: _Backbone, paradigm: str, loss: str) -> PlanCell:

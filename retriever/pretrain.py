@@ -1,73 +1,118 @@
-"""The pre-training stage of a sweep (`mntp.enabled`): MNTP once per backbone, before the grid, shared by all of
-that backbone's cells, as the paper adapts each Llama with MNTP before the budgeted fine-tuning.
+"""The pre-training stages of a sweep, run before the grid and shared by the cells that continue them:
 
-Each backbone's stage is its own training run (`<output_dir>/<sweep>-mntp-<backbone>/`, an MLflow child run of the
-sweep); its FLOPs are reported per backbone, outside every cell's budget. A finished stage is reused. The cells
-continue its product: the LoRA adapter (`backbone.init_adapter`) or, with full fine-tuning, the whole model
-(`backbone.init_weights`), through one `sweep.overrides` entry per backbone.
+- MNTP (`mntp.enabled`): once per backbone (`<output_dir>/<sweep>-mntp-<backbone>/`), as the paper adapts each
+  Llama with MNTP before the budgeted fine-tuning;
+- bag-of-words (`bow.enabled`, `retriever.train.bow`): once per backbone x paradigm
+  (`<output_dir>/<sweep>-bow-<backbone>-<paradigm>/`), after MNTP when both run, shared by that pair's losses.
+
+Each stage is its own training run (an MLflow child run of the sweep); its FLOPs are reported per stage, outside
+every cell's budget. A finished stage is reused. The cells continue its product: the LoRA adapter
+(`backbone.init_adapter`) or, with full fine-tuning, the whole model (`backbone.init_weights`), through one
+`sweep.overrides` entry per stage, placed before the user's entries so those still win.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
-from retriever.config import CellOverride, ExperimentConfig
+from retriever.config import CellOverride, ExperimentConfig, stage_settings
 from retriever.records import read_record, safe_name, write_record
 
 log = logging.getLogger(__name__)
 
+CONTINUE_KEYS = {"adapter": "backbone.init_adapter", "weights": "backbone.init_weights"}
 
-def stage_config(cfg: ExperimentConfig, backbone: str) -> ExperimentConfig:
-    """The MNTP run of one backbone, named after the sweep and the backbone."""
-    stage = cfg.model_copy(deep=True)
-    stage.backbone.name = backbone
-    stage.name = f"{cfg.name}-mntp-{safe_name(backbone)}"
+
+def stage_config(cfg: ExperimentConfig, backbone: str, task: str = "mntp", paradigm: str | None = None):
+    """The run of one stage: MNTP of `backbone`, or bag-of-words pre-training of (`backbone`, `paradigm`) with the
+    `sweep.overrides` that select no loss and match both."""
+    if task == "mntp":
+        stage = cfg.model_copy(deep=True)
+        stage.backbone.name = backbone
+        stage.name = f"{cfg.name}-mntp-{safe_name(backbone)}"
+        return stage
+    if paradigm is None:
+        raise ValueError(f"the {task} stage is per backbone x paradigm: give the paradigm")
+    stage = stage_settings(cfg, backbone, paradigm)
+    stage.name = f"{cfg.name}-{task}-{safe_name(backbone)}-{paradigm}"
     return stage
 
 
-def pretrain_backbone(cfg: ExperimentConfig, backbone: str, parent_run_id: str | None) -> dict[str, Any]:
-    """Run (or reuse) the MNTP stage of `backbone`; returns its record (steps, FLOPs, product directory)."""
+def run_stage(stage: ExperimentConfig, task: str, parent_run_id: str | None, **labels: Any) -> dict[str, Any]:
+    """Run (or reuse) one pre-training stage; returns its record (steps, FLOPs, product directory)."""
     from retriever.train.trainer import run_dir_for, run_training
 
-    stage = stage_config(cfg, backbone)
     run_dir = run_dir_for(stage)
     done = read_record(run_dir)  # written last: a stage without it is unfinished and runs again
     if done is not None:
         return done
-    result = run_training(stage, task="mntp", parent_run_id=parent_run_id)
+    result = run_training(stage, task=task, parent_run_id=parent_run_id)
     record = {
-        "backbone": backbone,
-        "task": "mntp",
+        **labels,
+        "task": task,
         "steps": result["steps"],
         "flops": result["flops"],
         "tokens": result["tokens"],
         "product": result["export_dir"],
-        "kind": "adapter" if stage.backbone.lora.enabled else "weights",
+        "kind": "adapter" if stage.backbone.lora.enabled or stage.backbone.init_adapter else "weights",
         "tracking_run_id": result.get("tracking_run_id"),
     }
     write_record(run_dir, record)
-    log.info(
-        "pre-trained %s: %d MNTP steps, %.3g FLOPs -> %s",
-        backbone,
-        record["steps"],
-        record["flops"],
-        record["product"],
-    )
+    log.info("%s stage %s: %d steps, %.3g FLOPs -> %s", task, labels, record["steps"], record["flops"], run_dir)
     return record
 
 
+def pretrain_backbone(cfg: ExperimentConfig, backbone: str, parent_run_id: str | None) -> dict[str, Any]:
+    """Run (or reuse) the MNTP stage of `backbone`."""
+    return run_stage(stage_config(cfg, backbone), "mntp", parent_run_id, backbone=backbone)
+
+
+def stage_label(record: dict[str, Any]) -> str:
+    """`<backbone>` (MNTP) or `<backbone>/<paradigm>` (bag-of-words): where a stage's metrics go."""
+    parts = [safe_name(record["backbone"])] + ([record["paradigm"]] if record.get("paradigm") else [])
+    return "/".join(parts)
+
+
+StageJob = tuple[ExperimentConfig, str, dict[str, Any]]  # (stage config, task, record labels)
+StageRunner = Callable[[list[StageJob], str | None], list[dict[str, Any]]]
+
+
+def run_stages_here(jobs: list[StageJob], parent_run_id: str | None) -> list[dict[str, Any]]:
+    """One stage after the other in this process (the sweep runs them as parallel Ray tasks instead)."""
+    return [run_stage(stage, task, parent_run_id, **labels) for stage, task, labels in jobs]
+
+
 def pretrain_backbones(
-    cfg: ExperimentConfig, parent_run_id: str | None
+    cfg: ExperimentConfig, parent_run_id: str | None, run_stages: StageRunner = run_stages_here
 ) -> tuple[ExperimentConfig, list[dict[str, Any]]]:
-    """Pre-train every backbone of the sweep; returns the config whose cells continue the products (one override
-    per backbone, applied before the user's overrides so those still win) and the stage records."""
-    records = [pretrain_backbone(cfg, backbone, parent_run_id) for backbone in cfg.sweep.backbones]
+    """Run every enabled stage of the sweep (the MNTP stages, then the bag-of-words stages, each group through
+    `run_stages`); returns the config whose cells continue the products and the records."""
     continued = cfg.model_copy(deep=True)
-    key = {"adapter": "backbone.init_adapter", "weights": "backbone.init_weights"}
-    starts = [CellOverride(backbones=[r["backbone"]], set={key[r["kind"]]: r["product"]}) for r in records]
+    starts: list[CellOverride] = []
+    records: list[dict[str, Any]] = []
+    if cfg.mntp.enabled:
+        jobs = [(stage_config(cfg, b), "mntp", {"backbone": b}) for b in cfg.sweep.backbones]
+        for record in run_stages(jobs, parent_run_id):
+            records.append(record)
+            key = CONTINUE_KEYS[record["kind"]]
+            starts.append(CellOverride(backbones=[record["backbone"]], set={key: record["product"]}))
+    if cfg.bow.enabled:
+        after_mntp = cfg.model_copy(deep=True)
+        after_mntp.sweep.overrides = starts + list(cfg.sweep.overrides)
+        jobs = [
+            (stage_config(after_mntp, b, "bow", p), "bow", {"backbone": b, "paradigm": p})
+            for b in cfg.sweep.backbones
+            for p in cfg.sweep.paradigms
+        ]
+        for record in run_stages(jobs, parent_run_id):
+            records.append(record)
+            key = CONTINUE_KEYS[record["kind"]]
+            selector = {"backbones": [record["backbone"]], "paradigms": [record["paradigm"]]}
+            starts.append(CellOverride(**selector, set={key: record["product"]}))
     continued.sweep.overrides = starts + list(cfg.sweep.overrides)
     return continued, records
 
 
-__all__ = ["pretrain_backbone", "pretrain_backbones", "stage_config"]
+__all__ = ["pretrain_backbone", "pretrain_backbones", "run_stage", "run_stages_here", "stage_config", "stage_label"]

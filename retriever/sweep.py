@@ -201,6 +201,31 @@ def _max_concurrent(cfg: ExperimentConfig) -> int:
     return max(1, by_cpu)
 
 
+def _run_stage_task(stage: dict[str, Any], task: str, labels: dict[str, Any], parent: str | None) -> dict[str, Any]:
+    from retriever.pretrain import run_stage
+
+    return run_stage(ExperimentConfig.model_validate(stage), task, parent, **labels)
+
+
+def _ray_stage_runner(cfg: ExperimentConfig, verbose: bool):
+    """Run a group of pre-training stages as Ray tasks, each holding a cell's resources, so they share the cluster
+    as the cells do."""
+    import ray
+
+    def run(jobs: list[tuple[ExperimentConfig, str, dict[str, Any]]], parent: str | None) -> list[dict[str, Any]]:
+        if not ray.is_initialized():
+            ray.init(include_dashboard=False, log_to_driver=verbose)
+        from retriever.flops import stage_flops
+
+        remote = ray.remote(num_cpus=cfg.sweep.cpus_per_trial, max_retries=0)(_run_stage_task)
+        # Costliest first, so that the stages running side by side end close together.
+        order = sorted(range(len(jobs)), key=lambda i: -stage_flops(jobs[i][0], jobs[i][1]))
+        refs = {i: remote.remote(jobs[i][0].model_dump(mode="json"), jobs[i][1], jobs[i][2], parent) for i in order}
+        return [ray.get(refs[i]) for i in range(len(jobs))]
+
+    return run
+
+
 def _prepare(cfg: ExperimentConfig) -> ExperimentConfig:
     """Everything shared by the cells is built once, before any trial starts (no two trials race on it)."""
     from retriever.data.catalog import resolve_dataset, resolve_references
@@ -262,18 +287,24 @@ def run_sweep(cfg: ExperimentConfig, *, resume: bool = False, verbose: bool = Fa
     from retriever.sweep_console import stage_output
 
     stages_log = root / "stages.log"
-    if cfg.mntp.enabled and "pretrain" not in state:
-        from retriever.pretrain import pretrain_backbones
+    if (cfg.mntp.enabled or cfg.bow.enabled) and "pretrain" not in state:
+        from retriever.pretrain import pretrain_backbones, stage_label
 
-        print(f"pre-training (MNTP) {len(cfg.sweep.backbones)} backbone(s); output: {stages_log}", file=sys.stderr)
+        planned = (len(cfg.sweep.backbones) if cfg.mntp.enabled else 0) + (
+            len(cfg.sweep.backbones) * len(cfg.sweep.paradigms) if cfg.bow.enabled else 0
+        )
+        print(f"pre-training: {planned} stage(s); output: {stages_log}", file=sys.stderr)
         with stage_output(stages_log, verbose):
-            cfg, stages = pretrain_backbones(cfg, state["parent_run_id"])
+            cfg, stages = pretrain_backbones(cfg, state["parent_run_id"], _ray_stage_runner(cfg, verbose))
         for stage in stages:
-            print(f"  {stage['backbone']}: {stage['steps']} MNTP steps, {stage['flops']:.2e} FLOPs", file=sys.stderr)
+            print(
+                f"  {stage_label(stage)}: {stage['steps']} {stage['task']} steps, {stage['flops']:.2e} FLOPs",
+                file=sys.stderr,
+            )
         state["config"], state["pretrain"] = cfg.model_dump(mode="json"), stages
         if tracking:
             RunTracker(tracking["uri"], tracking["experiment_id"], state["parent_run_id"]).log_metrics(
-                {f"pretrain/{safe_name(s['backbone'])}/{k}": float(s[k]) for s in stages for k in ("flops", "steps")}
+                {f"pretrain/{stage_label(s)}/{s['task']}/{k}": float(s[k]) for s in stages for k in ("flops", "steps")}
             )
     state_path.write_text(json.dumps(state, indent=2) + "\n")
     if cfg.sweep.baselines:

@@ -7,6 +7,7 @@ ir_datasets id (hub or local) used as is.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 from retriever.config import ExperimentConfig
@@ -57,7 +58,8 @@ def absolute_paths(cfg: ExperimentConfig, base: str | Path | None = None) -> Exp
     Ray Tune trials and Train workers run in other working directories, so a config is made absolute where the
     user started the job before it travels to them. ``train.output_dir`` and the artifact and SQLite locations
     always become absolute; fields that hold a name or id *or* a path (backbone, tokenizer, adapter, data files,
-    MNTP corpus) only when they are not a preset or ``synthetic`` and the relative path exists, so ids stay ids.
+    pre-training corpora) only when they are not a preset or ``synthetic`` and the relative path exists, so ids
+    stay ids.
     """
     from retriever.models.backbone import find_preset
 
@@ -78,6 +80,7 @@ def absolute_paths(cfg: ExperimentConfig, base: str | Path | None = None) -> Exp
     resolved.data.train = local(cfg.data.train) or cfg.data.train
     resolved.data.docs = local(cfg.data.docs)
     resolved.mntp.corpus = local(cfg.mntp.corpus) or cfg.mntp.corpus
+    resolved.bow.corpus = local(cfg.bow.corpus) or cfg.bow.corpus
     location = cfg.tracking.artifact_location
     if location is not None and "://" not in location and not location.startswith("file:"):
         resolved.tracking.artifact_location = str(base / location)
@@ -107,3 +110,21 @@ def resolve_dataset(dataset_id: str, cfg: ExperimentConfig) -> str:
         raise ValueError(f"dataset {dataset_id!r}: the synthetic benchmark has splits train and test")
     bench = synthetic_benchmark(cfg)
     return register_beir_folder(f"{bench.root.name}-{split}", bench.root, split=split)
+
+
+def corpus_texts(corpus: str, cfg: ExperimentConfig) -> Iterator[str]:
+    """Texts of `synthetic`, a text file (one text per line) or a dataset id known to `retriever.data.sources`."""
+    if corpus == SYNTHETIC:
+        yield from synthetic_benchmark(cfg).docs().values()
+        return
+    path = Path(corpus)
+    if path.is_file():
+        with path.open(encoding="utf-8") as lines:
+            for line in lines:
+                if line.strip():
+                    yield line.rstrip("\n")
+        return
+    from retriever.data.sources import load_source
+
+    for _, text in load_source(corpus).docs():
+        yield text

@@ -267,12 +267,16 @@ class SparseEncoder(RetrievalEncoder):
     paradigm = "sparse"
 
     def represent(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return torch.log1p(self.term_activations(hidden, attention_mask))
+
+    def term_activations(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """relu(max over positions of the LM-head logits) * hidden_size^(-1/4): the representation before log1p."""
         head = self.lm.get_output_embeddings()
         if getattr(head, "bias", None) is not None:
             raise ValueError("sparse encoders expect an LM head without bias")
         peak = sparse_max_logits(hidden, head.weight, attention_mask, self.settings.sparse_chunk_tokens)
         # max commutes with the positive scale and the monotone log1p(relu(.)).
-        return torch.log1p(peak * self.lm.config.hidden_size**-0.25)
+        return peak * self.lm.config.hidden_size**-0.25
 
     @property
     def dimension(self) -> int:

@@ -37,6 +37,7 @@ class Task(Protocol):
     """What is trained and how a step is computed; the loop owns everything else."""
 
     name: str
+    product: str  # the folder of the run directory that `export` writes
 
     def build(self) -> nn.Module: ...
 
@@ -269,7 +270,7 @@ def run_loop(
 
     if last_checkpoint != progress.step:
         checkpoint({"step": progress.step, "flops": progress.flops, "tokens": progress.tokens})
-    export_dir = Path(run_dir) / ("encoder" if task.name != "mntp" else "mntp")
+    export_dir = Path(run_dir) / task.product
     task.export(wrapped.module, export_dir, ctx.rank)
     probe = task.probe(wrapped.module, probe_texts, device) if probe_texts else None
     if ctx.rank == 0:

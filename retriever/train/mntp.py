@@ -17,10 +17,10 @@ import numpy as np
 import pyarrow as pa
 import torch
 import torch.nn.functional as F
-from peft import PeftModel
 from torch import nn
 
 from retriever.config import BudgetConfig, ExperimentConfig
+from retriever.data.catalog import corpus_texts
 from retriever.losses import LossOutput
 from retriever.models.backbone import load_configured_backbone, tokenizer_reference
 from retriever.models.bidirectional import check_supported, decoder_states, set_bidirectional
@@ -39,26 +39,6 @@ def mntp_stage_config(cfg: ExperimentConfig) -> ExperimentConfig:
     stage.train.batch_size = cfg.mntp.batch_size
     stage.train.lr = cfg.mntp.lr
     return stage
-
-
-def corpus_texts(corpus: str, cfg: ExperimentConfig) -> Iterator[str]:
-    """Texts of `synthetic`, a text file (one text per line) or a dataset id known to `retriever.data.sources`."""
-    if corpus == "synthetic":
-        from retriever.data.catalog import synthetic_benchmark
-
-        yield from synthetic_benchmark(cfg).docs().values()
-        return
-    path = Path(corpus)
-    if path.is_file():
-        with path.open(encoding="utf-8") as lines:
-            for line in lines:
-                if line.strip():
-                    yield line.rstrip("\n")
-        return
-    from retriever.data.sources import load_source
-
-    for _, text in load_source(corpus).docs():
-        yield text
 
 
 def pack_blocks(texts: Iterator[str], tokenizer: Any, block: int, add_bos: bool) -> list[list[int]]:
@@ -129,6 +109,7 @@ class MntpModule(nn.Module):
 
 class MntpTask:
     name = "mntp"
+    product = "mntp"
 
     def __init__(self, cfg: ExperimentConfig) -> None:
         self.cfg = cfg
@@ -188,11 +169,7 @@ class MntpTask:
     def export(self, module: nn.Module, out_dir: Path, rank: int) -> None:
         """The LoRA adapter (continue with `backbone.init_adapter: OUT`); with full fine-tuning, the whole model in
         transformers format plus its tokenizer (continue with `backbone.name: OUT`)."""
-        from retriever.train.retrieval import gathered_state_dict
+        from retriever.train.retrieval import save_backbone
 
         inner = module if isinstance(module, MntpModule) else module.module
-        full = not isinstance(inner.model, PeftModel)
-        state = gathered_state_dict(inner.model, full=full)
-        if rank == 0:
-            inner.model.save_pretrained(out_dir, state_dict=state)
-            self.tokenizer.save_pretrained(out_dir)
+        save_backbone(inner.model, self.tokenizer, out_dir, rank)

@@ -52,8 +52,20 @@ def gathered_state_dict(module: nn.Module, full: bool) -> dict[str, torch.Tensor
     return get_model_state_dict(module, options=options)
 
 
+def save_backbone(model: nn.Module, tokenizer: Any, out_dir: Path, rank: int) -> None:
+    """A pre-training stage's product (collective under sharding; rank 0 writes): the LoRA adapter, or with full
+    fine-tuning the whole model in transformers format plus its tokenizer."""
+    from peft import PeftModel
+
+    state = gathered_state_dict(model, full=not isinstance(model, PeftModel))
+    if rank == 0:
+        model.save_pretrained(out_dir, state_dict=state)
+        tokenizer.save_pretrained(out_dir)
+
+
 class RetrievalTask:
     name = "retrieval"
+    product = "encoder"
 
     def __init__(self, cfg: ExperimentConfig, *, planned_steps: int, docs: DocTexts | None = None) -> None:
         self.cfg = cfg

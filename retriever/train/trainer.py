@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,7 +23,22 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-TASKS: Registry[Callable[..., Any]] = Registry("training task")
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """How `run_training` runs one kind of training stage.
+
+    `stage_config` turns the experiment's config into the stage's (its own steps, batch and lr), `planned_steps`
+    reads what it will run, `table` builds its rows in memory (None: the training-examples parquet) and
+    `checkpoints` names its checkpoint folder, so a retrieval run never resumes from a pre-training stage of the
+    same name.
+    """
+
+    make: Callable[[ExperimentConfig, int], Any]
+    stage_config: Callable[[ExperimentConfig], ExperimentConfig]
+    planned_steps: Callable[[ExperimentConfig], int]
+    table: Callable[[ExperimentConfig], Any] | None
+    checkpoints: str
 
 
 def _retrieval_task(cfg: ExperimentConfig, planned_steps: int):
@@ -37,14 +53,44 @@ def _mntp_task(cfg: ExperimentConfig, planned_steps: int):
     return MntpTask(cfg)
 
 
-TASKS.add("retrieval", _retrieval_task)
-TASKS.add("mntp", _mntp_task)
-# Each stage keeps its own checkpoints: a retrieval run never resumes from the MNTP stage of the same name.
-CHECKPOINT_FOLDERS = {"retrieval": "checkpoints", "mntp": "mntp-checkpoints"}
+def _mntp_stage(cfg: ExperimentConfig) -> ExperimentConfig:
+    from retriever.train.mntp import mntp_stage_config
+
+    return mntp_stage_config(cfg)
+
+
+def _mntp_table(cfg: ExperimentConfig) -> Any:
+    from retriever.train.mntp import mntp_table
+
+    return mntp_table(cfg)
+
+
+def _bow_task(cfg: ExperimentConfig, planned_steps: int):
+    from retriever.train.bow import BowTask
+
+    return BowTask(cfg)
+
+
+def _bow_stage(cfg: ExperimentConfig) -> ExperimentConfig:
+    from retriever.train.bow import bow_stage_config
+
+    return bow_stage_config(cfg)
+
+
+def _bow_table(cfg: ExperimentConfig) -> Any:
+    from retriever.train.bow import bow_table
+
+    return bow_table(cfg)
+
+
+TASKS: Registry[TaskSpec] = Registry("training task")
+TASKS.add("retrieval", TaskSpec(_retrieval_task, lambda cfg: cfg, lambda c: planned_steps_for(c), None, "checkpoints"))
+TASKS.add("mntp", TaskSpec(_mntp_task, _mntp_stage, lambda cfg: cfg.mntp.steps, _mntp_table, "mntp-checkpoints"))
+TASKS.add("bow", TaskSpec(_bow_task, _bow_stage, lambda cfg: cfg.bow.steps, _bow_table, "bow-checkpoints"))
 
 
 def run_dir_for(cfg: ExperimentConfig) -> Path:
-    """`<output_dir>/<name>`: the run's checkpoints and its product (`encoder/`, or `mntp/` for the MNTP stage)."""
+    """`<output_dir>/<name>`: the run's checkpoints and its product (`encoder/`, or the pre-training stage's)."""
     return (Path(cfg.train.output_dir) / cfg.name).resolve()
 
 
@@ -140,7 +186,7 @@ def ray_train_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     if loop_config.get("fail_once_at"):
         os.environ[FAIL_ONCE_ENV] = loop_config["fail_once_at"]
     cfg = ExperimentConfig.model_validate(loop_config["config"])
-    task = TASKS.get(loop_config["task"])(cfg, loop_config["planned_steps"])
+    task = TASKS.get(loop_config["task"]).make(cfg, loop_config["planned_steps"])
     result = run_loop(
         cfg,
         task,
@@ -172,14 +218,12 @@ def run_training(
     """
     from retriever.data.catalog import resolve_references
 
-    cfg = resolve_references(cfg)
-    if task == "mntp":
-        from retriever.train.mntp import mntp_stage_config
-
-        cfg = mntp_stage_config(cfg)
-    planned = planned_steps_for(cfg) if task == "retrieval" else cfg.mntp.steps
-    path = data_path or (prepare_training_data(cfg) if task == "retrieval" else None)
-    if task == "retrieval":
+    spec = TASKS.get(task)
+    cfg = spec.stage_config(resolve_references(cfg))
+    planned = spec.planned_steps(cfg)
+    path = None
+    if spec.table is None:
+        path = data_path or prepare_training_data(cfg)
         check_examples_have_texts(path, cfg)
     tracking = tracker_settings(cfg, parent_run_id)
     run_dir = run_dir_for(cfg)
@@ -193,19 +237,18 @@ def _run_local(cfg, task, planned, path, run_dir, tracking, probe_texts, on_repo
     from retriever.train.context import LocalContext
     from retriever.train.loop import run_loop
 
-    if task == "retrieval":
+    spec = TASKS.get(task)
+    if spec.table is None:
         from retriever.data.examples import read_training_examples
 
         table = read_training_examples(path)
     else:
-        from retriever.train.mntp import mntp_table
-
-        table = mntp_table(cfg)
-    runner = TASKS.get(task)(cfg, planned)
+        table = spec.table(cfg)
+    runner = spec.make(cfg, planned)
     result = run_loop(
         cfg,
         runner,
-        LocalContext(table, run_dir, on_report=on_report, checkpoints=CHECKPOINT_FOLDERS[task]),
+        LocalContext(table, run_dir, on_report=on_report, checkpoints=spec.checkpoints),
         run_dir,
         planned_steps=planned,
         make_tracker=_tracker_factory(tracking),
@@ -220,12 +263,8 @@ def _run_ray(cfg, task, planned, path, run_dir, tracking, callbacks, probe_texts
 
     if not ray.is_initialized():
         ray.init(include_dashboard=False, log_to_driver=True)
-    if task == "retrieval":
-        dataset = ray.data.read_parquet(str(path))
-    else:
-        from retriever.train.mntp import mntp_table
-
-        dataset = ray.data.from_arrow(mntp_table(cfg))
+    spec = TASKS.get(task)
+    dataset = ray.data.read_parquet(str(path)) if spec.table is None else ray.data.from_arrow(spec.table(cfg))
     resources = {"CPU": cfg.train.cpus_per_worker}
     if cfg.train.use_gpu:
         resources["GPU"] = 1

@@ -103,7 +103,7 @@ def test_step0_baseline_is_the_encoder_training_starts_from(root, monkeypatch):
 
     # The encoder the training loop builds before step 1 (run_loop seeds, then task.build()).
     planned = plan_cell(cell).steps if cell.budget.flops else cell.budget.max_steps
-    task = TASKS.get("retrieval")(cell, planned)
+    task = TASKS.get("retrieval").make(cell, planned)
     torch.manual_seed(cell.train.seed)
     task.build()
     live = task.encoder
@@ -116,7 +116,7 @@ def test_step0_baseline_is_the_encoder_training_starts_from(root, monkeypatch):
     # ... and a different start (another backbone seed) would be told apart by this comparison.
     other = cell.model_copy(deep=True)
     other.backbone.seed = cell.backbone.seed + 1
-    task_other = TASKS.get("retrieval")(other, planned)
+    task_other = TASKS.get("retrieval").make(other, planned)
     torch.manual_seed(cell.train.seed)
     task_other.build()
     assert not torch.allclose(saved.encode(TEXTS, "passage"), task_other.encoder.encode(TEXTS, "passage"))

@@ -162,3 +162,52 @@ def test_with_lora_the_cells_continue_the_adapter(tmp_path):
     for key, value in saved.items():
         assert torch.equal(live[key], value), key
     assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in saved.items() if "lora_B" in k)  # it trained
+
+
+def test_bow_stages_run_per_backbone_and_paradigm_after_mntp_with_paradigm_overrides(tmp_path):
+    """MNTP once per backbone, then bag-of-words once per backbone x paradigm continuing MNTP's product; overrides
+    without a loss selector reach the stage (here the sparse stage's steps), loss-specific ones do not; each cell
+    continues its own pair's product, and the user's overrides still come last."""
+    cfg = sweep_config(tmp_path, lora=False, backbones=["tiny-s"])
+    cfg.sweep.paradigms = ["sparse", "dense"]
+    cfg.bow.enabled, cfg.bow.steps, cfg.bow.batch_size = True, 2, 4
+    cfg.encoder.passage_max_length = 32
+    sparse_steps = CellOverride(paradigms=["sparse"], set={"bow.steps": 3})
+    cfg.sweep.overrides = [sparse_steps, USER_OVERRIDE]
+    continued, records = pretrain_backbones(cfg, None)
+    assert [(r["task"], r["backbone"], r.get("paradigm"), r["steps"]) for r in records] == [
+        ("mntp", "tiny-s", None, STEPS),
+        ("bow", "tiny-s", "sparse", 3),
+        ("bow", "tiny-s", "dense", 2),
+    ]
+    root = Path(cfg.train.output_dir)
+    assert {p.name for p in root.iterdir() if p.name.startswith("pre-")} == {
+        "pre-mntp-tiny-s",
+        "pre-bow-tiny-s-sparse",
+        "pre-bow-tiny-s-dense",
+    }
+    bow_sparse = records[1]
+    assert bow_sparse["tokens"] == 3 * 4 * 32 and bow_sparse["product"].endswith("pre-bow-tiny-s-sparse/bow")
+    sparse_kd = cell_config(continued, "tiny-s", "sparse", "kd")
+    dense_cl = cell_config(continued, "tiny-s", "dense", "cl")
+    assert sparse_kd.backbone.init_weights == bow_sparse["product"] and sparse_kd.train.batch_size == 4
+    assert dense_cl.backbone.init_weights == records[2]["product"]
+    assert continued.sweep.overrides[-2:] == [sparse_steps, USER_OVERRIDE]
+    loss_specific = stage_config(cfg, "tiny-s", "bow", "sparse")
+    assert loss_specific.train.batch_size == cfg.train.batch_size  # USER_OVERRIDE selects kd: not a stage setting
+    assert loss_specific.name == "pre-bow-tiny-s-sparse" and loss_specific.bow.steps == 3
+
+
+def test_the_bow_stage_continues_the_mntp_product(tmp_path, monkeypatch):
+    cfg = sweep_config(tmp_path, lora=False, backbones=["tiny-s"])
+    cfg.bow.enabled, cfg.sweep.paradigms = True, ["dense"]
+    started = []
+
+    def fake_training(stage, task, parent_run_id):
+        started.append((task, stage.backbone.init_weights))
+        return {"steps": 1, "flops": 1.0, "tokens": 1, "export_dir": f"/products/{task}"}
+
+    monkeypatch.setattr("retriever.train.trainer.run_training", fake_training)
+    continued, _ = pretrain_backbones(cfg, None)
+    assert started == [("mntp", None), ("bow", "/products/mntp")]
+    assert cell_config(continued, "tiny-s", "dense", "cl").backbone.init_weights == "/products/bow"

@@ -42,7 +42,7 @@ def make_config(output_dir, name: str, **sections) -> ExperimentConfig:
 def local_run(cfg: ExperimentConfig, planned: int | None = None, probe=None):
     table = read_training_examples(prepare_training_data(cfg))
     planned = planned or plan_cell(cfg).steps if cfg.budget.flops else cfg.budget.max_steps
-    task = TASKS.get("retrieval")(cfg, planned)
+    task = TASKS.get("retrieval").make(cfg, planned)
     ctx = LocalContext(table, run_dir_for(cfg))
     result = run_loop(cfg, task, ctx, run_dir_for(cfg), planned_steps=planned, probe_texts=probe)
     return result, ctx
