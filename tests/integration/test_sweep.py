@@ -196,3 +196,39 @@ def test_the_console_shows_progress_and_cells_while_tune_output_goes_to_files(tm
     assert "| tiny-s" in run.stdout  # the results table comes after the progress
     assert "Trial status" in (cells.parents[0] / "tune.log").read_text()
     assert "RuntimeError: injected failure at step 2" in (cells / "tiny-s__dense__cl" / "trial.log").read_text()
+
+
+def test_bow_stages_run_as_ray_tasks_before_the_grid_and_every_cell_continues_its_pair(ray_cluster, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    path = write_config(
+        tmp_path,
+        "staged",
+        **{
+            "sweep.backbones": ["tiny-s"],
+            "sweep.paradigms": ["sparse", "dense"],
+            "sweep.losses": ["cl"],
+            "sweep.cpus_per_trial": 0.5,
+            "bow.enabled": True,
+            "bow.steps": 3,
+            "bow.batch_size": 8,
+        },
+    )
+    result = run_sweep(load_config(path))
+    assert all(c["status"] == "ok" for c in result.cells)
+    state = json.loads((result.directory / "sweep.json").read_text())
+    stages = {(s["backbone"], s["paradigm"]): s for s in state["pretrain"]}
+    assert set(stages) == {("tiny-s", "sparse"), ("tiny-s", "dense")}
+    assert all(s["task"] == "bow" and s["steps"] == 3 and s["kind"] == "weights" for s in stages.values())
+    for paradigm in ("sparse", "dense"):
+        product = stages[("tiny-s", paradigm)]["product"]
+        assert product.endswith(f"staged-bow-tiny-s-{paradigm}/bow")
+        cell = yaml.safe_load(
+            (result.directory / "cells" / cell_id("tiny-s", paradigm, "cl") / "config.yaml").read_text()
+        )
+        assert cell["backbone"]["init_weights"] == product
+        step0 = json.loads((result.directory / "baselines" / f"step0__tiny-s__{paradigm}" / "result.json").read_text())
+        assert step0["kind"] == "step0"
+    client = MlflowClient(tracking_uri=f"sqlite:///{(tmp_path / 'runs' / 'mlflow.db').resolve()}")
+    metrics = client.get_run(result.parent_run_id).data.metrics
+    assert metrics["pretrain/tiny-s/sparse/bow/steps"] == 3 and metrics["pretrain/tiny-s/dense/bow/flops"] > 0
