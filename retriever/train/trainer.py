@@ -8,6 +8,7 @@ from the latest checkpoint (Ray Train's job-level resume, or the local checkpoin
 
 from __future__ import annotations
 
+import importlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -47,46 +48,38 @@ def _retrieval_task(cfg: ExperimentConfig, planned_steps: int):
     return RetrievalTask(cfg, planned_steps=planned_steps, docs=training_docs(cfg))
 
 
-def _mntp_task(cfg: ExperimentConfig, planned_steps: int):
-    from retriever.train.mntp import MntpTask
+def _imported(module: str, name: str) -> Callable[..., Any]:
+    """`module.name`, imported on first call (the pre-training stages' modules load torch and peft)."""
 
-    return MntpTask(cfg)
+    def call(*args: Any) -> Any:
+        return getattr(importlib.import_module(module), name)(*args)
 
-
-def _mntp_stage(cfg: ExperimentConfig) -> ExperimentConfig:
-    from retriever.train.mntp import mntp_stage_config
-
-    return mntp_stage_config(cfg)
-
-
-def _mntp_table(cfg: ExperimentConfig) -> Any:
-    from retriever.train.mntp import mntp_table
-
-    return mntp_table(cfg)
-
-
-def _bow_task(cfg: ExperimentConfig, planned_steps: int):
-    from retriever.train.bow import BowTask
-
-    return BowTask(cfg)
-
-
-def _bow_stage(cfg: ExperimentConfig) -> ExperimentConfig:
-    from retriever.train.bow import bow_stage_config
-
-    return bow_stage_config(cfg)
-
-
-def _bow_table(cfg: ExperimentConfig) -> Any:
-    from retriever.train.bow import bow_table
-
-    return bow_table(cfg)
+    return call
 
 
 TASKS: Registry[TaskSpec] = Registry("training task")
 TASKS.add("retrieval", TaskSpec(_retrieval_task, lambda cfg: cfg, lambda c: planned_steps_for(c), None, "checkpoints"))
-TASKS.add("mntp", TaskSpec(_mntp_task, _mntp_stage, lambda cfg: cfg.mntp.steps, _mntp_table, "mntp-checkpoints"))
-TASKS.add("bow", TaskSpec(_bow_task, _bow_stage, lambda cfg: cfg.bow.steps, _bow_table, "bow-checkpoints"))
+MNTP, BOW = "retriever.train.mntp", "retriever.train.bow"
+TASKS.add(
+    "mntp",
+    TaskSpec(
+        lambda cfg, planned: _imported(MNTP, "MntpTask")(cfg),
+        _imported(MNTP, "mntp_stage_config"),
+        lambda cfg: cfg.mntp.steps,
+        _imported(MNTP, "mntp_table"),
+        "mntp-checkpoints",
+    ),
+)
+TASKS.add(
+    "bow",
+    TaskSpec(
+        lambda cfg, planned: _imported(BOW, "BowTask")(cfg),
+        _imported(BOW, "bow_stage_config"),
+        lambda cfg: cfg.bow.steps,
+        _imported(BOW, "bow_table"),
+        "bow-checkpoints",
+    ),
+)
 
 
 def run_dir_for(cfg: ExperimentConfig) -> Path:
