@@ -18,7 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from retriever.index import DenseBatch, build_shard, open_shard
+from retriever.encoding import DenseBatch
+from retriever.index import build_shard, open_shard
 
 
 def numpy_topk(queries: np.ndarray, docs: np.ndarray, k: int, batch: int = 1024) -> tuple[np.ndarray, np.ndarray]:

@@ -24,8 +24,9 @@ import numba
 import numpy as np
 
 from retriever.data.passage_pool import load_passage_pool
-from retriever.index import SparseBatch, build_shard, open_shard
-from retriever.index.sparse import PRUNE_MAX_K, search_inverted
+from retriever.encoding import SparseBatch
+from retriever.index import build_shard, open_shard
+from retriever.index.sparse_kernels import PRUNE_MAX_K, search_inverted
 from retriever.models.tokenizers import llama3_tokenizer
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"

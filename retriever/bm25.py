@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from retriever.evaluation import RunDict, trec_order
+from retriever.trec import RunDict, trec_order
 
 if TYPE_CHECKING:
     from retriever.config import ExperimentConfig
@@ -131,9 +131,10 @@ def evaluate_bm25(
     """
     from retriever.data.catalog import resolve_dataset
     from retriever.data.sources import load_source
-    from retriever.evaluation import evaluate_detailed, protocol_for_dataset, write_run
+    from retriever.evaluation import evaluate_detailed, protocol_for_dataset
     from retriever.pipeline import _judged_queries
     from retriever.records import safe_name
+    from retriever.trec import write_run
 
     proto = protocol_for_dataset(dataset_id)
     source = load_source(resolve_dataset(dataset_id, cfg))

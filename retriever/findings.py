@@ -101,7 +101,8 @@ def per_query_values(
 
     Keys are the judged queries of ``qrels`` (queries missing from the run score 0), as in the mean metrics.
     """
-    from retriever.evaluation import evaluate_detailed, protocol_for_dataset, read_run
+    from retriever.evaluation import evaluate_detailed, protocol_for_dataset
+    from retriever.trec import read_run
 
     result = evaluate_detailed(read_run(run_file), qrels, protocol_for_dataset(dataset), [metric], str(run_file))
     return result.per_query[metric]

@@ -66,29 +66,43 @@ def _judged_queries(source: Any, qrels: dict[str, dict[str, int]]) -> Iterator[t
             yield qid, text
 
 
-def _encode(
-    encoder_dir: Path, texts: Any, out_dir: Path, *, kind: str, max_length: int, cfg: ExperimentConfig
-) -> None:
-    """Encode in this process, or with a Ray Data actor pool when `eval.encode_actors > 0`."""
-    from retriever.encoding import encode_corpus_auto, read_encoding_metadata
+class _Encoder:
+    """The evaluated encoder, read once: its `EncoderInfo` (one fingerprint) and, on the first in-process encoding,
+    its weights, reused for every corpus and query set that is not encoded yet."""
 
-    try:
-        if read_encoding_metadata(out_dir).get("count") is not None:
-            return  # already encoded by this encoder (the folder is keyed by its fingerprint)
-    except (FileNotFoundError, ValueError):
-        pass
-    encode_corpus_auto(
-        encoder_dir,
-        texts,
-        out_dir,
-        num_actors=cfg.eval.encode_actors,
-        cpus_per_actor=cfg.eval.cpus_per_actor,
-        gpus_per_actor=cfg.eval.gpus_per_actor,
-        kind=kind,
-        batch_size=cfg.eval.batch_size,
-        max_length=max_length,
-        overwrite=True,
-    )
+    def __init__(self, encoder_dir: Path, cfg: ExperimentConfig) -> None:
+        from retriever.encoding import EncoderInfo
+
+        self.info = EncoderInfo.read(encoder_dir)
+        self.cfg = cfg
+        self._loaded: Any = None
+
+    def encode(self, texts: Any, out_dir: Path, *, kind: str, max_length: int) -> None:
+        """Encode in this process, or with a Ray Data actor pool when `eval.encode_actors > 0`; a folder already
+        holding this encoder's finished encoding (the folder is keyed by its fingerprint) is kept."""
+        from retriever.encoding import LoadedEncoder, encode_corpus_auto, finished_encoding, load_inference_encoder
+
+        done = finished_encoding(out_dir)
+        if done is not None and done.encoder_sha256 == self.info.fingerprint:
+            return
+        settings = self.cfg.eval
+        encoder: Any = self.info
+        if settings.encode_actors <= 0:
+            if self._loaded is None:
+                self._loaded = LoadedEncoder(self.info, load_inference_encoder(self.info.path))
+            encoder = self._loaded
+        encode_corpus_auto(
+            encoder,
+            texts,
+            out_dir,
+            num_actors=settings.encode_actors,
+            cpus_per_actor=settings.cpus_per_actor,
+            gpus_per_actor=settings.gpus_per_actor,
+            kind=kind,
+            batch_size=settings.batch_size,
+            max_length=max_length,
+            overwrite=True,
+        )
 
 
 def evaluate_encoder(
@@ -103,19 +117,17 @@ def evaluate_encoder(
     searched `search_depth` deep (checked for every dataset before anything is encoded)."""
     from retriever.data.catalog import resolve_dataset
     from retriever.data.sources import load_source
-    from retriever.encoding import encoder_fingerprint
     from retriever.evaluation import evaluate_detailed, get_protocol, protocol_for_dataset
-    from retriever.index.shards import build_shards, search_to_run
-    from retriever.models.encoders import read_encoder_meta
+    from retriever.index import build_shards, index_complete, search_to_run
 
     protocols = {d: get_protocol(protocol) if protocol else protocol_for_dataset(d) for d in datasets}
     depths = {d: search_depth(proto, cfg.eval.top_k, d) for d, proto in protocols.items()}
     encoder_dir = Path(encoder_dir)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    paradigm = read_encoder_meta(encoder_dir)["paradigm"]
-    index_kind = cfg.eval.sparse_index if paradigm == "sparse" else cfg.eval.dense_index
-    fingerprint = encoder_fingerprint(encoder_dir)[:16]
+    encoder = _Encoder(encoder_dir, cfg)
+    index_kind = cfg.eval.sparse_index if encoder.info.paradigm == "sparse" else cfg.eval.dense_index
+    fingerprint = encoder.info.fingerprint[:16]
     results: dict[str, dict[str, float]] = {}
     summary: dict[str, Any] = {"encoder": str(encoder_dir), "fingerprint": fingerprint, "datasets": {}}
     for dataset in datasets:
@@ -126,12 +138,12 @@ def evaluate_encoder(
         query_length = cfg.eval.query_max_length or proto.query_max_length
         passage_length = cfg.eval.passage_max_length or proto.passage_max_length
         corpus = out_dir / "corpus" / f"{safe_name(_corpus_key(source_id))}-p{passage_length}-{fingerprint}"
-        _encode(encoder_dir, source.docs(), corpus / "encodings", kind="passage", max_length=passage_length, cfg=cfg)
-        if not (corpus / "index").is_dir():
+        encoder.encode(source.docs(), corpus / "encodings", kind="passage", max_length=passage_length)
+        if not index_complete(corpus / "index"):  # absent, or a build that was interrupted
             build_shards(corpus / "encodings", corpus / "index", cfg.eval.num_shards, index_kind, overwrite=True)
         where = out_dir / safe_name(dataset)
         queries = where / f"queries-q{query_length}-{fingerprint}"
-        _encode(encoder_dir, _judged_queries(source, qrels), queries, kind="query", max_length=query_length, cfg=cfg)
+        encoder.encode(_judged_queries(source, qrels), queries, kind="query", max_length=query_length)
         run_file = where / "run.trec"
         run = search_to_run(
             corpus / "index", queries, depths[dataset], output=run_file, tag=safe_name(encoder_dir.name)

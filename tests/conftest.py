@@ -94,3 +94,28 @@ def ray_cluster():
     DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()
+
+
+def write_encodings(
+    directory: Path,
+    batch,  # retriever.encoding.Batch
+    *,
+    encoder_path: str,
+    encoder_sha256: str,
+    prune_top_k: int | None = None,
+    rows_per_file: int = 100_000,
+    kind: str = "passage",
+):  # -> retriever.encoding.EncodingInfo
+    """An encodings folder holding ``batch``, written by the production writer (`EncodingWriter`)."""
+    from retriever.encoding.store import EncodingWriter, prepare_out_dir
+
+    writer = EncodingWriter(prepare_out_dir(directory, overwrite=False), batch.paradigm, rows_per_file)
+    writer.write(batch)
+    return writer.finish(
+        size=batch.dimension,
+        encoder_path=encoder_path,
+        encoder_sha256=encoder_sha256,
+        kind=kind,
+        max_length=64,
+        prune_top_k=prune_top_k,
+    )

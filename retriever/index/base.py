@@ -15,7 +15,7 @@ from typing import Any, ClassVar, Literal, TypedDict
 
 import numpy as np
 
-from retriever.index.encodings import Batch, DenseBatch, Paradigm, SparseBatch
+from retriever.encoding.batches import Batch, DenseBatch, Paradigm, SparseBatch
 from retriever.index.manifest import (
     DOC_IDS_FILE,
     IndexFormatError,
@@ -142,11 +142,6 @@ def default_kind(paradigm: Paradigm) -> str:
 
 
 def kind_class(kind: str, paradigm: Paradigm | None = None) -> type[IndexShard]:
-    # Importing the kind modules registers them (they import their heavy libraries lazily).
-    import retriever.index.dense  # noqa: F401
-    import retriever.index.seismic_index  # noqa: F401
-    import retriever.index.sparse  # noqa: F401
-
     cls = SHARD_KINDS.get(kind)
     if paradigm is not None and cls.paradigm != paradigm:
         options = ", ".join(sorted(name for name, c in SHARD_KINDS.items() if c.paradigm == paradigm))

@@ -14,8 +14,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from retriever.encoding.batches import Batch, DenseBatch
 from retriever.index.base import SHARD_KINDS, Device, IndexShard
-from retriever.index.encodings import Batch, DenseBatch
 from retriever.index.manifest import IndexFormatError, Manifest
 
 INDEX_FILE = "index.faiss"

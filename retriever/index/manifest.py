@@ -39,7 +39,7 @@ def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
-def _checksum(content: Mapping[str, Any]) -> str:
+def content_checksum(content: Mapping[str, Any]) -> str:
     """sha256 of the canonical JSON of the manifest without its checksum field."""
     body = {k: v for k, v in content.items() if k != "checksum"}
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode("utf-8")).hexdigest()
@@ -68,7 +68,7 @@ class Manifest:
 
     def to_json(self) -> dict[str, Any]:
         content = asdict(self)
-        content["checksum"] = _checksum(content)
+        content["checksum"] = content_checksum(content)
         return content
 
 
@@ -138,7 +138,7 @@ def read_manifest(
             f"{path}: index format version {version!r}, but this version of retriever reads version "
             f"{FORMAT_VERSION}; {REBUILD} with this version"
         )
-    if content.get("checksum") != _checksum(content):
+    if content.get("checksum") != content_checksum(content):
         raise IndexFormatError(
             f"{path}: the manifest's checksum does not match its content (it was edited or corrupted); {REBUILD}"
         )

@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import os
 import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -24,6 +25,8 @@ from typing import Any, Literal, Unpack
 
 import numpy as np
 
+from retriever.encoding.batches import Batch
+from retriever.encoding.store import estimate_encodings_bytes, read_encoding_info, read_encodings
 from retriever.index.base import (
     Device,
     Hits,
@@ -34,14 +37,9 @@ from retriever.index.base import (
     kind_class,
     open_shard,
 )
-from retriever.index.encodings import (
-    Batch,
-    estimate_encodings_bytes,
-    read_encoding_info,
-    read_encodings,
-)
-from retriever.index.manifest import MANIFEST_FILE, REBUILD, IndexFormatError, IndexMismatchError, _checksum
+from retriever.index.manifest import MANIFEST_FILE, REBUILD, IndexFormatError, IndexMismatchError, content_checksum
 from retriever.index.memory import check_memory
+from retriever.trec import write_run
 
 SHARDS_FILE = "shards.json"
 SET_FORMAT = "retriever-index"
@@ -98,7 +96,7 @@ def _prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
     if out_dir.exists() and any(out_dir.iterdir()):
         if not overwrite:
             raise FileExistsError(f"{out_dir}: exists and is not empty; choose a new folder or pass overwrite=True")
-        ours = all(p.name == SHARDS_FILE or p.name.startswith("shard-") for p in out_dir.iterdir())
+        ours = all(p.name.startswith((SHARDS_FILE, "shard-")) for p in out_dir.iterdir())
         if not ours:
             raise FileExistsError(f"{out_dir}: holds files that are not index shards; refusing to delete it")
         shutil.rmtree(out_dir)
@@ -199,9 +197,16 @@ def build_shards(
         "num_shards": num_shards,
         "shards": entries,
     }
-    content["checksum"] = _checksum(content)
-    (out_dir / SHARDS_FILE).write_text(json.dumps(content, indent=2) + "\n", encoding="utf-8")
+    content["checksum"] = content_checksum(content)
+    tmp = out_dir / (SHARDS_FILE + ".tmp")
+    tmp.write_text(json.dumps(content, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, out_dir / SHARDS_FILE)  # last: its presence marks a finished build
     return folders
+
+
+def index_complete(directory: str | Path) -> bool:
+    """Whether ``directory`` holds a finished index build (its ``shards.json``, written last, exists)."""
+    return (Path(directory) / SHARDS_FILE).is_file()
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -227,7 +232,7 @@ def read_shard_set(directory: str | Path) -> dict[str, Any]:
             f"{path}: index format version {content.get('format_version')!r}, this version of retriever reads "
             f"{SET_FORMAT_VERSION}; {REBUILD}"
         )
-    if content.get("checksum") != _checksum(content):
+    if content.get("checksum") != content_checksum(content):
         raise IndexFormatError(f"{path}: checksum does not match the content (edited or corrupted); {REBUILD}")
     return content
 
@@ -331,8 +336,6 @@ def search_to_run(
     """Search an index folder with encoded queries (an encodings folder) and optionally write a TREC run.
 
     With ``check_encoder`` the queries' encoder sha256 (their ``encoding.json``) must match the index's."""
-    from retriever.evaluation import write_run
-
     info, queries = read_encodings(queries_dir)
     shards = open_shards(
         index_dir,

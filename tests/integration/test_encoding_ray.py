@@ -10,7 +10,7 @@ import torch
 from conftest import TINY_CORPUS
 
 from retriever.config import BackboneConfig, EncoderConfig
-from retriever.encoding import docs_to_parquet, encode_corpus, encode_corpus_ray, read_encoding_metadata
+from retriever.encoding import docs_to_parquet, encode_corpus, encode_corpus_ray, read_encoding_info
 from retriever.models.encoders import build_encoder
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
@@ -59,9 +59,10 @@ def test_ray_encoding_equals_the_in_process_path(ray_cluster, tiny_tokenizer_dir
     )
     assert remote.count == local.count == 60
     assert all(pq.ParquetFile(f).metadata.num_rows <= 25 for f in remote.files)
-    meta = read_encoding_metadata(tmp_path / "ray")
-    assert meta == remote.metadata
-    assert {k: v for k, v in meta.items() if k != "files"} == {k: v for k, v in local.metadata.items() if k != "files"}
+    meta = read_encoding_info(tmp_path / "ray").to_json()
+    assert meta == remote.info.to_json()
+    local_meta = local.info.to_json()
+    assert {k: v for k, v in meta.items() if k != "files"} == {k: v for k, v in local_meta.items() if k != "files"}
     assert meta["files"] == sorted(f.name for f in remote.files)
 
     schema = pq.read_schema(remote.files[0])

@@ -10,7 +10,8 @@ import pytest
 from conftest import shared_path
 
 from retriever.cli import main
-from retriever.evaluation import QrelsDict, RunDict, evaluate_run, read_qrels, read_run
+from retriever.evaluation import evaluate_run
+from retriever.trec import QrelsDict, RunDict, read_qrels, read_run
 
 pytestmark = pytest.mark.real
 

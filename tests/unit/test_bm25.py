@@ -10,7 +10,7 @@ import pytest
 
 from retriever.bm25 import K1, B, Bm25Index, evaluate_bm25, tokenize
 from retriever.config import ExperimentConfig
-from retriever.evaluation import read_run
+from retriever.trec import read_run
 
 # N = 3 documents of lengths 3, 3, 2: avgdl = 8/3
 DOCS = [("d1", "a b c"), ("d2", "a a d"), ("d3", "b e")]

@@ -21,7 +21,7 @@ from retriever.encoding import (
     encoder_fingerprint,
     length_batches,
     load_inference_encoder,
-    read_encoding_metadata,
+    read_encoding_info,
     sparse_terms,
 )
 from retriever.models.encoders import SparseEncoder, build_encoder, load_encoder
@@ -76,7 +76,7 @@ def test_dense_corpus_equals_encode_passages_row_for_row(dense_dir, tmp_path):
     np.testing.assert_allclose(vectors, expected, atol=1e-5, rtol=0)
 
     meta = json.loads((tmp_path / "out" / ENCODING_FILE).read_text())
-    assert meta == result.metadata == read_encoding_metadata(tmp_path / "out")
+    assert meta == result.info.to_json() == read_encoding_info(tmp_path / "out").to_json()
     assert meta["paradigm"] == "dense" and meta["dimension"] == 32 and "vocab_size" not in meta
     assert meta["count"] == result.count == 37
     assert meta["prune_top_k"] is None and meta["kind"] == "passage"
@@ -97,7 +97,7 @@ def test_sparse_corpus_equals_to_terms(sparse_dir, tmp_path):
     ):
         assert ids == want_ids.tolist()
         np.testing.assert_allclose(weights, want_weights, atol=1e-5, rtol=0)
-    meta = result.metadata
+    meta = result.info.to_json()
     assert meta["paradigm"] == "sparse" and meta["vocab_size"] == 400 and "dimension" not in meta
     assert meta["max_length"] == 40
 
@@ -112,7 +112,7 @@ def top_k_reference(ids: np.ndarray, weights: np.ndarray, k: int) -> tuple[list[
 def test_pruning_keeps_the_top_k_weights(sparse_dir, tmp_path):
     full = encode_corpus(sparse_dir, DOCS, tmp_path / "full", batch_size=8, progress=False)
     pruned = encode_corpus(sparse_dir, DOCS, tmp_path / "pruned", batch_size=8, prune_top_k=7, progress=False)
-    assert pruned.metadata["prune_top_k"] == 7
+    assert pruned.info.to_json()["prune_top_k"] == 7
     full_rows, pruned_rows = read_rows(full.files), read_rows(pruned.files)
     for ids, weights, got_ids, got_weights in zip(
         full_rows.column("term_ids").to_pylist(),
@@ -265,7 +265,7 @@ def test_bad_settings_leave_an_existing_output_untouched(dense_dir, tmp_path):
     with pytest.raises(ValueError, match="kind must be 'query' or 'passage'"):
         encode_corpus(dense_dir, DOCS[:3], out, kind="document", progress=False, overwrite=True)  # type: ignore[arg-type]
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
-    assert read_encoding_metadata(out)["count"] == first.count == 5
+    assert read_encoding_info(out).to_json()["count"] == first.count == 5
 
 
 def test_bad_input_is_a_clear_error(dense_dir, tmp_path):

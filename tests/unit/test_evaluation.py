@@ -6,7 +6,6 @@ trec_eval's ndcg_cut), never taken from the code under test.
 
 from __future__ import annotations
 
-import gzip
 import io
 import itertools
 import json
@@ -21,7 +20,6 @@ from scipy import stats
 from retriever.evaluation import (
     BEIR_13_DATASETS,
     PROTOCOLS,
-    TrecFormatError,
     align_run,
     beir_mean,
     compare_runs,
@@ -30,15 +28,10 @@ from retriever.evaluation import (
     evaluate_run,
     get_protocol,
     load_qrels,
-    mlflow_metric_name,
-    mlflow_metrics,
     protocol_for_dataset,
     qrels_from_ir_datasets,
-    read_qrels,
-    read_run,
-    trec_order,
-    write_run,
 )
+from retriever.trec import TrecFormatError, write_run
 
 # Judged: q1 graded 3/2/1/0, q2 one grade-1 doc, q3 judged but never retrieved.
 QRELS = {
@@ -82,14 +75,6 @@ def test_protocol_for_dataset() -> None:
     assert len(BEIR_13_DATASETS) == 13
     with pytest.raises(KeyError, match="no default evaluation protocol for dataset 'msmarco-passage/dev'"):
         protocol_for_dataset("msmarco-passage/dev")
-
-
-def test_trec_order_breaks_ties_by_docid_descending() -> None:
-    # Ties sorted by string comparison, descending: "9" > "10" > "1"; the higher score still comes first.
-    docs = {"1": 0.5, "10": 0.5, "9": 0.5, "2": 0.7, "a": 0.1}
-    assert trec_order(docs) == [("2", 0.7), ("9", 0.5), ("10", 0.5), ("1", 0.5), ("a", 0.1)]
-    with pytest.raises(TrecFormatError, match="non-finite"):
-        trec_order({"a": float("nan")})
 
 
 def test_hand_computed_trec_dl_metrics(caplog: pytest.LogCaptureFixture) -> None:
@@ -172,114 +157,14 @@ def test_beir_mean() -> None:
         beir_mean({})
 
 
-def test_mlflow_metric_names_are_accepted_by_mlflow() -> None:
-    from mlflow.utils.validation import _validate_metric_name
-
-    assert mlflow_metric_name("ndcg@10") == "ndcg_at_10"
-    assert mlflow_metric_name("mrr@10-l2") == "mrr_at_10_l2"
-    assert mlflow_metric_name("recall@1000-l2") == "recall_at_1000_l2"
-    assert mlflow_metric_name("rbp.95") == "rbp.95"
-    assert mlflow_metric_name("weird#name!") == "weird_name_"
-    renamed = mlflow_metrics({"ndcg@10": 0.5, "mrr@10-l2": 0.25}, prefix="beir/nq/")
-    assert renamed == {"beir/nq/ndcg_at_10": 0.5, "beir/nq/mrr_at_10_l2": 0.25}
-    for name in [*renamed, mlflow_metric_name("weird#name!")]:
-        _validate_metric_name(name)
-
-
-def _write(path: Path, text: str) -> Path:
-    if path.suffix == ".gz":
-        with gzip.open(path, "wt", encoding="utf-8") as f:
-            f.write(text)
-    else:
-        path.write_text(text, encoding="utf-8")
-    return path
-
-
-def test_read_run_and_qrels(tmp_path: Path) -> None:
-    run_text = "q1 Q0 d1 1 2.5 tag\n\nq1 Q0 d2 2 -1e-3 tag\nq2 Q0 d1 1 7 tag\n"
-    for name in ("run.txt", "run.txt.gz"):
-        assert read_run(_write(tmp_path / name, run_text)) == {"q1": {"d1": 2.5, "d2": -0.001}, "q2": {"d1": 7.0}}
-    # The second column is ignored: DL19's qrels use "Q0", most others "0".
-    qrels_text = "q1 0 d1 2\nq1 Q0 d2 0\nq2 0 d3 -1\n"
-    for name in ("qrels.txt", "qrels.txt.gz"):
-        assert read_qrels(_write(tmp_path / name, qrels_text)) == {"q1": {"d1": 2, "d2": 0}, "q2": {"d3": -1}}
-    assert load_qrels(tmp_path / "qrels.txt") == {"q1": {"d1": 2, "d2": 0}, "q2": {"d3": -1}}
-
-
-@pytest.mark.parametrize(
-    ("bad_line", "message"),
-    [
-        ("q1 Q0 d2 2 0.5", "expected 6 whitespace-separated fields 'qid Q0 docid rank score tag', got 5"),
-        ("q1 Q0 d2 two 0.5 tag", "rank (field 4) must be an integer, got 'two'"),
-        ("q1 Q0 d2 2 high tag", "score (field 5) must be a number, got 'high'"),
-        ("q1 Q0 d2 2 nan tag", "score (field 5) must be finite"),
-        ("q1 Q0 d1 2 0.5 tag", "duplicate document 'd1' for query 'q1' (first at line 1)"),
-    ],
-)
-@pytest.mark.parametrize("suffix", [".txt", ".txt.gz"])
-def test_malformed_run_errors_name_file_and_line(tmp_path: Path, bad_line: str, message: str, suffix: str) -> None:
-    path = _write(tmp_path / f"run{suffix}", f"q1 Q0 d1 1 0.9 tag\n\n{bad_line}\n")
-    with pytest.raises(TrecFormatError) as err:
-        read_run(path)
-    assert str(err.value).startswith(f"{path}:3: ")
-    assert message in str(err.value)
-
-
-@pytest.mark.parametrize(
-    ("bad_line", "message"),
-    [
-        ("q1 0 d2", "expected 4 whitespace-separated fields 'qid 0 docid grade', got 3"),
-        ("q1 0 d2 1.5", "relevance grade (field 4) must be an integer, got '1.5'"),
-        ("q1 0 d1 1", "duplicate judgment of document 'd1' for query 'q1' (first at line 1)"),
-    ],
-)
-def test_malformed_qrels_errors_name_file_and_line(tmp_path: Path, bad_line: str, message: str) -> None:
-    path = _write(tmp_path / "qrels.txt", f"q1 0 d1 1\nq1 0 d3 0\n{bad_line}\n")
-    with pytest.raises(TrecFormatError) as err:
-        read_qrels(path)
-    assert str(err.value).startswith(f"{path}:3: ")
-    assert message in str(err.value)
-
-
-def test_missing_or_bad_gzip_file_errors(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="no such file"):
-        read_run(tmp_path / "absent.trec")
-    plain = tmp_path / "plain.trec.gz"
-    plain.write_text("q1 Q0 d1 1 0.9 tag\n")
-    with pytest.raises(TrecFormatError, match="not a gzip file"):
-        read_run(plain)
-
-
-def test_write_run_ranks_in_trec_eval_order(tmp_path: Path) -> None:
-    run = {"q2": {"b": 1.0, "a": 1.0, "c": 3.25}, "q1": {"x": 0.1}}
-    for name in ("out/run.trec", "out/run.trec.gz"):
-        path = tmp_path / name
-        write_run(run, path, tag="mine")
-        opener = gzip.open if path.suffix == ".gz" else open
-        with opener(path, "rt") as f:
-            lines = f.read().splitlines()
-        assert lines == [
-            "q1 Q0 x 1 0.1 mine",
-            "q2 Q0 c 1 3.25 mine",
-            "q2 Q0 b 2 1.0 mine",
-            "q2 Q0 a 3 1.0 mine",
-        ]
-        assert read_run(path) == run
-    write_run(run, tmp_path / "top1.trec", tag="t", depth=1)
-    assert read_run(tmp_path / "top1.trec") == {"q1": {"x": 0.1}, "q2": {"c": 3.25}}
-    with pytest.raises(TrecFormatError, match="without whitespace"):
-        write_run({"q 1": {"a": 1.0}}, tmp_path / "bad.trec", tag="t")
-    with pytest.raises(TrecFormatError, match="run tag"):
-        write_run(run, tmp_path / "bad.trec", tag="two words")
-
-
 def _register_local_qrels(tmp_path: Path, text: str) -> str:
     import ir_datasets
     from ir_datasets.datasets.base import Dataset
     from ir_datasets.formats import TrecQrels
     from ir_datasets.util import LocalDownload
 
-    path = _write(tmp_path / f"{uuid.uuid4().hex}.qrels", text)
+    path = tmp_path / f"{uuid.uuid4().hex}.qrels"
+    path.write_text(text, encoding="utf-8")
     dataset_id = f"local-test/{uuid.uuid4().hex}"
     ir_datasets.registry.register(dataset_id, Dataset(TrecQrels(LocalDownload(path), {0: "no", 1: "yes", 2: "very"})))
     return dataset_id
@@ -293,6 +178,9 @@ def test_qrels_from_ir_datasets(tmp_path: Path, caplog: pytest.LogCaptureFixture
     conflicting = _register_local_qrels(tmp_path, "q1 0 d1 2\nq1 0 d1 1\n")
     with pytest.raises(TrecFormatError, match="judged both 2 and 1"):
         qrels_from_ir_datasets(conflicting)
+    qrels_file = tmp_path / "qrels.txt"
+    qrels_file.write_text("q1 0 d1 2\nq1 Q0 d2 0\n", encoding="utf-8")
+    assert load_qrels(qrels_file) == {"q1": {"d1": 2, "d2": 0}}
     with pytest.raises(KeyError, match="neither an existing qrels file nor a known ir_datasets id"):
         load_qrels(str(tmp_path / "absent-qrels.txt"))
 
@@ -300,9 +188,8 @@ def test_qrels_from_ir_datasets(tmp_path: Path, caplog: pytest.LogCaptureFixture
 def test_evaluate_command(tmp_path: Path) -> None:
     run_path = tmp_path / "run.trec"
     write_run(RUN, run_path, tag="t")
-    qrels_path = _write(
-        tmp_path / "qrels.txt", "".join(f"{q} 0 {d} {g}\n" for q, ds in QRELS.items() for d, g in ds.items())
-    )
+    qrels_path = tmp_path / "qrels.txt"
+    qrels_path.write_text("".join(f"{q} 0 {d} {g}\n" for q, ds in QRELS.items() for d, g in ds.items()))
     out = io.StringIO()
     summary = evaluate_command(run_path, str(qrels_path), "trec-dl", as_json=True, out=out)
     assert json.loads(out.getvalue()) == summary

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from retriever.index import DenseBatch, IndexMismatchError, SparseBatch, build_shard, open_shard
+from retriever.encoding import DenseBatch, SparseBatch
+from retriever.index import IndexMismatchError, build_shard, open_shard
 from retriever.index.dense import gpu_available, sort_hits
 
 pytest.importorskip("faiss")

@@ -8,18 +8,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import write_encodings
 
+from retriever.encoding import DenseBatch, SparseBatch
 from retriever.index import (
     FORMAT_VERSION,
-    DenseBatch,
     IndexFormatError,
     IndexMismatchError,
-    SparseBatch,
     build_shard,
     build_shards,
     open_shard,
     open_shards,
-    write_encodings,
 )
 from retriever.index.manifest import MANIFEST_FILE, sha256_file
 
@@ -108,12 +107,12 @@ def test_edited_manifest_is_detected(shard_dir: Path) -> None:
 
 
 def test_other_format_version_is_refused(shard_dir: Path) -> None:
-    from retriever.index.manifest import _checksum
+    from retriever.index.manifest import content_checksum
 
     path = shard_dir / MANIFEST_FILE
     content = json.loads(path.read_text())
     content["format_version"] = FORMAT_VERSION + 1
-    content["checksum"] = _checksum(content)
+    content["checksum"] = content_checksum(content)
     path.write_text(json.dumps(content))
     with pytest.raises(
         IndexFormatError, match=f"format version {FORMAT_VERSION + 1}, but .* reads version 1; rebuild"

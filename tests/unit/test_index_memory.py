@@ -4,15 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import write_encodings
 
-from retriever.index import (
-    IndexMemoryError,
-    SparseBatch,
-    available_memory_bytes,
-    build_shard,
-    build_shards,
-    write_encodings,
-)
+from retriever.encoding import SparseBatch
+from retriever.index import IndexMemoryError, available_memory_bytes, build_shard, build_shards
 from retriever.index.base import kind_class
 from retriever.index.memory import format_bytes
 

@@ -5,16 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import scipy.sparse as sp
+from conftest import write_encodings
 
-from retriever.index import (
-    SparseBatch,
-    build_shard,
-    build_shards,
-    open_shard,
-    open_shards,
-    search_shards,
-    write_encodings,
-)
+from retriever.encoding import SparseBatch
+from retriever.index import build_shard, build_shards, open_shard, open_shards, search_shards
 
 pytest.importorskip("seismic")
 

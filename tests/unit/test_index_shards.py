@@ -7,12 +7,11 @@ import json
 import numpy as np
 import pytest
 import scipy.sparse as sp
+from conftest import write_encodings
 
-from retriever.evaluation import read_run
+from retriever.encoding import DenseBatch, SparseBatch
 from retriever.index import (
-    DenseBatch,
     IndexMismatchError,
-    SparseBatch,
     build_shards,
     index_summary,
     merge_topk,
@@ -20,8 +19,8 @@ from retriever.index import (
     search_shards,
     search_to_run,
     shard_assignment,
-    write_encodings,
 )
+from retriever.trec import read_run
 
 ENCODER = {"encoder_path": "models/enc", "encoder_sha256": "e" * 64}
 

@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from retriever.index import SparseBatch, build_shard, open_shard
-from retriever.index.encodings import EncodingFormatError
-from retriever.index.sparse import invert, prune_rows, search_inverted
+from retriever.encoding import EncodingFormatError, SparseBatch
+from retriever.encoding.batches import prune_rows
+from retriever.index import build_shard, open_shard
+from retriever.index.sparse_kernels import invert, search_inverted
 
 
 def random_sparse(n: int, vocab: int, density: float, seed: int, steps: bool) -> sp.csr_matrix:

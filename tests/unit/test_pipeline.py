@@ -9,9 +9,10 @@ import pytest
 from test_train_loop import make_config
 
 from retriever.config import BackboneConfig, EncoderConfig
-from retriever.evaluation import get_protocol, read_run
+from retriever.evaluation import get_protocol
 from retriever.models.encoders import build_encoder
 from retriever.pipeline import METRICS_FILE, evaluate_encoder, metric_depth, search_depth
+from retriever.trec import read_run
 
 
 @pytest.fixture(scope="module")
@@ -57,3 +58,53 @@ def test_top_k_below_the_metric_cutoff_fails_before_encoding(encoder_and_config,
     with pytest.raises(ValueError, match=r"eval.top_k=10 is too shallow for synthetic/test: .*recall@100.*top 100"):
         evaluate_encoder(encoder, ["synthetic/test"], shallow, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_n_datasets_load_and_hash_the_encoder_once(encoder_and_config, tmp_path, monkeypatch):
+    """Two datasets (two corpora and two query sets: four encoding runs) load the weights once and hash the
+    encoder's files once."""
+    import retriever.encoding.encoder as encoder_module
+
+    calls = {"load": 0, "hash": 0}
+    load, fingerprint = encoder_module.load_encoder, encoder_module.encoder_fingerprint
+
+    def counted_load(*args, **kwargs):
+        calls["load"] += 1
+        return load(*args, **kwargs)
+
+    def counted_fingerprint(*args, **kwargs):
+        calls["hash"] += 1
+        return fingerprint(*args, **kwargs)
+
+    monkeypatch.setattr(encoder_module, "load_encoder", counted_load)
+    monkeypatch.setattr(encoder_module, "encoder_fingerprint", counted_fingerprint)
+    encoder, cfg = encoder_and_config
+    results = evaluate_encoder(encoder, ["synthetic/test", "synthetic/train"], cfg, tmp_path / "out")
+    assert sorted(results) == ["synthetic/test", "synthetic/train"]
+    assert len(list((tmp_path / "out" / "corpus").glob("*/encodings/encoding.json"))) == 2
+    assert calls == {"load": 1, "hash": 1}
+
+
+def test_an_interrupted_index_build_is_rebuilt(encoder_and_config, tmp_path, monkeypatch):
+    """A build that died after its first shard (no shards.json) is rebuilt by the next evaluation, which then gives
+    the metrics of an uninterrupted run."""
+    import retriever.index.shards as shards_module
+
+    encoder, cfg = encoder_and_config
+    two_shards = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"num_shards": 2})})
+    clean = evaluate_encoder(encoder, ["synthetic/test"], two_shards, tmp_path / "clean")
+    build_shard = shards_module.build_shard
+
+    def dies_on_the_second_shard(batch, folder, *args, **kwargs):
+        if folder.name != "shard-00000":
+            raise KeyboardInterrupt("killed while building the index")
+        return build_shard(batch, folder, *args, **kwargs)
+
+    monkeypatch.setattr(shards_module, "build_shard", dies_on_the_second_shard)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate_encoder(encoder, ["synthetic/test"], two_shards, tmp_path / "out")
+    (index,) = (tmp_path / "out" / "corpus").glob("*/index")
+    assert [p.name for p in index.iterdir()] == ["shard-00000"]  # half built: no shards.json
+    monkeypatch.setattr(shards_module, "build_shard", build_shard)
+    assert evaluate_encoder(encoder, ["synthetic/test"], two_shards, tmp_path / "out") == clean
+    assert sorted(p.name for p in index.iterdir()) == ["shard-00000", "shard-00001", "shards.json"]

@@ -15,9 +15,9 @@ from retriever.bm25 import evaluate_bm25
 from retriever.config import ExperimentConfig
 from retriever.data.catalog import resolve_dataset
 from retriever.data.sources import load_source
-from retriever.evaluation import write_run
 from retriever.findings import BEST_CELL, INCONCLUSIVE, REPRODUCED, SPARSE_VS_DENSE, cell_run_file
 from retriever.report import baseline_metrics, collect_baselines, judge_findings_safely, write_sweep_report
+from retriever.trec import write_run
 
 DATASET = "synthetic/test"
 

@@ -22,8 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from retriever.encoding.batches import Batch, SparseBatch
 from retriever.index.base import SHARD_KINDS, Device, IndexShard
-from retriever.index.encodings import Batch, SparseBatch
 from retriever.index.manifest import IndexFormatError, Manifest
 
 INDEX_BASENAME = "seismic"

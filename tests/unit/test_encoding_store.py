@@ -8,8 +8,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import write_encodings
 
-from retriever.index import DenseBatch, EncodingFormatError, SparseBatch, read_encodings, write_encodings
+from retriever.encoding import DenseBatch, EncodingFormatError, SparseBatch, read_encodings
 
 
 def sparse_batch() -> SparseBatch:
@@ -25,11 +26,15 @@ def test_sparse_round_trip_across_files(tmp_path) -> None:
     info = write_encodings(tmp_path, sparse_batch(), encoder_path="m", encoder_sha256="s", rows_per_file=2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["encoding.json", "part-00000.parquet", "part-00001.parquet"]
     assert json.loads((tmp_path / "encoding.json").read_text()) == {
+        "format_version": 1,
         "paradigm": "sparse",
         "vocab_size": 10,
         "encoder": {"path": "m", "sha256": "s"},
         "count": 3,
         "prune_top_k": None,
+        "kind": "passage",
+        "max_length": 64,
+        "files": ["part-00000.parquet", "part-00001.parquet"],
     }
     schema = pq.read_schema(tmp_path / "part-00000.parquet")
     assert schema.field("term_ids").type == pa.list_(pa.int32())
@@ -58,7 +63,8 @@ def write_table(folder, table: pa.Table, info: dict) -> None:
     (folder / "encoding.json").write_text(json.dumps(info))
 
 
-SPARSE_INFO = {"paradigm": "sparse", "vocab_size": 10, "encoder": {"path": "m", "sha256": "s"}, "count": 2}
+COMMON = {"format_version": 1, "kind": "passage", "max_length": 64, "files": ["part-00000.parquet"]}
+SPARSE_INFO = {"paradigm": "sparse", "vocab_size": 10, "encoder": {"path": "m", "sha256": "s"}, "count": 2, **COMMON}
 
 
 def test_bad_rows_are_reported_with_file_and_row(tmp_path) -> None:
@@ -82,7 +88,7 @@ def test_bad_rows_are_reported_with_file_and_row(tmp_path) -> None:
     write_table(tmp_path / "count", table, SPARSE_INFO)
     with pytest.raises(EncodingFormatError, match="hold 1 rows but encoding.json says count 2"):
         read_encodings(tmp_path / "count")
-    dense_info = {"paradigm": "dense", "dimension": 3, "encoder": {"path": "m", "sha256": "s"}, "count": 2}
+    dense_info = {"paradigm": "dense", "dimension": 3, "encoder": {"path": "m", "sha256": "s"}, "count": 2, **COMMON}
     write_table(
         tmp_path / "dense", pa.table({"doc_id": ["a", "b"], "vector": [[1.0, 2.0, 3.0], [1.0, 2.0]]}), dense_info
     )
@@ -93,11 +99,23 @@ def test_bad_rows_are_reported_with_file_and_row(tmp_path) -> None:
 def test_bad_encoding_json(tmp_path) -> None:
     with pytest.raises(FileNotFoundError, match="encoding.json next to its parquet files"):
         read_encodings(tmp_path)
-    (tmp_path / "encoding.json").write_text('{"paradigm": "sparse", "count": 1}')
+    (tmp_path / "encoding.json").write_text('{"format_version": 1, "paradigm": "sparse", "count": 1}')
     with pytest.raises(EncodingFormatError, match="sparse encodings need a positive integer 'vocab_size'"):
         read_encodings(tmp_path)
     (tmp_path / "encoding.json").write_text('{"paradigm": ')
     with pytest.raises(EncodingFormatError, match=r"encoding.json:1: invalid JSON"):
+        read_encodings(tmp_path)
+
+
+def test_a_folder_mixing_runs_is_refused(tmp_path) -> None:
+    """A parquet file that encoding.json does not list (another writer's) is an error, not silently read."""
+    write_encodings(tmp_path, sparse_batch(), encoder_path="m", encoder_sha256="s")
+    pq.write_table(pq.read_table(tmp_path / "part-00000.parquet"), tmp_path / "part-00001.parquet")
+    with pytest.raises(EncodingFormatError, match="not the ones encoding.json lists.*mixes runs"):
+        read_encodings(tmp_path)
+    info = json.loads((tmp_path / "encoding.json").read_text())
+    (tmp_path / "encoding.json").write_text(json.dumps({**info, "format_version": 0}))
+    with pytest.raises(EncodingFormatError, match="format_version 0, expected 1"):
         read_encodings(tmp_path)
 
 
