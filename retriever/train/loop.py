@@ -124,6 +124,188 @@ class LoopResult:
         return asdict(self)
 
 
+@dataclass
+class _Window:
+    """Tokens since the last logged step, for the logged throughput."""
+
+    started: float
+    tokens: int = 0
+
+    def throughput(self) -> float:
+        elapsed = time.perf_counter() - self.started
+        rate = self.tokens / elapsed if elapsed > 0 else 0.0
+        self.started, self.tokens = time.perf_counter(), 0
+        return rate
+
+
+class _Training:
+    """One training run in named steps: `build` (wrap the module, make the optimizer), `resume` (the latest
+    checkpoint and the tracking run), `train` (epochs of steps until the budget is spent), `finish` (final
+    checkpoint, export, probe)."""
+
+    def __init__(self, cfg: ExperimentConfig, task: Task, ctx: TrainContext) -> None:
+        self.cfg, self.task, self.ctx = cfg, task, ctx
+        self.device = _device(cfg)
+        world = ctx.world_size
+        if cfg.train.batch_size % world:
+            raise ValueError(
+                f"train.batch_size={cfg.train.batch_size} is not divisible by the {world} workers; "
+                f"use a multiple of {world}"
+            )
+        self.local_batch = cfg.train.batch_size // world
+        self.budget = Budget(cfg.budget.flops, cfg.budget.max_steps)
+        # Identical initialisation on every rank (LoRA's A matrices are random), then per-rank dropout streams.
+        torch.manual_seed(cfg.train.seed)
+        self.wrapped = wrap(
+            cfg.train.strategy,
+            task.build(),
+            device=self.device,
+            world_size=world,
+            mixed_precision=cfg.train.mixed_precision,
+            zero_stage=cfg.train.zero_stage,
+            lr=cfg.train.lr,
+            weight_decay=cfg.train.weight_decay,
+            micro_batch=self.local_batch,
+            max_grad_norm=cfg.train.max_grad_norm,
+        )
+        torch.manual_seed(cfg.train.seed * 7919 + ctx.rank)
+        self.engine = self.wrapped.engine
+        self.optimizer = self.engine.optimizer if self.engine is not None else self._adamw()
+        self.progress = Progress()
+        self.tracker = RunTracker.disabled()
+        self.last_checkpoint = -1
+        self.window = _Window(time.perf_counter())
+
+    def _adamw(self) -> torch.optim.Optimizer:
+        params = [p for p in self.wrapped.module.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("nothing to train: every parameter is frozen (enable LoRA or full fine-tuning)")
+        return torch.optim.AdamW(params, lr=self.cfg.train.lr, weight_decay=self.cfg.train.weight_decay)
+
+    def resume(self, make_tracker: Callable[[str | None], RunTracker] | None) -> None:
+        """Continue from the latest checkpoint (if any) and open rank 0's tracking run (the checkpoint's run id)."""
+        with self.ctx.latest_checkpoint() as previous:
+            if previous is not None:
+                self.progress = load_checkpoint(
+                    previous, self.wrapped.module, self.optimizer, self.ctx.rank, self.engine
+                )
+                log.info(
+                    "resumed from %s at step %d (%.3g FLOPs used)", previous, self.progress.step, self.progress.flops
+                )
+        self.last_checkpoint = self.progress.step if self.progress.step else -1
+        if self.ctx.rank == 0 and make_tracker is not None:
+            self.tracker = make_tracker(self.progress.tracking_run_id)
+            self.progress.tracking_run_id = self.tracker.run_id
+            if self.tracker.enabled and self.progress.step == 0:
+                self.tracker.log_params(flatten(self.cfg))
+
+    def checkpoint(self, metrics: dict[str, float]) -> None:
+        with self.ctx.new_checkpoint_dir(self.progress.step) as directory:
+            save_checkpoint(directory, self.wrapped.module, self.optimizer, self.progress, self.ctx.rank, self.engine)
+            self.ctx.report(metrics, directory)
+        self.last_checkpoint = self.progress.step
+
+    def train(self) -> None:
+        """Epochs until the budget is spent; a resumed run skips the batches its epoch already trained on."""
+        done = not self.budget.allows(self.progress, 0.0)
+        while not done:
+            seen_any = False
+            for index, rows in enumerate(self.ctx.batches(self.progress.epoch, self.local_batch, self.cfg.train.seed)):
+                seen_any = True
+                if index < self.progress.batches_in_epoch:
+                    continue
+                done = self.step(rows, index)
+                if done:
+                    break
+            else:
+                if not seen_any:
+                    raise ValueError(
+                        f"the training data gives this worker no full batch of {self.local_batch} rows; "
+                        "add examples or lower train.batch_size"
+                    )
+                self.progress.epoch += 1
+                self.progress.batches_in_epoch = 0
+
+    def step(self, rows: Mapping[str, Any], index: int) -> bool:
+        """Train on one batch unless it would exceed the budget; True when training is done."""
+        progress = self.progress
+        batch = self.task.collate(rows, progress.epoch)
+        local_flops, local_tokens = self.task.step_cost(batch)
+        step_flops, step_tokens = _global_sum([local_flops, float(local_tokens)], self.ctx.world_size, self.device)
+        if not self.budget.allows(progress, step_flops):
+            return True
+        lr = self.cfg.train.lr * lr_factor(self.budget.fraction(progress), self.cfg.train.warmup_ratio)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        out = self.task.loss(self.wrapped.module, self.task.to_device(batch, self.device), progress.step)
+        self._apply_gradients(out)
+        progress.step += 1
+        progress.flops += step_flops
+        progress.tokens += int(step_tokens)
+        progress.batches_in_epoch = index + 1
+        self.window.tokens += int(step_tokens)
+        _maybe_inject_failure(progress.step, self.ctx.rank)
+        done = not self.budget.allows(progress, 0.0)
+        self._record(out, lr, done)
+        return done
+
+    def _apply_gradients(self, out: LossOutput) -> None:
+        loss = out.total * self.wrapped.loss_scale
+        if self.engine is not None:
+            self.engine.backward(loss)
+            self.engine.step()
+            return
+        loss.backward()
+        if self.cfg.train.max_grad_norm:
+            params = [p for group in self.optimizer.param_groups for p in group["params"]]
+            torch.nn.utils.clip_grad_norm_(params, self.cfg.train.max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def _record(self, out: LossOutput, lr: float, done: bool) -> None:
+        """Log every `log_every` steps, checkpoint every `checkpoint_every` steps, both at the end."""
+        progress = self.progress
+        metrics = {f"loss/{k}": v for k, v in out.floats().items()}
+        metrics.update(
+            step=progress.step,
+            flops=progress.flops,
+            tokens=progress.tokens,
+            lr=lr,
+            epoch=progress.epoch,
+            budget_fraction=self.budget.fraction(progress),
+        )
+        due_log = progress.step % self.cfg.train.log_every == 0 or done
+        if due_log:
+            metrics["tokens_per_s"] = self.window.throughput()
+            self.tracker.log_metrics(metrics, step=progress.step)
+        if progress.step % self.cfg.train.checkpoint_every == 0 or done:
+            self.checkpoint(metrics)
+        elif due_log:
+            self.ctx.report(metrics)
+
+    def finish(self, run_dir: Path, planned_steps: int | None, probe_texts: list[str] | None) -> LoopResult:
+        progress = self.progress
+        if self.last_checkpoint != progress.step:
+            self.checkpoint({"step": progress.step, "flops": progress.flops, "tokens": progress.tokens})
+        export_dir = Path(run_dir) / self.task.product
+        self.task.export(self.wrapped.module, export_dir, self.ctx.rank)
+        probe = self.task.probe(self.wrapped.module, probe_texts, self.device) if probe_texts else None
+        if self.ctx.rank == 0:
+            self.tracker.log_metrics({"final/flops": progress.flops, "final/steps": progress.step}, step=progress.step)
+            self.tracker.end()
+        return LoopResult(
+            steps=progress.step,
+            flops=progress.flops,
+            tokens=progress.tokens,
+            epochs_completed=progress.epoch,
+            stopped_by="budget" if self.budget.flops is not None else "max_steps",
+            export_dir=str(export_dir),
+            tracking_run_id=progress.tracking_run_id,
+            planned_steps=planned_steps,
+            probe_encodings=probe,
+        )
+
+
 def run_loop(
     cfg: ExperimentConfig,
     task: Task,
@@ -139,151 +321,7 @@ def run_loop(
     `make_tracker(run_id)` opens rank 0's MLflow run (resuming the run id stored in the checkpoint); `probe_texts`
     are encoded by the trained module at the end and returned (to check exported encoders against).
     """
-    device = _device(cfg)
-    world = ctx.world_size
-    if cfg.train.batch_size % world:
-        raise ValueError(
-            f"train.batch_size={cfg.train.batch_size} is not divisible by the {world} workers; "
-            f"use a multiple of {world}"
-        )
-    local_batch = cfg.train.batch_size // world
-    budget = Budget(cfg.budget.flops, cfg.budget.max_steps)
-
-    # Identical initialisation on every rank (LoRA's A matrices are random), then per-rank dropout streams.
-    torch.manual_seed(cfg.train.seed)
-    module = task.build()
-    wrapped = wrap(
-        cfg.train.strategy,
-        module,
-        device=device,
-        world_size=world,
-        mixed_precision=cfg.train.mixed_precision,
-        zero_stage=cfg.train.zero_stage,
-        lr=cfg.train.lr,
-        weight_decay=cfg.train.weight_decay,
-        micro_batch=local_batch,
-        max_grad_norm=cfg.train.max_grad_norm,
-    )
-    torch.manual_seed(cfg.train.seed * 7919 + ctx.rank)
-    engine = wrapped.engine
-    if engine is not None:
-        optimizer = engine.optimizer
-    else:
-        params = [p for p in wrapped.module.parameters() if p.requires_grad]
-        if not params:
-            raise ValueError("nothing to train: every parameter is frozen (enable LoRA or full fine-tuning)")
-        optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-
-    progress = Progress()
-    with ctx.latest_checkpoint() as previous:
-        if previous is not None:
-            progress = load_checkpoint(previous, wrapped.module, optimizer, ctx.rank, engine)
-            log.info("resumed from %s at step %d (%.3g FLOPs used)", previous, progress.step, progress.flops)
-
-    tracker = RunTracker.disabled()
-    if ctx.rank == 0 and make_tracker is not None:
-        tracker = make_tracker(progress.tracking_run_id)
-        progress.tracking_run_id = tracker.run_id
-        if tracker.enabled and progress.step == 0:
-            tracker.log_params(flatten(cfg))
-
-    stopped_by = "budget" if budget.flops is not None else "max_steps"
-    last_checkpoint = progress.step if progress.step else -1
-    done = not budget.allows(progress, 0.0)
-    window_start, window_tokens = time.perf_counter(), 0
-
-    def checkpoint(metrics: dict[str, float]) -> None:
-        nonlocal last_checkpoint
-        with ctx.new_checkpoint_dir(progress.step) as directory:
-            save_checkpoint(directory, wrapped.module, optimizer, progress, ctx.rank, engine)
-            ctx.report(metrics, directory)
-        last_checkpoint = progress.step
-
-    while not done:
-        seen_any = False
-        for index, rows in enumerate(ctx.batches(progress.epoch, local_batch, cfg.train.seed)):
-            seen_any = True
-            if index < progress.batches_in_epoch:
-                continue  # resuming inside an epoch: these batches were already trained on
-            batch = task.collate(rows, progress.epoch)
-            local_flops, local_tokens = task.step_cost(batch)
-            step_flops, step_tokens = _global_sum([local_flops, float(local_tokens)], world, device)
-            if not budget.allows(progress, step_flops):
-                done = True
-                break
-            fraction = budget.fraction(progress)
-            lr = cfg.train.lr * lr_factor(fraction, cfg.train.warmup_ratio)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-
-            out = task.loss(wrapped.module, task.to_device(batch, device), progress.step)
-            if engine is not None:
-                engine.backward(out.total * wrapped.loss_scale)
-                engine.step()
-            else:
-                (out.total * wrapped.loss_scale).backward()
-                if cfg.train.max_grad_norm:
-                    torch.nn.utils.clip_grad_norm_(
-                        [p for group in optimizer.param_groups for p in group["params"]], cfg.train.max_grad_norm
-                    )
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-
-            progress.step += 1
-            progress.flops += step_flops
-            progress.tokens += int(step_tokens)
-            progress.batches_in_epoch = index + 1
-            window_tokens += int(step_tokens)
-            _maybe_inject_failure(progress.step, ctx.rank)
-            if not budget.allows(progress, 0.0):
-                done = True
-
-            metrics = {f"loss/{k}": v for k, v in out.floats().items()}
-            metrics.update(
-                step=progress.step,
-                flops=progress.flops,
-                tokens=progress.tokens,
-                lr=lr,
-                epoch=progress.epoch,
-                budget_fraction=budget.fraction(progress),
-            )
-            due_log = progress.step % cfg.train.log_every == 0 or done
-            if due_log:
-                elapsed = time.perf_counter() - window_start
-                metrics["tokens_per_s"] = window_tokens / elapsed if elapsed > 0 else 0.0
-                window_start, window_tokens = time.perf_counter(), 0
-                tracker.log_metrics(metrics, step=progress.step)
-            if progress.step % cfg.train.checkpoint_every == 0 or done:
-                checkpoint(metrics)
-            elif due_log:
-                ctx.report(metrics)
-            if done:
-                break
-        else:
-            if not seen_any:
-                raise ValueError(
-                    f"the training data gives this worker no full batch of {local_batch} rows; "
-                    "add examples or lower train.batch_size"
-                )
-            progress.epoch += 1
-            progress.batches_in_epoch = 0
-
-    if last_checkpoint != progress.step:
-        checkpoint({"step": progress.step, "flops": progress.flops, "tokens": progress.tokens})
-    export_dir = Path(run_dir) / task.product
-    task.export(wrapped.module, export_dir, ctx.rank)
-    probe = task.probe(wrapped.module, probe_texts, device) if probe_texts else None
-    if ctx.rank == 0:
-        tracker.log_metrics({"final/flops": progress.flops, "final/steps": progress.step}, step=progress.step)
-        tracker.end()
-    return LoopResult(
-        steps=progress.step,
-        flops=progress.flops,
-        tokens=progress.tokens,
-        epochs_completed=progress.epoch,
-        stopped_by=stopped_by,
-        export_dir=str(export_dir),
-        tracking_run_id=progress.tracking_run_id,
-        planned_steps=planned_steps,
-        probe_encodings=probe,
-    )
+    training = _Training(cfg, task, ctx)
+    training.resume(make_tracker)
+    training.train()
+    return training.finish(run_dir, planned_steps, probe_texts)
