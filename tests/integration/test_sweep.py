@@ -16,7 +16,8 @@ import pytest
 import yaml
 
 from retriever.config import load_config
-from retriever.sweep import cell_id, collect_cells, run_sweep
+from retriever.records import cell_id, collect_cells
+from retriever.sweep.run import run_sweep
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(900)]
 
