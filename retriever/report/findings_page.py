@@ -85,60 +85,60 @@ def _section(number: int, finding: Finding) -> list[str]:
     ]
 
 
+def _table(header: str, align: str, rows: list[str]) -> list[str]:
+    return ["", header, align, *rows]
+
+
 def _scaling_section(scaling: Finding, label: str) -> list[str]:
-    md = _section(1, scaling)
     if not scaling.details.get("lines"):
-        return md
-    md += [
-        "",
-        f"| Paradigm | Loss | Cells (params: mean {label}) | b [95% CI] | R² |",
-        "|:---|:---|:---|---:|---:|",
-    ]
+        return _section(1, scaling)
+    rows = []
     for line in scaling.details["lines"]:
         points = ", ".join(
             f"{c['backbone']} ({format_count(c['parameters'])}): {c['mean']:.4f}" for c in line["cells"]
         )
         exponent = _interval_text(line["exponent"]) if line["exponent"] else f"no fit: {line.get('reason')}"
-        md.append(f"| {line['paradigm']} | {line['loss'].upper()} | {points} | {exponent} | {_num(line['r2'])} |")
-    md += ["", "| Paradigm | b_KD - b_CL [95% CI] | Verdict | Why |", "|:---|---:|:---|:---|"]
-    for p in scaling.details["paradigms"]:
-        md.append(f"| {p['paradigm']} | {_interval_text(p['kd_minus_cl'])} | {p['verdict']} | {p['reason']} |")
-    return md
+        rows.append(f"| {line['paradigm']} | {line['loss'].upper()} | {points} | {exponent} | {_num(line['r2'])} |")
+    verdicts = [
+        f"| {p['paradigm']} | {_interval_text(p['kd_minus_cl'])} | {p['verdict']} | {p['reason']} |"
+        for p in scaling.details["paradigms"]
+    ]
+    return [
+        *_section(1, scaling),
+        *_table(
+            f"| Paradigm | Loss | Cells (params: mean {label}) | b [95% CI] | R² |", "|:---|:---|:---|---:|---:|", rows
+        ),
+        *_table("| Paradigm | b_KD - b_CL [95% CI] | Verdict | Why |", "|:---|---:|:---|:---|", verdicts),
+    ]
 
 
 def _sparse_vs_dense_section(versus: Finding, label: str) -> list[str]:
-    md = _section(2, versus)
-    if not versus.details.get("pairs"):
-        return md
-    md += [
-        "",
-        f"| Backbone | Loss | sparse {label} | dense {label} | sparse - dense [95% CI] | p | better |",
-        "|:---|:---|---:|---:|---:|---:|:---|",
-    ]
-    for pair in versus.details["pairs"]:
+    rows = []
+    for pair in versus.details.get("pairs", []):
         t = pair["test"]
         better = {"a": "sparse", "b": "dense"}.get(t["better"], "neither")
-        md.append(
+        rows.append(
             f"| {pair['backbone']} | {pair['loss'].upper()} | {t['mean_a']:.4f} | {t['mean_b']:.4f} | "
             f"{_interval_text(t['difference'])} | {t['p_value']:.3g} | {better} |"
         )
-    return md
+    if not rows:
+        return _section(2, versus)
+    header = f"| Backbone | Loss | sparse {label} | dense {label} | sparse - dense [95% CI] | p | better |"
+    return [*_section(2, versus), *_table(header, "|:---|:---|---:|---:|---:|---:|:---|", rows)]
 
 
 def _best_cell_section(best: Finding) -> list[str]:
-    md = _section(3, best)
     d = best.details
-    if "cell" in d:
-        md += [
-            "",
-            "| Cell | mean [95% CI] | rank | best cell | best mean | best - cell [95% CI] | p |",
-            "|:---|---:|---:|:---|---:|---:|---:|",
-            f"| {d['cell']} | {_interval_text(d['cell_mean'], sign=False)} | {d['rank']} of {d['cells']} | "
-            f"{d['best']} | {d['best_mean']:.4f} | "
-            f"{_interval_text(d['to_best']['difference']) if d['to_best'] else '–'} | "
-            f"{_num(d['to_best']['p_value'], 3) if d['to_best'] else '–'} |",
-        ]
-    return md
+    if "cell" not in d:
+        return _section(3, best)
+    header = "| Cell | mean [95% CI] | rank | best cell | best mean | best - cell [95% CI] | p |"
+    row = (
+        f"| {d['cell']} | {_interval_text(d['cell_mean'], sign=False)} | {d['rank']} of {d['cells']} | "
+        f"{d['best']} | {d['best_mean']:.4f} | "
+        f"{_interval_text(d['to_best']['difference']) if d['to_best'] else '–'} | "
+        f"{_num(d['to_best']['p_value'], 3) if d['to_best'] else '–'} |"
+    )
+    return [*_section(3, best), *_table(header, "|:---|---:|---:|:---|---:|---:|---:|", [row])]
 
 
 def write_findings(report_dir: str | Path, findings: Findings) -> dict[str, dict[str, Any]]:

@@ -33,9 +33,10 @@ def _best_runs(root: Path, records: list[dict[str, Any]], dataset: str, metric: 
 def compare_best(
     root: str | Path,
     records: list[dict[str, Any]],
+    qrels: Mapping[str, Mapping[str, int]],
+    *,
     dataset: str,
     metric: str,
-    qrels: Mapping[str, Mapping[str, int]],
 ) -> dict[str, Any]:
     """The paired tests between BM25 and each paradigm's best cell (and between those cells) on ``dataset``.
 

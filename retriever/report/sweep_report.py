@@ -50,7 +50,7 @@ def compare_best_safely(root: Path, records: list[dict[str, Any]], cfg: Experime
     dataset, metric = primary_metric(cfg)
     try:
         qrels = load_source(resolve_dataset(dataset, cfg)).qrels()
-        return compare_best(root, records, dataset, metric, qrels)
+        return compare_best(root, records, qrels, dataset=dataset, metric=metric)
     except _UNREADABLE as exc:
         log.warning("best cells not compared: %s: %s", type(exc).__name__, exc)
         reason = f"per-query values could not be read ({type(exc).__name__}: {exc})"

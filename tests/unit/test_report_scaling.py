@@ -30,6 +30,7 @@ from retriever.report.markdown import to_markdown
 from retriever.report.plots import plot_scaling
 from retriever.report.scaling import ReportPaths, write_report
 from retriever.report.tables import baseline_comparison, baseline_table, bm25_reference, metric_columns, results_table
+from retriever.report.validation import NUMBER_COLUMNS
 
 DEV = "msmarco-passage/dev/small"
 DL19 = "msmarco-passage/trec-dl-2019/judged"
@@ -560,10 +561,7 @@ def test_baseline_table_rows_columns_and_comparison(records: list[dict]) -> None
         "backbone",
         "paradigm",
         "status",
-        "parameters",
-        "trainable_parameters",
-        "flops",
-        "steps",
+        *NUMBER_COLUMNS,  # as in the results table
         f"{DEV}:mrr@10",
         f"{DL19}:ndcg@10",
         f"{NFC}:ndcg@10",
