@@ -1,4 +1,5 @@
-"""BM25, the project's lexical baseline (and the one BM25 implementation the project uses), over ``bm25s``.
+"""BM25, the project's lexical retriever (and the one BM25 implementation the project uses), over ``bm25s``: index,
+tokenize, search. Evaluating it on a sweep's datasets is the report's job (`retriever.report.baselines`).
 
 Settings: Lucene's BM25 (``bm25s.BM25(method="lucene")``) with k1 = 0.9 and b = 0.4, as Anserini's MS MARCO
 baselines and the synthetic benchmark's candidates use them. The score of document d for query q is
@@ -24,19 +25,11 @@ ties at the k-th place included in that order, so a run does not depend on the l
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterable, Mapping
-from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from retriever.trec import RunDict, trec_order
-
-if TYPE_CHECKING:
-    from retriever.config import ExperimentConfig
-
-log = logging.getLogger(__name__)
 
 K1 = 0.9
 B = 0.4
@@ -113,41 +106,4 @@ class Bm25Index:
         return {qid: self.top_k(text, k) for qid, text in queries.items()}
 
 
-def evaluate_bm25(
-    dataset_id: str,
-    cfg: ExperimentConfig,
-    out_dir: str | Path,
-    *,
-    k1: float = K1,
-    b: float = B,
-    index: Bm25Index | None = None,
-) -> dict[str, float]:
-    """BM25 on one configured dataset, resolved and evaluated as `retriever.pipeline.evaluate_encoder` does.
-
-    The judged queries are searched to the protocol's depth; the run is written to
-    ``out_dir/<safe dataset>/run.trec`` (tag ``bm25``) and the protocol's metrics are returned (ranx names).
-    ``index`` reuses an index of the same corpus (datasets sharing one, such as MS MARCO dev and TREC DL); its own
-    k1 and b apply then.
-    """
-    from retriever.data.catalog import resolve_dataset
-    from retriever.data.sources import load_source
-    from retriever.evaluation import evaluate_detailed, protocol_for_dataset
-    from retriever.pipeline import _judged_queries
-    from retriever.records import safe_name
-    from retriever.trec import write_run
-
-    proto = protocol_for_dataset(dataset_id)
-    source = load_source(resolve_dataset(dataset_id, cfg))
-    qrels = source.qrels()
-    if index is None:
-        index = Bm25Index(source.docs(), k1=k1, b=b)
-    run = index.search(dict(_judged_queries(source, qrels)), proto.depth)
-    run_file = Path(out_dir) / safe_name(dataset_id) / "run.trec"
-    write_run(run, run_file, tag=RUN_TAG, depth=proto.depth)
-    result = evaluate_detailed(run, qrels, proto, run_name=f"BM25 {dataset_id}")
-    metrics = {name: float(value) for name, value in result.metrics.items()}
-    log.info("BM25 %s: %s", dataset_id, metrics)
-    return metrics
-
-
-__all__ = ["B", "K1", "Bm25Index", "evaluate_bm25", "tokenize"]
+__all__ = ["B", "K1", "RUN_TAG", "Bm25Index", "tokenize"]

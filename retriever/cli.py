@@ -424,7 +424,7 @@ def _sweep_args(parser: argparse.ArgumentParser) -> None:
 
 @command("sweep", "run the backbone x paradigm x loss grid under one FLOP budget (Ray Tune + MLflow)", _sweep_args)
 def _sweep(args: argparse.Namespace) -> int:
-    from retriever.sweep import run_sweep
+    from retriever.sweep.run import run_sweep
 
     result = run_sweep(load_config(args.config, args.overrides), resume=args.resume, verbose=args.verbose)
     _print_sweep(result)
@@ -450,22 +450,15 @@ def _report_args(parser: argparse.ArgumentParser) -> None:
 @command("report", "write the scaling report of a sweep (table, plots, power-law fits)", _report_args)
 def _report(args: argparse.Namespace) -> int:
     from retriever.config import ExperimentConfig
-    from retriever.report import write_sweep_report
+    from retriever.report.sweep_report import write_sweep_report
+    from retriever.tracking import open_experiment
 
     state_path = args.sweep / "sweep.json"
     if not state_path.is_file():
         raise FileNotFoundError(f"{args.sweep}: not a sweep directory (sweep.json missing)")
     state = json.loads(state_path.read_text())
     cfg = ExperimentConfig.model_validate(state["config"])
-    tracking = None
-    if cfg.tracking.enabled and state.get("parent_run_id"):
-        from retriever.tracking import artifact_location, ensure_experiment, tracking_uri
-
-        uri = tracking_uri(cfg.tracking, cfg.train.output_dir)
-        experiment = ensure_experiment(
-            uri, cfg.tracking.experiment, artifact_location(cfg.tracking, cfg.train.output_dir)
-        )
-        tracking = {"uri": uri, "experiment_id": experiment}
+    tracking = open_experiment(cfg.tracking, cfg.train.output_dir) if state.get("parent_run_id") else None
     for key, path in sorted(write_sweep_report(args.sweep, cfg, state.get("parent_run_id"), tracking).items()):
         print(f"{key}: {path}")
     return 0
@@ -483,7 +476,8 @@ def _quickstart_args(parser: argparse.ArgumentParser) -> None:
 def _quickstart(args: argparse.Namespace) -> int:
     import time
 
-    from retriever.sweep import STATE_FILE, run_sweep, sweep_dir
+    from retriever.sweep.grid import STATE_FILE, sweep_dir
+    from retriever.sweep.run import run_sweep
     from retriever.tracking import tracking_uri
 
     cfg = load_config(args.config, args.overrides)

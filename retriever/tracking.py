@@ -1,6 +1,7 @@
 """MLflow tracking: SQLite by default (file stores are refused by MLflow >= 3.13), any tracking URI by config.
 
-One parent run per sweep, one child run per cell (tag `mlflow.parentRunId`), logged from one process (the driver or
+`open_experiment` is the one set-up every stage uses (URI, artifact location, experiment and its kind tag). One
+parent run per sweep, one child run per cell (tag `mlflow.parentRunId`), logged from one process (the driver or
 rank 0 of a trainer). Metric names are made MLflow-safe (`ndcg@10` → `ndcg_at_10`).
 """
 
@@ -10,6 +11,7 @@ import logging
 import os
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -51,13 +53,38 @@ def _client(uri: str):
     return MlflowClient(tracking_uri=uri)
 
 
-def ensure_experiment(uri: str, name: str, artifacts: str) -> str:
-    """The experiment's id, creating it with an explicit artifact location when missing."""
+# MLflow 3's UI opens an experiment without this tag in its GenAI view; ours hold training runs.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+
+
+@dataclass(frozen=True)
+class TrackingTarget:
+    """Where a stage logs: the tracking URI and the experiment's id (plain strings: it crosses process bounds)."""
+
+    uri: str
+    experiment_id: str
+
+
+def open_experiment(settings: TrackingConfig, output_dir: str | Path) -> TrackingTarget | None:
+    """The configured experiment, created (with its artifact location) when missing and tagged as a model
+    development experiment when untagged; None when tracking is off."""
+    if not settings.enabled:
+        return None
+    uri = tracking_uri(settings, output_dir)
     client = _client(uri)
-    found = client.get_experiment_by_name(name)
-    if found is not None:
-        return found.experiment_id
-    return client.create_experiment(name, artifact_location=artifacts)
+    found = client.get_experiment_by_name(settings.experiment)
+    if found is None:
+        experiment_id = client.create_experiment(
+            settings.experiment,
+            artifact_location=artifact_location(settings, output_dir),
+            tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND},
+        )
+    else:
+        experiment_id = found.experiment_id
+        if EXPERIMENT_KIND_TAG not in found.tags:
+            client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    return TrackingTarget(uri, experiment_id)
 
 
 class RunTracker:
@@ -72,6 +99,13 @@ class RunTracker:
     @classmethod
     def disabled(cls) -> RunTracker:
         return cls(None, None, None)
+
+    @classmethod
+    def of(cls, target: TrackingTarget | None, run_id: str | None) -> RunTracker:
+        """The run `run_id` of `target`'s experiment (disabled without either)."""
+        if target is None or run_id is None:
+            return cls.disabled()
+        return cls(target.uri, target.experiment_id, run_id)
 
     @property
     def enabled(self) -> bool:

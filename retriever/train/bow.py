@@ -1,6 +1,6 @@
 """Bag-of-words pre-training: a text's representation learns to predict the text's own terms.
 
-The stage runs once per backbone x paradigm before the grid (`bow.enabled`, `retriever.pretrain`) on a corpus of
+The stage runs once per backbone x paradigm before the grid (`bow.enabled`, `retriever.sweep.pretrain`) on a corpus of
 passages, with the paradigm's own representation:
 
 - sparse: each term's activation (the representation before log1p) is pushed up for the text's terms and to zero

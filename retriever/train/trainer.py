@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from retriever.config import ExperimentConfig
 from retriever.registry import Registry
-from retriever.tracking import RunTracker, artifact_location, ensure_experiment, tracking_uri
+from retriever.tracking import RunTracker, open_experiment
 
 if TYPE_CHECKING:
     from retriever.data.examples import DocTexts
@@ -146,11 +146,11 @@ def planned_steps_for(cfg: ExperimentConfig) -> int:
 
 def tracker_settings(cfg: ExperimentConfig, parent_run_id: str | None = None) -> dict[str, Any] | None:
     """What a worker needs to open (or resume) the run's MLflow run; None when tracking is off."""
-    if not cfg.tracking.enabled:
+    target = open_experiment(cfg.tracking, cfg.train.output_dir)
+    if target is None:
         return None
-    uri = tracking_uri(cfg.tracking, cfg.train.output_dir)
-    experiment = ensure_experiment(uri, cfg.tracking.experiment, artifact_location(cfg.tracking, cfg.train.output_dir))
-    return {"uri": uri, "experiment_id": experiment, "run_name": cfg.name, "parent_run_id": parent_run_id}
+    where = {"uri": target.uri, "experiment_id": target.experiment_id}
+    return where | {"run_name": cfg.name, "parent_run_id": parent_run_id}
 
 
 def _tracker_factory(settings: dict[str, Any] | None) -> Callable[[str | None], RunTracker] | None:
@@ -202,18 +202,20 @@ def run_training(
     probe_texts: list[str] | None = None,
     fail_once_at: str | None = None,
     on_report: Callable[[dict[str, float]], None] | None = None,
+    planned_steps: int | None = None,
 ) -> dict[str, Any]:
     """Train one configuration to its budget; returns steps, tokens and FLOPs used and the export directory.
 
     `probe_texts` are encoded by the trained module at the end (returned as `probe_encodings`); `fail_once_at`
     ("<step>:<marker prefix>") makes every worker fail once at that step (fault-tolerance tests); `on_report`
-    receives every reported metrics dict of an in-process run (Ray runs report through `callbacks`).
+    receives every reported metrics dict of an in-process run (Ray runs report through `callbacks`);
+    `planned_steps` is the step count of a plan already made (a sweep plans its cells once), else the task plans.
     """
     from retriever.data.catalog import resolve_references
 
     spec = TASKS.get(task)
     cfg = spec.stage_config(resolve_references(cfg))
-    planned = spec.planned_steps(cfg)
+    planned = planned_steps if planned_steps is not None else spec.planned_steps(cfg)
     path = None
     if spec.table is None:
         path = data_path or prepare_training_data(cfg)

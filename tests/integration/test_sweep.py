@@ -16,7 +16,8 @@ import pytest
 import yaml
 
 from retriever.config import load_config
-from retriever.sweep import cell_id, collect_cells, run_sweep
+from retriever.records import cell_id, collect_cells
+from retriever.sweep.run import run_sweep
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(900)]
 
@@ -232,3 +233,28 @@ def test_bow_stages_run_as_ray_tasks_before_the_grid_and_every_cell_continues_it
     client = MlflowClient(tracking_uri=f"sqlite:///{(tmp_path / 'runs' / 'mlflow.db').resolve()}")
     metrics = client.get_run(result.parent_run_id).data.metrics
     assert metrics["pretrain/tiny_s/sparse/bow/steps"] == 3 and metrics["pretrain/tiny_s/dense/bow/flops"] > 0
+
+
+@pytest.mark.timeout(120)
+def test_the_flop_stopper_stops_a_trial_that_reports_more_than_the_budget(ray_cluster, tmp_path):
+    from ray import tune
+
+    from retriever.sweep.tune import FlopStopper, tune_stopper
+
+    budget = 1e6
+
+    def trainable(config):
+        # Real workers stop at the budget themselves: one trial reports an over-budget count at its third step.
+        for step in range(1, 11):
+            tune.report({"flops": 2 * budget if step == config["over_at"] else budget * step / 10})
+
+    tuner = tune.Tuner(
+        tune.with_resources(trainable, {"CPU": 0.1}),
+        param_space={"over_at": tune.grid_search([3, 0])},
+        run_config=tune.RunConfig(
+            name="stopper", storage_path=str(tmp_path), stop=tune_stopper(FlopStopper(budget)), verbose=0
+        ),
+    )
+    results = {result.config["over_at"]: result.metrics for result in tuner.fit()}
+    assert results[3]["training_iteration"] == 3 and results[3]["flops"] == 2 * budget
+    assert results[0]["training_iteration"] == 10 and results[0]["flops"] == budget  # at the budget: not stopped

@@ -60,7 +60,7 @@ def test_cells_with_their_own_data_get_their_training_set_built_before_the_grid(
     """A `sweep.overrides` entry that changes a cell's data (here the candidate pool of the KD cells) gets its own
     benchmark folder and training examples, built once by the sweep's preparation, so no two trials build them."""
     from retriever.data.catalog import synthetic_benchmark
-    from retriever.sweep import _prepare, cell_config
+    from retriever.sweep.grid import cell_config, prepare
 
     cfg = make_config(
         train={"output_dir": str(tmp_path)},
@@ -74,7 +74,7 @@ def test_cells_with_their_own_data_get_their_training_set_built_before_the_grid(
             "overrides": [{"losses": ["kd"], "set": {"data.synthetic_candidates": 80}}],
         },
     )
-    prepared = _prepare(cfg)
+    prepared, _ = prepare(cfg)
     cl, kd = (cell_config(prepared, "tiny-s", "dense", loss) for loss in ("cl", "kd"))
     cl_bench, kd_bench = synthetic_benchmark(cl), synthetic_benchmark(kd)
     assert (cl_bench.num_candidates, kd_bench.num_candidates) == (50, 80)

@@ -124,7 +124,7 @@ sweep:
 
 def test_cell_overrides_apply_in_order_later_wins(tmp_path):
     from retriever.config import cell_settings, unmatched_overrides
-    from retriever.sweep import cell_config
+    from retriever.sweep.grid import cell_config
 
     cfg = load_config(write(tmp_path, OVERRIDES))
     # Nested mappings are stored as their dotted leaves.

@@ -251,7 +251,7 @@ def test_unknown_cell_names_fail_before_building(tiny_tokenizer_dir):
 def test_grid_plans_each_cell_as_the_sweep_runs_it(tiny_tokenizer_dir, tmp_path):
     """`sweep.overrides` change a cell's plan exactly as they change the config the sweep trains it with."""
     from retriever.config import CellOverride
-    from retriever.sweep import cell_config
+    from retriever.sweep.grid import cell_config
 
     cfg = tiny_config(tiny_tokenizer_dir)
     cfg.sweep.overrides = [

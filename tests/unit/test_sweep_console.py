@@ -1,4 +1,4 @@
-"""The sweep console (`retriever.sweep_console`) driven by fake trials and a fake clock, without a Ray cluster."""
+"""The sweep console (`retriever.sweep.console`) driven by fake trials and a fake clock, without a Ray cluster."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from retriever.config import ExperimentConfig
-from retriever.sweep_console import SweepConsole, format_duration, output_to_cell_log
+from retriever.sweep.console import SweepConsole, format_duration, output_to_cell_log
 
 METRIC = "eval/synthetic/test/ndcg_at_10"
 CELLS = ["tiny-s dense cl", "tiny-s dense kd", "tiny-s dense cl+kd"]  # the widest name has 18 characters

@@ -5,7 +5,6 @@ Expected numbers are computed by hand or by an independent reference (scipy.stat
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
 import struct
@@ -16,29 +15,22 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from retriever.analysis import (
+from retriever.records import RecordError
+from retriever.report.fits import PowerLaw, fit_power_law, scaling_fits
+from retriever.report.formatting import (
     BEIR_MEAN,
-    PowerLaw,
-    RecordError,
-    ReportPaths,
-    baseline_comparison,
-    baseline_table,
-    bm25_reference,
-    fit_power_law,
     format_count,
     format_flops,
     format_metric,
     metric_column,
-    metric_columns,
     metric_label,
-    plot_scaling,
-    read_records,
-    results_table,
-    scaling_fits,
     split_metric_column,
-    to_markdown,
-    write_report,
 )
+from retriever.report.markdown import to_markdown
+from retriever.report.plots import plot_scaling
+from retriever.report.scaling import ReportPaths, write_report
+from retriever.report.tables import baseline_comparison, baseline_table, bm25_reference, metric_columns, results_table
+from retriever.report.validation import NUMBER_COLUMNS
 
 DEV = "msmarco-passage/dev/small"
 DL19 = "msmarco-passage/trec-dl-2019/judged"
@@ -526,27 +518,6 @@ def test_write_report_survives_an_all_failed_sweep(tmp_path: Path) -> None:
 # ----------------------------------------------------------------------------------------------------- records IO
 
 
-def test_read_records_json_and_jsonl(tmp_path: Path) -> None:
-    records = [
-        _record(f"b{i}", p, lo, 10 * (i + 1), {DEV: {"mrr@10": 0.1}})
-        for i, (p, lo) in enumerate(itertools.product(["sparse", "dense"], ["cl", "kd"]))
-    ]
-    as_json = tmp_path / "results.json"
-    as_json.write_text(json.dumps(records))
-    as_jsonl = tmp_path / "results.jsonl"
-    as_jsonl.write_text("\n".join(json.dumps(r) for r in records) + "\n\n")
-    assert read_records(as_json) == records == read_records(as_jsonl)
-
-    as_jsonl.write_text(json.dumps(records[0]) + "\n{not json\n")
-    with pytest.raises(RecordError, match=r"results.jsonl:2: not valid JSON"):
-        read_records(as_jsonl)
-    as_json.write_text(json.dumps({"cells": records}))
-    with pytest.raises(RecordError, match="expected a JSON list"):
-        read_records(as_json)
-    with pytest.raises(FileNotFoundError, match="no such results file"):
-        read_records(tmp_path / "missing.json")
-
-
 def test_power_law_to_dict() -> None:
     assert PowerLaw(2.0, -0.5, 0.99, 3).to_dict() == {"a": 2.0, "b": -0.5, "r2": 0.99, "n_points": 3}
 
@@ -590,10 +561,7 @@ def test_baseline_table_rows_columns_and_comparison(records: list[dict]) -> None
         "backbone",
         "paradigm",
         "status",
-        "parameters",
-        "trainable_parameters",
-        "flops",
-        "steps",
+        *NUMBER_COLUMNS,  # as in the results table
         f"{DEV}:mrr@10",
         f"{DL19}:ndcg@10",
         f"{NFC}:ndcg@10",

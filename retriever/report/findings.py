@@ -3,24 +3,23 @@
 Every finding gets a verdict, ``reproduced``, ``not reproduced`` or ``inconclusive``, the numbers behind it and the
 rule that turned the numbers into the verdict (`RULES`). All statistics use one metric on one dataset (the report's
 primary metric: the first evaluation dataset's protocol's first metric, nDCG@10 on the synthetic benchmark) and the
-per-query values of each cell's TREC run against the dataset's judged queries (`per_query_values`; judged queries
-missing from a run count 0, as in the mean metrics).
+per-query values of each cell's TREC run against the dataset's judged queries
+(`retriever.report.per_query.per_query_values`).
 
 * **Intervals** are 95% percentile bootstrap intervals over test queries: ``n_boot`` resamples of the queries (with
   replacement, seeded, the same resamples for every cell, so differences stay paired); each resample recomputes
   every cell's mean and everything derived from the means.
 * **Paired tests** are two-sided paired t-tests over the queries (ranx's "student" test, exact and deterministic);
   a difference is significant when p < ``alpha`` (0.05).
-* **Finding 1** fits ``1 - metric = a * parameters^b`` per paradigm × loss line (`retriever.analysis.fit_power_law`,
-  least squares in log-log space, as the report's scaling fits): b < 0 means the metric improves with size.
+* **Finding 1** fits ``1 - metric = a * parameters^b`` per paradigm × loss line (`retriever.report.fits.
+  fit_power_law`, least squares in log-log space, as the report's scaling fits): b < 0 means the metric improves
+  with size.
 
 ``inconclusive`` always says why (too few scales, a missing or failed cell, intervals that decide nothing).
 """
 
 from __future__ import annotations
 
-import json
-import logging
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -29,25 +28,39 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+from retriever.report.fits import fit_power_law
+from retriever.report.formatting import LOSSES, order_key
+from retriever.report.per_query import CellValues, load_cell_values
+from retriever.report.statistics import Bootstrap, Interval, interval
 from retriever.tracking import safe_metric_name
 
 if TYPE_CHECKING:
     from retriever.config import ExperimentConfig
 
-log = logging.getLogger(__name__)
 
 Verdict = Literal["reproduced", "not reproduced", "inconclusive"]
+
+
 REPRODUCED: Verdict = "reproduced"
+
+
 NOT_REPRODUCED: Verdict = "not reproduced"
+
+
 INCONCLUSIVE: Verdict = "inconclusive"
 
+
 SCALING, SPARSE_VS_DENSE, BEST_CELL = "1_scaling", "2_sparse_vs_dense", "3_best_cell"
+
+
 CLAIMS = {
     SCALING: "Retrieval quality grows with model size under contrastive loss (CL) and stays flat under "
     "distillation (KD).",
     SPARSE_VS_DENSE: "Sparse retrievers beat dense ones at the same size, loss and FLOP budget.",
     BEST_CELL: "Sparse CL+KD at the largest size is the best cell.",
 }
+
+
 RULES = {
     SCALING: "Per paradigm, fit 1 - metric = a * N^b (N = parameters) to the CL and the KD line; b < 0 improves "
     "with size. Reproduced when CL's 95% interval of b lies below 0 and KD improves less: its interval contains 0 "
@@ -63,170 +76,6 @@ RULES = {
     "it is the best or its paired difference to the best is not significant (two-sided paired t-test, p >= alpha); "
     "not reproduced when the best is significantly better; inconclusive when that cell is missing or failed.",
 }
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Inputs
-
-
-@dataclass(frozen=True)
-class CellValues:
-    """One sweep cell for the findings: its grid position, size, status and per-query metric values.
-
-    ``values`` are aligned with the query list the cells share (None when the cell failed or has no run; ``note``
-    then says why).
-    """
-
-    backbone: str
-    paradigm: str
-    loss: str
-    parameters: float | None
-    status: str
-    values: np.ndarray | None = None
-    note: str | None = None
-
-    @property
-    def usable(self) -> bool:
-        return self.status == "ok" and self.values is not None
-
-    @property
-    def label(self) -> str:
-        return f"{self.backbone} {self.paradigm} {self.loss.upper()}"
-
-
-def per_query_values(
-    run_file: str | Path, qrels: Mapping[str, Mapping[str, int]], dataset: str, metric: str
-) -> dict[str, float]:
-    """Per-query values of ``metric`` for the TREC run in ``run_file`` under ``dataset``'s protocol.
-
-    Keys are the judged queries of ``qrels`` (queries missing from the run score 0), as in the mean metrics.
-    """
-    from retriever.evaluation import evaluate_detailed, protocol_for_dataset
-    from retriever.trec import read_run
-
-    result = evaluate_detailed(read_run(run_file), qrels, protocol_for_dataset(dataset), [metric], str(run_file))
-    return result.per_query[metric]
-
-
-def cell_run_file(root: str | Path, record: Mapping[str, Any], dataset: str) -> Path:
-    """Where a cell's run on ``dataset`` lives: ``cells/<cell>/eval/<safe dataset>/run.trec`` (as pipeline.py)."""
-    from retriever.records import safe_name
-    from retriever.sweep import cell_id
-
-    cell = record.get("cell") or cell_id(record["backbone"], record["paradigm"], record["loss"])
-    return Path(root) / "cells" / str(cell) / "eval" / safe_name(dataset) / "run.trec"
-
-
-def load_cell_values(
-    root: str | Path,
-    records: Sequence[Mapping[str, Any]],
-    dataset: str,
-    metric: str,
-    qrels: Mapping[str, Mapping[str, int]],
-) -> tuple[list[str], list[CellValues]]:
-    """(judged query ids, cells) of a sweep directory: each finished cell's per-query values from its run file."""
-    queries = sorted(qrels)
-    cells = []
-    for record in records:
-        values, note = None, None
-        if record.get("status") == "ok":
-            run_file = cell_run_file(root, record, dataset)
-            if run_file.is_file():
-                by_query = per_query_values(run_file, qrels, dataset, metric)
-                values = np.asarray([by_query[q] for q in queries], dtype=float)
-            else:
-                note = f"no run file {run_file}"
-        else:
-            note = "cell failed"
-        parameters = record.get("parameters")
-        cells.append(
-            CellValues(
-                backbone=str(record["backbone"]),
-                paradigm=str(record["paradigm"]),
-                loss=str(record["loss"]),
-                parameters=None if parameters is None else float(parameters),
-                status=str(record.get("status")),
-                values=values,
-                note=note,
-            )
-        )
-    return queries, cells
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Statistics
-
-
-@dataclass(frozen=True)
-class Interval:
-    estimate: float
-    low: float
-    high: float
-
-    def to_dict(self) -> dict[str, float]:
-        return {"estimate": self.estimate, "ci_low": self.low, "ci_high": self.high}
-
-    def contains(self, value: float) -> bool:
-        return self.low <= value <= self.high
-
-
-def _interval(estimate: float, resampled: np.ndarray, confidence: float) -> Interval:
-    finite = resampled[np.isfinite(resampled)]
-    if finite.size == 0:
-        return Interval(estimate, math.nan, math.nan)
-    tail = (1.0 - confidence) / 2 * 100
-    low, high = np.percentile(finite, [tail, 100 - tail])
-    return Interval(float(estimate), float(low), float(high))
-
-
-def _paired_t_test(diff: np.ndarray) -> float:
-    """Two-sided p-value of a paired t-test on differences (1 when all are 0, 0 when all equal another value)."""
-    from scipy import stats
-
-    if np.all(diff == diff[0]):
-        return 1.0 if diff[0] == 0 else 0.0
-    return float(stats.ttest_1samp(diff, 0.0).pvalue)
-
-
-class _Stats:
-    """Bootstrap weights shared by every statistic of one judgement (paired resampling, one seed)."""
-
-    def __init__(self, num_queries: int, n_boot: int, seed: int, confidence: float, alpha: float) -> None:
-        rng = np.random.default_rng(seed)
-        # counts of each query in each resample: a resampled mean is weights @ values / n
-        self.weights = rng.multinomial(num_queries, np.full(num_queries, 1.0 / num_queries), size=n_boot).astype(float)
-        self.n = num_queries
-        self.confidence = confidence
-        self.alpha = alpha
-
-    def means(self, values: np.ndarray) -> np.ndarray:
-        return self.weights @ values / self.n
-
-    def mean_interval(self, values: np.ndarray) -> Interval:
-        return _interval(float(values.mean()), self.means(values), self.confidence)
-
-    def paired(self, a: CellValues, b: CellValues) -> tuple[dict[str, Any], Interval]:
-        """A paired comparison of two cells: mean difference a - b with its interval, t-test p, the better one."""
-        assert a.values is not None and b.values is not None
-        diff = a.values - b.values
-        ci = _interval(float(diff.mean()), self.means(diff), self.confidence)
-        p_value = _paired_t_test(diff)
-        significant = p_value < self.alpha
-        test = {
-            "a": a.label,
-            "b": b.label,
-            "mean_a": float(a.values.mean()),
-            "mean_b": float(b.values.mean()),
-            "difference": ci.to_dict(),
-            "p_value": p_value,
-            "significant": significant,
-            "better": ("a" if ci.estimate > 0 else "b") if significant else None,
-        }
-        return test, ci
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Verdicts
 
 
 @dataclass
@@ -298,12 +147,6 @@ class Findings:
 _CI_SUFFIXES = (("", "estimate"), ("_ci_low", "ci_low"), ("_ci_high", "ci_high"))
 
 
-def _loss_order(loss: str) -> tuple[int, str]:
-    from retriever.analysis import LOSSES
-
-    return (LOSSES.index(loss), "") if loss in LOSSES else (len(LOSSES), loss)
-
-
 def _scales(cells: Sequence[CellValues]) -> list[float]:
     return sorted({c.parameters for c in cells if c.parameters is not None and c.parameters > 0})
 
@@ -317,10 +160,8 @@ class _Line:
     slopes: np.ndarray | None = None
 
 
-def _fit_line(cells: list[CellValues], stats: _Stats) -> _Line:
+def _fit_line(cells: list[CellValues], stats: Bootstrap) -> _Line:
     """The exponent of 1 - metric = a * N^b through a line's cells, with its bootstrap interval."""
-    from retriever.analysis import fit_power_law
-
     x = np.asarray([c.parameters for c in cells], dtype=float)
     means = np.asarray([c.values.mean() for c in cells])  # type: ignore[union-attr]
     scales = len(_scales(cells))
@@ -342,12 +183,12 @@ def _fit_line(cells: list[CellValues], stats: _Stats) -> _Line:
         fit = fit_power_law(x, 1.0 - resampled[:, i])
         if fit is not None:
             slopes[i] = fit.b
-    exponent = _interval(law.b, slopes, stats.confidence)
+    exponent = interval(law.b, slopes, stats.confidence)
     entry["exponent"], entry["r2"] = exponent.to_dict(), law.r2
     return _Line(entry, exponent, slopes)
 
 
-def _judge_paradigm(paradigm: str, lines: dict[str, _Line], stats: _Stats) -> dict[str, Any]:
+def _judge_paradigm(paradigm: str, lines: dict[str, _Line], stats: Bootstrap) -> dict[str, Any]:
     cl, kd = lines.get("cl"), lines.get("kd")
     out: dict[str, Any] = {"paradigm": paradigm, "kd_minus_cl": None}
     if cl is None or cl.exponent is None or cl.slopes is None:
@@ -360,7 +201,7 @@ def _judge_paradigm(paradigm: str, lines: dict[str, _Line], stats: _Stats) -> di
         why = "no KD cells" if kd is None else f"the KD line cannot be fitted ({kd.entry['reason']})"
         return out | {"verdict": INCONCLUSIVE, "reason": why}
     b_kd = kd.exponent
-    diff = _interval(b_kd.estimate - b_cl.estimate, kd.slopes - cl.slopes, stats.confidence)
+    diff = interval(b_kd.estimate - b_cl.estimate, kd.slopes - cl.slopes, stats.confidence)
     out["kd_minus_cl"] = diff.to_dict()
     if diff.high < 0:
         why = f"KD scales clearly better than CL (b_KD - b_CL = {_ci(diff)})"
@@ -381,14 +222,15 @@ def _ci(interval: Interval) -> str:
     return f"{interval.estimate:+.4f} [{interval.low:+.4f}, {interval.high:+.4f}]"
 
 
-def judge_scaling(cells: Sequence[CellValues], stats: _Stats) -> Finding:
+def judge_scaling(cells: Sequence[CellValues], stats: Bootstrap) -> Finding:
     usable = [c for c in cells if c.usable and c.parameters is not None and c.parameters > 0]
     usable.sort(key=lambda c: (c.parameters, c.backbone))
     paradigms = sorted({c.paradigm for c in usable})
     lines_out, per_paradigm = [], []
     for paradigm in paradigms:
         lines = {}
-        for loss in sorted({c.loss for c in usable if c.paradigm == paradigm}, key=_loss_order):
+        losses = {c.loss for c in usable if c.paradigm == paradigm}
+        for loss in sorted(losses, key=lambda loss: order_key(loss, LOSSES)):
             line = _fit_line([c for c in usable if (c.paradigm, c.loss) == (paradigm, loss)], stats)
             lines[loss] = line
             lines_out.append({"paradigm": paradigm, "loss": loss, **line.entry})
@@ -409,11 +251,11 @@ def judge_scaling(cells: Sequence[CellValues], stats: _Stats) -> Finding:
     return Finding(SCALING, CLAIMS[SCALING], verdict, reason, RULES[SCALING], details)
 
 
-def judge_sparse_vs_dense(cells: Sequence[CellValues], stats: _Stats) -> Finding:
+def judge_sparse_vs_dense(cells: Sequence[CellValues], stats: Bootstrap) -> Finding:
     by_key = {(c.backbone, c.paradigm, c.loss): c for c in cells if c.usable}
     size = {c.backbone: math.inf if c.parameters is None else c.parameters for c in cells}
     pairs = []
-    for backbone, paradigm, loss in sorted(by_key, key=lambda k: (size[k[0]], k[0], _loss_order(k[2]))):
+    for backbone, paradigm, loss in sorted(by_key, key=lambda k: (size[k[0]], k[0], order_key(k[2], LOSSES))):
         if paradigm == "sparse" and (backbone, "dense", loss) in by_key:
             sparse, dense = by_key[(backbone, "sparse", loss)], by_key[(backbone, "dense", loss)]
             pairs.append({"backbone": backbone, "loss": loss, "test": stats.paired(sparse, dense)[0]})
@@ -433,7 +275,7 @@ def judge_sparse_vs_dense(cells: Sequence[CellValues], stats: _Stats) -> Finding
     return Finding(SPARSE_VS_DENSE, CLAIMS[SPARSE_VS_DENSE], verdict, reason, RULES[SPARSE_VS_DENSE], details)
 
 
-def judge_best_cell(cells: Sequence[CellValues], stats: _Stats) -> Finding:
+def judge_best_cell(cells: Sequence[CellValues], stats: Bootstrap) -> Finding:
     def finding(verdict: Verdict, reason: str, **details: Any) -> Finding:
         return Finding(BEST_CELL, CLAIMS[BEST_CELL], verdict, reason, RULES[BEST_CELL], details)
 
@@ -504,7 +346,7 @@ def judge_findings(
             raise ValueError(f"{c.label} appears twice; one cell per backbone × paradigm × loss")
         seen.add((c.backbone, c.paradigm, c.loss))
     num_queries = lengths.pop()[0] if lengths else 0
-    stats = _Stats(max(num_queries, 1), n_boot, seed, 1.0 - alpha, alpha)
+    stats = Bootstrap(max(num_queries, 1), n_boot, seed, 1.0 - alpha, alpha)
     settings = {
         "alpha": alpha,
         "confidence": 1.0 - alpha,
@@ -540,163 +382,3 @@ def judge_sweep(
     qrels = load_source(resolve_dataset(dataset, cfg)).qrels()
     _, cells = load_cell_values(root, records, dataset, metric, qrels)
     return judge_findings(cells, dataset=dataset, metric=metric, **options)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Output
-
-
-def _num(value: float | None, digits: int = 4, sign: bool = False) -> str:
-    if value is None or not math.isfinite(value):
-        return "–"
-    value = round(value, digits) + 0.0  # no "-0.0000"
-    return f"{value:+.{digits}f}" if sign else f"{value:.{digits}f}"
-
-
-def _interval_text(d: Mapping[str, float] | None, sign: bool = True) -> str:
-    if d is None:
-        return "–"
-    return f"{_num(d['estimate'], sign=sign)} [{_num(d['ci_low'], sign=sign)}, {_num(d['ci_high'], sign=sign)}]"
-
-
-def _verdict_table(findings: Findings) -> list[str]:
-    lines = ["| Finding | Verdict | Why |", "|:---|:---|:---|"]
-    return lines + [f"| {f.id[0]}. {f.claim} | **{f.verdict}** | {_md(f.reason)} |" for f in findings.findings]
-
-
-def _md(text: str) -> str:
-    return text.replace("|", "\\|")
-
-
-def findings_summary(findings: Findings, link: str = "findings.md") -> list[str]:
-    """A short Markdown section of the verdicts for the results page, linking to the full page."""
-    from retriever.analysis import metric_label
-
-    return [
-        "## The paper's findings",
-        "",
-        f"On `{findings.dataset}`, from per-query {metric_label(findings.metric)} ({findings.num_queries} queries).",
-        "",
-        *_verdict_table(findings),
-        "",
-        f"Numbers, intervals and the rules behind each verdict: [{link}]({link}).",
-    ]
-
-
-def findings_markdown(findings: Findings) -> str:
-    """The human-readable page of the findings (findings.md)."""
-    from retriever.analysis import format_count, metric_label
-
-    s = findings.settings
-    label = metric_label(findings.metric)
-    if "error" in s:
-        method = f"Not judged: {s['error']}."
-    else:
-        method = (
-            f"Intervals: {round(100 * s['confidence'])}% percentile bootstrap over queries "
-            f"({s['bootstrap_resamples']} resamples, seed {s['seed']}, the same resamples for every cell). "
-            f"Tests: {s['test']}, significant at p < {s['alpha']:g}."
-        )
-    md = [
-        "# The paper's findings, judged from this sweep",
-        "",
-        f"arXiv 2502.15526 on `{findings.dataset}`, {label} over {findings.num_queries} judged queries. {method} "
-        "Verdicts are `reproduced`, `not reproduced` or `inconclusive`.",
-        "",
-        *_verdict_table(findings),
-    ]
-
-    scaling = findings[SCALING]
-    md += ["", f"## 1. {scaling.claim}", "", f"**{scaling.verdict}**: {scaling.reason}", "", f"Rule: {scaling.rule}"]
-    if scaling.details.get("lines"):
-        md += [
-            "",
-            f"| Paradigm | Loss | Cells (params: mean {label}) | b [95% CI] | R² |",
-            "|:---|:---|:---|---:|---:|",
-        ]
-        for line in scaling.details["lines"]:
-            points = ", ".join(
-                f"{c['backbone']} ({format_count(c['parameters'])}): {c['mean']:.4f}" for c in line["cells"]
-            )
-            exponent = _interval_text(line["exponent"]) if line["exponent"] else f"no fit: {line.get('reason')}"
-            md.append(f"| {line['paradigm']} | {line['loss'].upper()} | {points} | {exponent} | {_num(line['r2'])} |")
-        md += ["", "| Paradigm | b_KD - b_CL [95% CI] | Verdict | Why |", "|:---|---:|:---|:---|"]
-        for p in scaling.details["paradigms"]:
-            md.append(f"| {p['paradigm']} | {_interval_text(p['kd_minus_cl'])} | {p['verdict']} | {p['reason']} |")
-
-    versus = findings[SPARSE_VS_DENSE]
-    md += ["", f"## 2. {versus.claim}", "", f"**{versus.verdict}**: {versus.reason}", "", f"Rule: {versus.rule}"]
-    if versus.details.get("pairs"):
-        md += [
-            "",
-            f"| Backbone | Loss | sparse {label} | dense {label} | sparse - dense [95% CI] | p | better |",
-            "|:---|:---|---:|---:|---:|---:|:---|",
-        ]
-        for pair in versus.details["pairs"]:
-            t = pair["test"]
-            better = {"a": "sparse", "b": "dense"}.get(t["better"], "neither")
-            md.append(
-                f"| {pair['backbone']} | {pair['loss'].upper()} | {t['mean_a']:.4f} | {t['mean_b']:.4f} | "
-                f"{_interval_text(t['difference'])} | {t['p_value']:.3g} | {better} |"
-            )
-
-    best = findings[BEST_CELL]
-    md += ["", f"## 3. {best.claim}", "", f"**{best.verdict}**: {best.reason}", "", f"Rule: {best.rule}"]
-    d = best.details
-    if "cell" in d:
-        md += [
-            "",
-            "| Cell | mean [95% CI] | rank | best cell | best mean | best - cell [95% CI] | p |",
-            "|:---|---:|---:|:---|---:|---:|---:|",
-            f"| {d['cell']} | {_interval_text(d['cell_mean'], sign=False)} | {d['rank']} of {d['cells']} | "
-            f"{d['best']} | {d['best_mean']:.4f} | "
-            f"{_interval_text(d['to_best']['difference']) if d['to_best'] else '–'} | "
-            f"{_num(d['to_best']['p_value'], 3) if d['to_best'] else '–'} |",
-        ]
-    return "\n".join(md) + "\n"
-
-
-def write_findings(report_dir: str | Path, findings: Findings) -> dict[str, dict[str, Any]]:
-    """Write ``findings.md`` and ``findings.json`` under ``report_dir``; return `Findings.mlflow` (tags, metrics)."""
-    out = Path(report_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    payload = json.dumps(_finite(findings.to_dict()), indent=2, allow_nan=False)
-    (out / "findings.json").write_text(payload + "\n", encoding="utf-8")
-    (out / "findings.md").write_text(findings_markdown(findings), encoding="utf-8")
-    return findings.mlflow()
-
-
-def _finite(value: Any) -> Any:
-    """JSON-safe: NaN and infinities become null."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, Mapping):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_finite(v) for v in value]
-    return value
-
-
-__all__ = [
-    "BEST_CELL",
-    "CLAIMS",
-    "INCONCLUSIVE",
-    "NOT_REPRODUCED",
-    "REPRODUCED",
-    "RULES",
-    "SCALING",
-    "SPARSE_VS_DENSE",
-    "CellValues",
-    "Finding",
-    "Findings",
-    "Interval",
-    "cell_run_file",
-    "findings_markdown",
-    "findings_summary",
-    "judge_findings",
-    "judge_sweep",
-    "load_cell_values",
-    "per_query_values",
-    "unjudged",
-    "write_findings",
-]

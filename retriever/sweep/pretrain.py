@@ -64,11 +64,6 @@ def run_stage(stage: ExperimentConfig, task: str, parent_run_id: str | None, **l
     return record
 
 
-def pretrain_backbone(cfg: ExperimentConfig, backbone: str, parent_run_id: str | None) -> dict[str, Any]:
-    """Run (or reuse) the MNTP stage of `backbone`."""
-    return run_stage(stage_config(cfg, backbone), "mntp", parent_run_id, backbone=backbone)
-
-
 def stage_label(record: dict[str, Any]) -> str:
     """`<backbone>` (MNTP) or `<backbone>/<paradigm>` (bag-of-words): where a stage's metrics go."""
     parts = [safe_name(record["backbone"])] + ([record["paradigm"]] if record.get("paradigm") else [])
@@ -82,6 +77,35 @@ StageRunner = Callable[[list[StageJob], str | None], list[dict[str, Any]]]
 def run_stages_here(jobs: list[StageJob], parent_run_id: str | None) -> list[dict[str, Any]]:
     """One stage after the other in this process (the sweep runs them as parallel Ray tasks instead)."""
     return [run_stage(stage, task, parent_run_id, **labels) for stage, task, labels in jobs]
+
+
+def planned_stages(cfg: ExperimentConfig) -> int:
+    """How many stages the enabled pre-training runs: MNTP per backbone, bag-of-words per backbone x paradigm."""
+    backbones, paradigms = len(cfg.sweep.backbones), len(cfg.sweep.paradigms)
+    return (backbones if cfg.mntp.enabled else 0) + (backbones * paradigms if cfg.bow.enabled else 0)
+
+
+def _run_stage_task(stage: dict[str, Any], task: str, labels: dict[str, Any], parent: str | None) -> dict[str, Any]:
+    return run_stage(ExperimentConfig.model_validate(stage), task, parent, **labels)
+
+
+def ray_stage_runner(cfg: ExperimentConfig, verbose: bool) -> StageRunner:
+    """Run a group of pre-training stages as Ray tasks, each holding a cell's resources, so they share the cluster
+    as the cells do."""
+    import ray
+
+    def run(jobs: list[StageJob], parent: str | None) -> list[dict[str, Any]]:
+        if not ray.is_initialized():
+            ray.init(include_dashboard=False, log_to_driver=verbose)
+        from retriever.flops import stage_flops
+
+        remote = ray.remote(num_cpus=cfg.sweep.cpus_per_trial, max_retries=0)(_run_stage_task)
+        # Costliest first, so that the stages running side by side end close together.
+        order = sorted(range(len(jobs)), key=lambda i: -stage_flops(jobs[i][0], jobs[i][1]))
+        refs = {i: remote.remote(jobs[i][0].model_dump(mode="json"), jobs[i][1], jobs[i][2], parent) for i in order}
+        return [ray.get(refs[i]) for i in range(len(jobs))]
+
+    return run
 
 
 def pretrain_backbones(
@@ -115,4 +139,12 @@ def pretrain_backbones(
     return continued, records
 
 
-__all__ = ["pretrain_backbone", "pretrain_backbones", "run_stage", "run_stages_here", "stage_config", "stage_label"]
+__all__ = [
+    "planned_stages",
+    "pretrain_backbones",
+    "ray_stage_runner",
+    "run_stage",
+    "run_stages_here",
+    "stage_config",
+    "stage_label",
+]

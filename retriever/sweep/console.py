@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Protocol
 
-from retriever.analysis import format_flops, format_metric, metric_label
-from retriever.sweep import cell_id
+from retriever.records import CELLS_DIR, cell_id
+from retriever.report.formatting import format_flops, format_metric, metric_label
 
 if TYPE_CHECKING:
     from ray.tune import Callback, Tuner
@@ -59,7 +59,7 @@ def cell_log(config: Mapping[str, Any]) -> Path:
     """The file that receives a cell's trial output: `<sweep>/cells/<cell>/trial.log`."""
     return (
         Path(config["sweep_dir"])
-        / "cells"
+        / CELLS_DIR
         / cell_id(config["backbone"], config["paradigm"], config["loss"])
         / CELL_LOG
     )
@@ -150,7 +150,7 @@ class SweepConsole:
         cls, cfg: ExperimentConfig, directory: Path, concurrency: int, *, verbose: bool = False
     ) -> SweepConsole:
         """The console of `cfg`'s grid; its metric is the report's primary one (first dataset, first metric)."""
-        from retriever.report import primary_metric
+        from retriever.report.ranking import primary_metric
         from retriever.tracking import safe_metric_name
 
         dataset, metric = primary_metric(cfg)
@@ -326,7 +326,7 @@ class SweepConsole:
             run_config.callbacks = [self.callback()]
             run_config.verbose = verbosity
 
-    def trainable(self, trainable: Callable[[dict[str, Any]], None]) -> Callable[[dict[str, Any]], None]:
+    def trainable(self, trainable: Callable[..., None]) -> Callable[..., None]:
         """`trainable` as the sweep runs it: unless verbose, its output goes to the cell's `trial.log`."""
         return trainable if self.verbose else output_to_cell_log(trainable)
 
@@ -403,13 +403,13 @@ def _tune_output_to(path: Path) -> Iterator[None]:
             tune_logger.propagate = propagate
 
 
-def output_to_cell_log(trainable: Callable[[dict[str, Any]], None]) -> Callable[[dict[str, Any]], None]:
+def output_to_cell_log(trainable: Callable[..., None]) -> Callable[..., None]:
     """`trainable` with its process's stdout and stderr (file descriptors 1 and 2: prints, tqdm, warnings, C++
     messages) appended to its cell's `trial.log` while it runs, and its traceback there when it fails. The name
     stays `trainable`'s, so `Tuner.restore` accepts it for an experiment started without it."""
 
     @functools.wraps(trainable)
-    def run(config: dict[str, Any]) -> None:
+    def run(config: dict[str, Any], **parameters: Any) -> None:
         path = cell_log(config)
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("a", encoding="utf-8") as log:
@@ -417,7 +417,7 @@ def output_to_cell_log(trainable: Callable[[dict[str, Any]], None]) -> Callable[
             log.flush()
             with redirected_output(log):
                 try:
-                    trainable(config)
+                    trainable(config, **parameters)
                 except Exception:  # not SystemExit: Tune ends a finished trial's thread with it
                     traceback.print_exc()
                     raise

@@ -1,4 +1,4 @@
-"""The sweep's pre-training stage (retriever.pretrain, `mntp.enabled`): MNTP once per backbone into
+"""The sweep's pre-training stage (retriever.sweep.pretrain, `mntp.enabled`): MNTP once per backbone into
 <output_dir>/<sweep>-mntp-<backbone>/, a record per stage, reuse of finished stages, and cells that start from the
 product (`backbone.init_weights` with full fine-tuning, `backbone.init_adapter` with LoRA)."""
 
@@ -14,8 +14,8 @@ from test_mntp import mntp_stage_config
 
 from retriever.config import CellOverride
 from retriever.models.encoders import build_encoder
-from retriever.pretrain import pretrain_backbones, stage_config
-from retriever.sweep import cell_config
+from retriever.sweep.grid import cell_config
+from retriever.sweep.pretrain import pretrain_backbones, stage_config
 
 STEPS, BATCH, LENGTH = 3, 4, 32
 SMALL_DATA = {"synthetic_docs": 200, "synthetic_train_queries": 20, "synthetic_test_queries": 12}

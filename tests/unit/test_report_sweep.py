@@ -1,6 +1,6 @@
-"""The sweep report (`retriever.report`): baseline records, their MLflow metrics, and `write_sweep_report` on a
-hand-made sweep directory over a small synthetic benchmark (cells' runs derived from the qrels, a real BM25 run),
-logged to a SQLite MLflow parent run."""
+"""The sweep report (`retriever.report.sweep_report`): baseline records, their MLflow metrics, and
+`write_sweep_report` on a hand-made sweep directory over a small synthetic benchmark (cells' runs derived from the
+qrels, a real BM25 run), logged to a SQLite MLflow parent run, with the best encoders promoted as champions."""
 
 from __future__ import annotations
 
@@ -10,13 +10,16 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from retriever.analysis import RecordError
-from retriever.bm25 import evaluate_bm25
 from retriever.config import ExperimentConfig
 from retriever.data.catalog import resolve_dataset
 from retriever.data.sources import load_source
-from retriever.findings import BEST_CELL, INCONCLUSIVE, REPRODUCED, SPARSE_VS_DENSE, cell_run_file
-from retriever.report import baseline_metrics, collect_baselines, judge_findings_safely, write_sweep_report
+from retriever.records import RecordError, collect_baselines
+from retriever.report.baselines import baseline_metrics, evaluate_bm25
+from retriever.report.findings import BEST_CELL, INCONCLUSIVE, REPRODUCED, SPARSE_VS_DENSE
+from retriever.report.per_query import cell_run_file
+from retriever.report.promotion import CHAMPION
+from retriever.report.sweep_report import judge_findings_safely, write_sweep_report
+from retriever.tracking import RunTracker, open_experiment
 from retriever.trec import write_run
 
 DATASET = "synthetic/test"
@@ -67,9 +70,9 @@ def _graded_run(qrels: dict[str, dict[str, int]], fillers: int) -> dict[str, dic
 def test_write_sweep_report_with_baselines_and_findings(tmp_path: Path) -> None:
     from mlflow.tracking import MlflowClient
 
-    from retriever.tracking import RunTracker, artifact_location, ensure_experiment, tracking_uri
-
     cfg = _cfg(tmp_path)
+    tracking = open_experiment(cfg.tracking, tmp_path)
+    parent = RunTracker.start(tracking.uri, tracking.experiment_id, run_name="report-test")
     qrels = load_source(resolve_dataset(DATASET, cfg)).qrels()
     root = tmp_path / "sweep"
     # sparse beats dense at every (backbone, loss); tiny-l sparse CL+KD ranks ideally (the best cell)
@@ -81,6 +84,10 @@ def test_write_sweep_report_with_baselines_and_findings(tmp_path: Path) -> None:
                 cell = f"{backbone}__{paradigm}__{loss.replace('+', '_')}"
                 record = {"cell": cell, "backbone": backbone, "paradigm": paradigm, "loss": loss, "status": "ok"}
                 record |= {"parameters": parameters, "flops": 1e15, "steps": 10}
+                child = RunTracker.start(
+                    tracking.uri, tracking.experiment_id, run_name=cell, parent_run_id=parent.run_id
+                )
+                record["tracking_run_id"] = child.run_id
                 write_run(_graded_run(qrels, n), cell_run_file(root, record, DATASET), tag="cell")
                 record["metrics"] = {DATASET: {"ndcg@10": 0.9 - 0.1 * n, "mrr@10": 0.95, "recall@100": 1.0}}
                 (root / "cells" / cell / "result.json").write_text(json.dumps(record))
@@ -93,10 +100,9 @@ def test_write_sweep_report_with_baselines_and_findings(tmp_path: Path) -> None:
                     | {"backbone": "tiny-s", "paradigm": "sparse", "parameters": 1_000_000, "flops": 0}
                     | {"metrics": step0_metrics, "status": "ok"})  # fmt: skip
 
-    uri = tracking_uri(cfg.tracking, tmp_path)
-    experiment = ensure_experiment(uri, "report-test", artifact_location(cfg.tracking, tmp_path))
-    parent = RunTracker.start(uri, experiment, run_name="report-test")
-    files = write_sweep_report(root, cfg, parent.run_id, {"uri": uri, "experiment_id": experiment})
+    files = write_sweep_report(root, cfg, parent.run_id, tracking)
+    uri = tracking.uri
+    client = MlflowClient(tracking_uri=uri)
 
     report = root / "report"
     assert files["findings"] == str(report / "findings.md") and Path(files["registered"]).is_file()
@@ -125,17 +131,34 @@ def test_write_sweep_report_with_baselines_and_findings(tmp_path: Path) -> None:
     assert run.data.tags["findings/2_sparse_vs_dense"] == REPRODUCED
     assert run.data.tags["findings/3_best_cell"] == REPRODUCED
     assert "findings/2_sparse_vs_dense/tiny_l/cl_kd/p_value" in run.data.metrics
-    artifacts = {a.path for a in MlflowClient(tracking_uri=uri).list_artifacts(parent.run_id, "report")}
+    artifacts = {a.path for a in client.list_artifacts(parent.run_id, "report")}
     assert {"report/findings.md", "report/findings.json", "report/results.md"} <= artifacts
+
+    # The champion of each paradigm is a version of the best cell's run (by nDCG@10: tiny-l CL+KD in both).
+    for paradigm in ("sparse", "dense"):
+        best = json.loads((root / "cells" / f"tiny-l__{paradigm}__cl_kd" / "result.json").read_text())
+        champion = client.get_model_version_by_alias(f"retriever-{paradigm}", CHAMPION)
+        assert champion.run_id == best["tracking_run_id"] and champion.tags["cell"] == best["cell"]
+        assert champion.source == f"runs:/{best['tracking_run_id']}/encoder"
+
+    # The best cells against BM25 and each other, per query (the sparse best ranks every query ideally).
+    significance = json.loads((report / "significance.json").read_text())
+    assert significance["missing"] == [] and significance["num_queries"] == 30
+    rows = {(r["run_a"], r["run_b"]): r for r in significance["comparisons"]}
+    sparse, dense = "best sparse: tiny-l sparse CL+KD", "best dense: tiny-l dense CL+KD"
+    assert set(rows) == {("BM25", dense), ("BM25", sparse), (dense, sparse)}
+    assert rows[("BM25", sparse)]["significant"] and rows[("BM25", sparse)]["better"] == sparse
+    assert rows[("BM25", sparse)]["mean_b"] == pytest.approx(1.0)
+    assert "## Significance of the best cells" in markdown and f"| BM25 | {sparse} |" in markdown
 
 
 def test_findings_that_cannot_be_read_leave_the_report_inconclusive(tmp_path: Path, monkeypatch) -> None:
-    import retriever.findings
+    import retriever.report.sweep_report
 
     def unavailable(*args, **kwargs):
         raise FileNotFoundError("qrels of synthetic/test are not here")
 
-    monkeypatch.setattr(retriever.findings, "judge_sweep", unavailable)
+    monkeypatch.setattr(retriever.report.sweep_report, "judge_sweep", unavailable)
     findings = judge_findings_safely(tmp_path, [], _cfg(tmp_path))
     assert [f.verdict for f in findings.findings] == [INCONCLUSIVE] * 3
     assert "FileNotFoundError: qrels of synthetic/test are not here" in findings.findings[0].reason

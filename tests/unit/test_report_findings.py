@@ -1,4 +1,4 @@
-"""The paper's findings judged from per-query values (`retriever.findings`): every verdict of every finding from
+"""The paper's findings judged from per-query values (`retriever.report.findings`): every verdict of every finding from
 hand-made cells with known answers, then once through real run files and qrels."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from retriever.findings import (
+from retriever.report.findings import (
     BEST_CELL,
     INCONCLUSIVE,
     NOT_REPRODUCED,
@@ -18,13 +18,10 @@ from retriever.findings import (
     RULES,
     SCALING,
     SPARSE_VS_DENSE,
-    CellValues,
-    cell_run_file,
     judge_findings,
-    load_cell_values,
-    per_query_values,
-    write_findings,
 )
+from retriever.report.findings_page import write_findings
+from retriever.report.per_query import CellValues, cell_run_file, load_cell_values, per_query_values
 
 N_QUERIES = 200
 SIZES = {"s": 1_000, "m": 4_000, "l": 16_000}

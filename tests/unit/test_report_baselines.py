@@ -1,23 +1,27 @@
-"""The sweep's reference rows (retriever.baselines): BM25 and every (backbone, paradigm) encoder at step 0, each
-written once to <root>/baselines/<id>/result.json and reused afterwards."""
+"""The sweep's reference rows (`retriever.report.baselines`): BM25 and every (backbone, paradigm) encoder at step 0,
+each written once to <root>/baselines/<id>/result.json and reused afterwards; BM25's reference numbers on the default
+synthetic benchmark (DESIGN.md section 9b: nDCG@10 0.726, MRR@10 0.958, R@100 0.789)."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 from test_train_loop import make_config
 
-import retriever.baselines as baselines
-from retriever.baselines import BASELINES_DIR, run_baselines, run_bm25_baseline, run_step0_baseline, step0_id
-from retriever.bm25 import evaluate_bm25
+import retriever.report.baselines as baselines
+from retriever.config import ExperimentConfig
 from retriever.flops import plan_cell
 from retriever.models.backbone import count_parameters
 from retriever.models.encoders import load_encoder
 from retriever.pipeline import METRICS_FILE
-from retriever.sweep import cell_config
+from retriever.records import BASELINES_DIR
+from retriever.report.baselines import evaluate_bm25, run_baselines, run_bm25_baseline, run_step0_baseline, step0_id
+from retriever.sweep.grid import cell_config
 from retriever.train.trainer import TASKS
+from retriever.trec import read_run
 
 SMALL_DATA = {"synthetic_docs": 200, "synthetic_train_queries": 20, "synthetic_test_queries": 12}
 TEXTS = ["kotibo suka butefi fufa", "guvasar ragarer mile", "an unknown word and ab1234"]
@@ -70,7 +74,7 @@ def test_bm25_baseline_record_and_reuse(root, tmp_path, monkeypatch):
     def must_not_run(*args, **kwargs):
         raise AssertionError("a finished BM25 baseline was evaluated again")
 
-    monkeypatch.setattr("retriever.bm25.evaluate_bm25", must_not_run)
+    monkeypatch.setattr("retriever.report.baselines.evaluate_bm25", must_not_run)
     assert run_bm25_baseline(cfg, root) == record
 
 
@@ -85,7 +89,7 @@ def test_bm25_baseline_runs_again_when_the_record_is_not_ok(tmp_path, monkeypatc
         calls.append((dataset, out_dir))
         return {"ndcg@10": 0.5}
 
-    monkeypatch.setattr("retriever.bm25.evaluate_bm25", fake)
+    monkeypatch.setattr("retriever.report.baselines.evaluate_bm25", fake)
     cfg.eval.datasets = ["synthetic/test", "synthetic/train"]
     record = run_bm25_baseline(cfg, tmp_path)
     assert calls == [("synthetic/test", directory / "eval"), ("synthetic/train", directory / "eval")]
@@ -194,3 +198,19 @@ def test_run_baselines_end_to_end_reuses_finished_rows(root):
     assert dense == records[2] and dense["name"] == "tiny-s dense step 0"
     assert load_encoder(root / BASELINES_DIR / "step0__tiny-s__dense" / "encoder").paradigm == "dense"
     assert set(dense["metrics"]["synthetic/test"]) == METRIC_NAMES
+
+
+def test_reference_numbers_on_the_default_synthetic_benchmark(tmp_path: Path) -> None:
+    cfg = ExperimentConfig.model_validate({"train": {"output_dir": str(tmp_path)}})
+    data = cfg.data  # the defaults are the reference benchmark: seed 0, 2,000 docs, 800 train / 200 test queries
+    assert (data.synthetic_seed, data.synthetic_docs, data.synthetic_train_queries) == (0, 2000, 800)
+    assert data.synthetic_test_queries == 200
+    metrics = evaluate_bm25("synthetic/test", cfg, tmp_path / "bm25")
+    assert metrics == pytest.approx(
+        {"ndcg@10": 0.7260780647868024, "mrr@10": 0.9576726190476191, "recall@100": 0.7888354234968844}, abs=1e-9
+    )
+    assert {k: round(v, 3) for k, v in metrics.items()} == {"ndcg@10": 0.726, "mrr@10": 0.958, "recall@100": 0.789}
+    run = read_run(tmp_path / "bm25" / "synthetic_test" / "run.trec")
+    assert len(run) == 200 and max(len(docs) for docs in run.values()) == 100
+    first = (tmp_path / "bm25" / "synthetic_test" / "run.trec").read_text().splitlines()[0].split()
+    assert first[:2] == ["test-000001", "Q0"] and first[3] == "1" and first[5] == "bm25"
