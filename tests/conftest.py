@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -119,3 +120,46 @@ def write_encodings(
         max_length=64,
         prune_top_k=prune_top_k,
     )
+
+
+def merged(base: dict, sections: dict) -> dict:
+    """``base`` with each of ``sections`` updating its section (a non-dict value replaces it)."""
+    out = dict(base)
+    for section, values in sections.items():
+        out[section] = {**out.get(section, {}), **values} if isinstance(values, dict) else values
+    return out
+
+
+TINY_EXPERIMENT = {
+    "backbone": {"name": "tiny-s", "tokenizer": "synthetic"},
+    "encoder": {"paradigm": "sparse", "query_max_length": 16, "passage_max_length": 64},
+    "loss": {"name": "cl", "num_negatives": 3},
+    "budget": {"max_steps": 6},
+    "train": {"batch_size": 8, "checkpoint_every": 3, "lr": 1e-3},
+    "data": {"synthetic_docs": 400, "synthetic_train_queries": 200, "synthetic_test_queries": 40},
+    "tracking": {"enabled": False},
+}
+
+
+def make_config(output_dir, name: str, **sections):  # -> retriever.config.ExperimentConfig
+    """The tests' experiment: a tiny sparse CL run on the synthetic benchmark, ``sections`` updating its sections."""
+    from retriever.config import config_from_dict
+    from retriever.data.catalog import resolve_references
+
+    base = merged({**TINY_EXPERIMENT, "name": name}, {"train": {"output_dir": str(output_dir)}})
+    return resolve_references(config_from_dict(merged(base, sections)))
+
+
+def check_stage_run(cfg, task: str, *, steps: int, lr: float, tokens: int) -> dict:
+    """Train a pre-training stage (``task``) and check it ran on its own settings: ``steps`` steps as planned, a
+    learning rate decaying linearly from ``lr`` (no warm-up), ``tokens`` tokens, finite losses. Returns the result."""
+    from retriever.train.trainer import run_training
+
+    reports: list[dict[str, float]] = []
+    result = run_training(cfg, task=task, on_report=reports.append)
+    logged = [m for m in reports if f"loss/{task}" in m]
+    assert result["steps"] == steps == len(logged) and result["planned_steps"] == steps
+    assert logged[0]["lr"] == pytest.approx(lr) and all(m["lr"] < lr for m in logged[1:])
+    assert result["tokens"] == tokens
+    assert all(math.isfinite(m[f"loss/{task}"]) for m in logged)
+    return result

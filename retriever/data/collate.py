@@ -8,7 +8,7 @@ string columns cannot travel through `iter_torch_batches`.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -46,6 +46,7 @@ def _column(rows: Mapping[str, Any], name: str) -> list[Any]:
     return list(rows[name])
 
 
+@dataclass
 class TrainingCollator:
     """Samples `num_negatives` negatives per row for the current epoch and tokenizes everything.
 
@@ -53,29 +54,17 @@ class TrainingCollator:
     different subset and a resumed run sees the same one; teacher scores follow their passages.
     """
 
-    def __init__(
-        self,
-        tokenizer: Any,
-        *,
-        num_negatives: int,
-        query_max_length: int,
-        passage_max_length: int,
-        add_bos: bool,
-        pad_to_max_length: bool,
-        need_teacher: bool,
-        seed: int,
-        docs: DocTexts | None = None,
-    ) -> None:
-        self.tokenizer = tokenizer
-        self.num_negatives = num_negatives
-        self.query_max_length = query_max_length
-        self.passage_max_length = passage_max_length
-        self.add_bos = add_bos
-        self.pad_to_max_length = pad_to_max_length
-        self.need_teacher = need_teacher
-        self.seed = seed
-        self.docs = docs
-        self.epoch = 0
+    tokenizer: Any
+    _: KW_ONLY
+    num_negatives: int
+    query_max_length: int
+    passage_max_length: int
+    add_bos: bool
+    pad_to_max_length: bool
+    need_teacher: bool
+    seed: int
+    docs: DocTexts | None = None
+    epoch: int = field(default=0, init=False)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch

@@ -38,19 +38,8 @@ from ir_datasets.util.fileio import (
     ZipExtractCache,
 )
 
+from retriever.data import local as local_data
 from retriever.data.classic import CLASSIC_IDS, import_classic
-from retriever.data.local import (
-    DataFormatError,
-    install_lazy_lookup,
-    join_title_text,
-    persisted_datasets,
-    register_beir_folder,
-    register_local_dataset,
-    register_trec,
-    registry_file,
-    reregister_persisted,
-    unregister_local_dataset,
-)
 from retriever.data.passage_pool import load_passage_pool, register_passage_pool
 from retriever.registry import Registry
 
@@ -59,7 +48,6 @@ __all__ = [
     "CLASSIC_IDS",
     "MSMARCO",
     "PRODUCT_DATASETS",
-    "DataFormatError",
     "IrDatasetsSource",
     "MissingFile",
     "Source",
@@ -72,12 +60,8 @@ __all__ = [
     "load_source",
     "local_datasets",
     "missing_files",
-    "register_beir_folder",
-    "register_local_dataset",
     "register_passage_pool",
     "register_source_provider",
-    "register_trec",
-    "unregister_local_dataset",
 ]
 
 # MS MARCO passage: training queries with judgements, dev/small (MRR@10), TREC DL 2019/2020 judged topics.
@@ -156,7 +140,7 @@ def doc_text(doc: Any) -> str:
     when the title is empty), else its ``default_text()``, else its ``text``."""
     title, text = getattr(doc, "title", None), getattr(doc, "text", None)
     if isinstance(title, str) and isinstance(text, str):
-        return join_title_text(title, text)
+        return local_data.join_title_text(title, text)
     if hasattr(doc, "default_text"):
         return str(doc.default_text()).strip()
     return str(text or "").strip()
@@ -255,8 +239,9 @@ def _walk(node: Any, seen: set[int]) -> list[MissingFile]:
         path = Path(f["_path"])
         return [] if path.exists() else [MissingFile(path, "a local file (no download source)")]
     if callable(getattr(type(node), "required_files", None)):
+        registry = local_data.registry_file()
         return [
-            MissingFile(p, f"a file of the local dataset {getattr(node, '_dataset_id', '')} (see {registry_file()})")
+            MissingFile(p, f"a file of the local dataset {getattr(node, '_dataset_id', '')} (see {registry})")
             for p in node.required_files()
             if not Path(p).exists()
         ]
@@ -367,11 +352,12 @@ def _load_dataset(dataset_id: str) -> Any:
     try:
         return ir_datasets.load(dataset_id)
     except KeyError as exc:
-        local = sorted(persisted_datasets())
+        local = sorted(local_data.persisted_datasets())
+        registry = local_data.registry_file()
         raise UnknownSourceError(
             f"unknown dataset id {dataset_id!r} ({exc.args[0] if exc.args else 'not registered'}). "
             f"Product datasets: {', '.join(PRODUCT_DATASETS)}; classic: {', '.join(CLASSIC_IDS)}; "
-            f"local ({registry_file()}): {', '.join(local) or 'none'}. Any ir_datasets id works too; register "
+            f"local ({registry}): {', '.join(local) or 'none'}. Any ir_datasets id works too; register "
             "local data with register_trec / register_beir_folder / register_passage_pool / import_classic."
         ) from None
 
@@ -490,11 +476,11 @@ def load_source(dataset_id: str, download: bool | None = None) -> Source:
 
 def local_datasets() -> dict[str, dict[str, Any]]:
     """Local registrations of the current IR_DATASETS_HOME: id -> spec (formats and paths)."""
-    return persisted_datasets()
+    return local_data.persisted_datasets()
 
 
-install_lazy_lookup()
+local_data.install_lazy_lookup()
 try:
-    reregister_persisted()
-except DataFormatError as _exc:  # a broken registry file must not make the package unusable
+    local_data.reregister_persisted()
+except local_data.DataFormatError as _exc:  # a broken registry file must not make the package unusable
     warnings.warn(f"local datasets not registered: {_exc}", stacklevel=1)

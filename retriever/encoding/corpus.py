@@ -46,15 +46,7 @@ def encode_corpus(
     """
     check_batching(batch_size, max_batch_tokens, num_streams)
     total, windows = text_windows(docs, window or batch_size * DEFAULT_WINDOW_BATCHES)
-    run = EncodingRun.start(
-        encoder_info(encoder),
-        out_dir,
-        kind=kind,
-        max_length=max_length,
-        prune_top_k=prune_top_k,
-        shard_rows=shard_rows,
-        overwrite=overwrite,
-    )
+    run = EncodingRun.start(encoder_info(encoder), out_dir, kind, max_length, prune_top_k, shard_rows, overwrite)
     if isinstance(encoder, LoadedEncoder):
         loaded = encoder
     else:

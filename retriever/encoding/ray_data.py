@@ -88,15 +88,7 @@ def encode_corpus_ray(
         )
     check_batching(batch_size, max_batch_tokens, num_streams)
     # The driver reads encoder.json and hashes the files only; the weights are loaded by the actors.
-    run = EncodingRun.start(
-        encoder_info(encoder),
-        out_dir,
-        kind=kind,
-        max_length=max_length,
-        prune_top_k=prune_top_k,
-        shard_rows=shard_rows,
-        overwrite=overwrite,
-    )
+    run = EncodingRun.start(encoder_info(encoder), out_dir, kind, max_length, prune_top_k, shard_rows, overwrite)
     blocks = num_blocks or max(2 * num_actors, math.ceil(rows / max(1, rows_per_call * 4)))
     dataset = ray.data.read_parquet([str(f) for f in files], columns=["doc_id", "text"], override_num_blocks=blocks)
     if len(files) < blocks and parquet_bytes(files) <= SMALL_INPUT_BYTES:

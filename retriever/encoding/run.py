@@ -50,7 +50,6 @@ class EncodingRun:
         cls,
         encoder: EncoderInfo,
         out_dir: str | Path,
-        *,
         kind: TextKind,
         max_length: int | None,
         prune_top_k: int | None,

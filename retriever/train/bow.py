@@ -31,6 +31,7 @@ from retriever.data.catalog import corpus_texts
 from retriever.losses import LossOutput
 from retriever.models.encoders import RetrievalEncoder, SparseEncoder, build_encoder
 from retriever.registry import Registry
+from retriever.train.pretraining import PretrainingTask
 
 LN2 = math.log(2.0)
 
@@ -102,13 +103,9 @@ def bow_table(cfg: ExperimentConfig) -> pa.Table:
     return pa.table({"text": pa.array(texts, type=pa.string())})
 
 
-class BowTask:
+class BowTask(PretrainingTask):
     name = "bow"
     product = "bow"
-
-    def __init__(self, cfg: ExperimentConfig) -> None:
-        self.cfg = cfg
-        self.cost_model: Any = None
 
     def build(self) -> nn.Module:
         from retriever.flops import StepCostModel
@@ -130,16 +127,12 @@ class BowTask:
         targets = term_targets(ids, mask, self.vocab_size, self.special)
         return {"input_ids": ids, "attention_mask": mask, "targets": targets}
 
-    def to_device(self, batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-        return {k: v.to(device) for k, v in batch.items()}
-
     def step_cost(self, batch: dict[str, torch.Tensor]) -> tuple[float, int]:
         texts, length = batch["input_ids"].shape
         return self.cost_model.bow_step_flops(texts=texts, length=length), texts * length
 
     def loss(self, module: nn.Module, batch: dict[str, torch.Tensor], step: int) -> LossOutput:
-        value = module(**batch)
-        return LossOutput(total=value, parts={"bow": value}, weights={"bow": 1.0})
+        return self.named_loss(module(**batch))
 
     def export(self, module: nn.Module, out_dir: Path, rank: int) -> None:
         """The LoRA adapter, or with full fine-tuning the whole model plus its tokenizer (as MNTP's product)."""

@@ -26,6 +26,7 @@ from retriever.models.backbone import load_configured_backbone, tokenizer_refere
 from retriever.models.bidirectional import check_supported, decoder_states, set_bidirectional
 from retriever.models.lora import apply_lora, base_model, load_adapter
 from retriever.models.tokenizers import load_tokenizer
+from retriever.train.pretraining import PretrainingTask
 
 MASK_TOKEN = "_"
 IGNORE = -100
@@ -107,13 +108,9 @@ class MntpModule(nn.Module):
         return F.cross_entropy(logits.float(), targets[targets != IGNORE])
 
 
-class MntpTask:
+class MntpTask(PretrainingTask):
     name = "mntp"
     product = "mntp"
-
-    def __init__(self, cfg: ExperimentConfig) -> None:
-        self.cfg = cfg
-        self.cost_model: Any = None
 
     def build(self) -> nn.Module:
         from retriever.flops import StepCostModel
@@ -154,17 +151,13 @@ class MntpTask:
         )
         return {"input_ids": corrupted, "labels": labels}
 
-    def to_device(self, batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-        return {k: v.to(device) for k, v in batch.items()}
-
     def step_cost(self, batch: dict[str, torch.Tensor]) -> tuple[float, int]:
         rows, length = batch["input_ids"].shape
         predicted = int((batch["labels"][:, 1:] != IGNORE).sum())
         return self.cost_model.mntp_step_flops(rows=rows, length=length, predicted=predicted), rows * length
 
     def loss(self, module: nn.Module, batch: dict[str, torch.Tensor], step: int) -> LossOutput:
-        value = module(batch["input_ids"], batch["labels"])
-        return LossOutput(total=value, parts={"mntp": value}, weights={"mntp": 1.0})
+        return self.named_loss(module(batch["input_ids"], batch["labels"]))
 
     def export(self, module: nn.Module, out_dir: Path, rank: int) -> None:
         """The LoRA adapter (continue with `backbone.init_adapter: OUT`); with full fine-tuning, the whole model in

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import make_config
 
-from retriever.config import config_from_dict
-from retriever.data.catalog import resolve_references
 from retriever.flops import plan_cell
 from retriever.models.encoders import load_encoder
 from retriever.train.trainer import run_training
@@ -21,27 +20,16 @@ pytestmark = [
 
 def test_nccl_bf16_fsdp2_training(ray_cluster, tmp_path):
     workers = min(2, torch.cuda.device_count())
-    cfg = resolve_references(
-        config_from_dict(
-            {
-                "name": "gpu-fsdp",
-                "backbone": {"name": "tiny-m", "tokenizer": "synthetic"},
-                "encoder": {"paradigm": "sparse", "query_max_length": 16, "passage_max_length": 64},
-                "loss": {"name": "cl+kd", "num_negatives": 7},
-                "budget": {"max_steps": 20},
-                "train": {
-                    "batch_size": 16,
-                    "num_workers": workers,
-                    "use_gpu": True,
-                    "cpus_per_worker": 1,
-                    "strategy": "fsdp",
-                    "mixed_precision": "bf16",
-                    "checkpoint_every": 10,
-                    "output_dir": str(tmp_path),
-                },
-                "tracking": {"enabled": False},
-            }
-        )
+    cfg = make_config(
+        tmp_path,
+        "gpu-fsdp",
+        backbone={"name": "tiny-m"},
+        loss={"name": "cl+kd", "num_negatives": 7},
+        budget={"max_steps": 20},
+        train={
+            **{"batch_size": 16, "num_workers": workers, "use_gpu": True, "cpus_per_worker": 1, "lr": 1e-4},
+            **{"strategy": "fsdp", "mixed_precision": "bf16", "checkpoint_every": 10},
+        },
     )
     probes = ["kotibo suka butefi fufa", "guvasar ragarer mile"]
     result = run_training(cfg, probe_texts=probes)

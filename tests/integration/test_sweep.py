@@ -32,6 +32,16 @@ SMALL = {
 }
 
 
+# Two CL/KD cells of tiny-s dense, one at a time on one CPU.
+ONE_CELL_AT_A_TIME = {
+    "sweep.backbones": ["tiny-s"],
+    "sweep.paradigms": ["dense"],
+    "sweep.losses": ["cl", "kd"],
+    "sweep.max_concurrent": 1,
+    "sweep.cpus_per_trial": 1,
+}
+
+
 def write_config(tmp_path: Path, name: str, *, output_dir: str | None = None, **overrides) -> Path:
     data = json.loads(json.dumps(SMALL))
     data["name"] = name
@@ -103,11 +113,8 @@ def test_an_interrupted_sweep_resumes_without_rerunning_finished_cells(tmp_path)
         "resumable",
         output_dir="runs",
         **{
-            "sweep.backbones": ["tiny-s"],
+            **ONE_CELL_AT_A_TIME,
             "sweep.paradigms": ["dense", "sparse"],
-            "sweep.losses": ["cl", "kd"],
-            "sweep.max_concurrent": 1,
-            "sweep.cpus_per_trial": 1,
             "sweep.baselines": False,
             "budget.max_steps": 30,
         },
@@ -166,11 +173,7 @@ def test_the_console_shows_progress_and_cells_while_tune_output_goes_to_files(tm
         "console",
         output_dir="runs",
         **{
-            "sweep.backbones": ["tiny-s"],
-            "sweep.paradigms": ["dense"],
-            "sweep.losses": ["cl", "kd"],
-            "sweep.max_concurrent": 1,
-            "sweep.cpus_per_trial": 1,
+            **ONE_CELL_AT_A_TIME,
         },
     )
     # The first cell (cl) fails at step 2; the second one finishes.

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import make_config
 
-from retriever.config import config_from_dict
-from retriever.data.catalog import resolve_references
 from retriever.flops import plan_cell
 from retriever.models.encoders import load_encoder
 from retriever.train.trainer import run_training
@@ -17,28 +16,13 @@ PROBES = ["kotibo suka butefi fufa", "guvasar ragarer mile nala"]
 
 
 def ray_config(output_dir, name: str, **train):
-    return resolve_references(
-        config_from_dict(
-            {
-                "name": name,
-                "backbone": {"name": "tiny-s", "tokenizer": "synthetic"},
-                "encoder": {"paradigm": "sparse", "query_max_length": 16, "passage_max_length": 48},
-                "loss": {"name": "cl+kd", "num_negatives": 3},
-                "budget": {"max_steps": 6},
-                "train": {
-                    "batch_size": 8,
-                    "num_workers": 2,
-                    "cpus_per_worker": 0.5,
-                    "strategy": "fsdp",
-                    "checkpoint_every": 3,
-                    "log_every": 3,
-                    "output_dir": str(output_dir),
-                    **train,
-                },
-                "data": {"synthetic_docs": 400, "synthetic_train_queries": 200, "synthetic_test_queries": 40},
-                "tracking": {"enabled": False},
-            }
-        )
+    """Two FSDP workers with half a CPU each, sparse CL+KD (the default learning rate)."""
+    return make_config(
+        output_dir,
+        name,
+        encoder={"passage_max_length": 48},
+        loss={"name": "cl+kd"},
+        train={"lr": 1e-4, "num_workers": 2, "cpus_per_worker": 0.5, "strategy": "fsdp", "log_every": 3, **train},
     )
 
 

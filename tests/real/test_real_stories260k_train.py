@@ -8,10 +8,10 @@ import subprocess
 import sys
 
 import pytest
-from conftest import shared_path
+from conftest import make_config, shared_path
 
 from retriever.cli import main
-from retriever.config import BudgetConfig, config_from_dict
+from retriever.config import BudgetConfig
 from retriever.flops import plan_cell
 from retriever.train.trainer import run_training
 
@@ -27,24 +27,15 @@ def test_stories260k_two_workers_stop_at_the_budget_and_export_exactly(ray_clust
         main(["convert", "llama2c", str(model_dir / "stories260K.bin"), str(model_dir / "tok512.bin"), str(out)]) == 0
     )
 
-    cfg = config_from_dict(
-        {
-            "name": "stories",
-            "backbone": {"name": str(out)},
-            "encoder": {"paradigm": "dense", "query_max_length": 8, "passage_max_length": 24},
-            "loss": {"name": "cl", "num_negatives": 1},
-            "budget": {"max_steps": 1},
-            "train": {
-                "batch_size": 4,
-                "num_workers": 2,
-                "strategy": "fsdp",
-                "checkpoint_every": 100,
-                "log_every": 50,
-                "output_dir": str(tmp_path / "runs"),
-            },
-            "data": {"synthetic_docs": 400, "synthetic_train_queries": 200, "synthetic_test_queries": 40},
-            "tracking": {"enabled": False},
-        }
+    cfg = make_config(
+        tmp_path / "runs",
+        "stories",
+        backbone={"name": str(out), "tokenizer": None},
+        encoder={"paradigm": "dense", "query_max_length": 8, "passage_max_length": 24},
+        loss={"num_negatives": 1},
+        budget={"max_steps": 1},
+        train={"batch_size": 4, "lr": 1e-4, "num_workers": 2, "strategy": "fsdp"}
+        | {"checkpoint_every": 100, "log_every": 50},
     )
     per_step = plan_cell(cfg).flops_per_step
     budget = per_step * 200.5

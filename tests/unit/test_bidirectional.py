@@ -14,14 +14,8 @@ from retriever.models.bidirectional import (
 
 def tiny_llama(attn: str) -> LlamaForCausalLM:  # noqa: D103
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
+    shape = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2}
+    config = LlamaConfig(vocab_size=64, num_attention_heads=4, num_key_value_heads=2, **shape)
     return AutoModelForCausalLM.from_config(config, attn_implementation=attn).eval()
 
 

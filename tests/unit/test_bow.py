@@ -3,12 +3,10 @@ lr), exact FLOPs of both paradigms against FlopCounterMode, what the stage teach
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
+from conftest import check_stage_run, make_config, merged
 from safetensors.torch import load_file
-from test_train_loop import make_config
 from torch.utils.flop_counter import FlopCounterMode
 
 from retriever.data.catalog import corpus_texts
@@ -27,9 +25,7 @@ def bow_config(output_dir, name: str, paradigm: str = "sparse", **sections):
         "budget": {"max_steps": 50},
         "train": {"batch_size": 8, "lr": 1e-4, "warmup_ratio": 0.0, "checkpoint_every": 1000},
     }
-    for section, values in sections.items():
-        base[section] = {**base.get(section, {}), **values}
-    return make_config(output_dir, name, **base)
+    return make_config(output_dir, name, **merged(base, sections))
 
 
 def test_term_targets_mark_each_text_s_terms_once_without_special_tokens_or_padding():
@@ -43,13 +39,8 @@ def test_term_targets_mark_each_text_s_terms_once_without_special_tokens_or_padd
 
 def test_bow_stage_uses_its_own_steps_batch_and_lr(tmp_path):
     cfg = bow_config(tmp_path, "bow-settings")
-    reports: list[dict[str, float]] = []
-    result = run_training(cfg, task="bow", on_report=reports.append)
-    steps = [m for m in reports if "loss/bow" in m]
-    assert result["steps"] == 3 == len(steps) and result["planned_steps"] == 3
-    assert steps[0]["lr"] == pytest.approx(3e-3)  # bow.lr at the start of the linear decay (no warm-up)
-    assert result["tokens"] == 3 * 4 * 32  # bow.batch_size texts of encoder.passage_max_length tokens per step
-    assert all(math.isfinite(m["loss/bow"]) for m in steps)
+    # bow.steps, bow.lr; bow.batch_size texts of encoder.passage_max_length tokens per step
+    result = check_stage_run(cfg, "bow", steps=3, lr=3e-3, tokens=3 * 4 * 32)
     run_dir = run_dir_for(cfg)
     assert sorted(p.name for p in (run_dir / "bow-checkpoints").iterdir()) == ["step-00000003"]
     assert result["export_dir"] == str(run_dir / "bow")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 import pytest
-from test_train_loop import make_config
+from conftest import make_config
 
 from retriever.data.catalog import synthetic_benchmark
 from retriever.data.examples import build_training_examples

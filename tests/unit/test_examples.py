@@ -73,37 +73,16 @@ def _build(files: dict[str, Path], tmp_path: Path, **kwargs):  # type: ignore[no
     )
 
 
+COLUMNS = ("query_id", "query", "positive_id", "positive", "negative_ids", "negatives", "teacher_pos", "teacher_negs")
+Q1_NEGATIVES = (["d2", "d3", "d4"], ["beta text", "gamma text", "delta text"])
+Q2_NEGATIVES = (["d1", "d5", "d3"], ["alpha text", "epsilon text", "gamma text"])
 EXPECTED_ROWS = [
-    {
-        "query_id": "q1",
-        "query": "first query",
-        "positive_id": "d1",
-        "positive": "alpha text",
-        "negative_ids": ["d2", "d3", "d4"],
-        "negatives": ["beta text", "gamma text", "delta text"],
-        "teacher_pos": 4.5,
-        "teacher_negs": [-1.25, 0.5, -3.0],
-    },
-    {
-        "query_id": "q2",
-        "query": "second query",
-        "positive_id": "d2",
-        "positive": "beta text",
-        "negative_ids": ["d1", "d5", "d3"],
-        "negatives": ["alpha text", "epsilon text", "gamma text"],
-        "teacher_pos": 6.0,
-        "teacher_negs": [-0.75, -2.5, 1.125],
-    },
-    {
-        "query_id": "q2",
-        "query": "second query",
-        "positive_id": "d4",
-        "positive": "delta text",
-        "negative_ids": ["d1", "d5", "d3"],
-        "negatives": ["alpha text", "epsilon text", "gamma text"],
-        "teacher_pos": 2.25,
-        "teacher_negs": [-0.75, -2.5, 1.125],
-    },
+    dict(zip(COLUMNS, row))
+    for row in (
+        ("q1", "first query", "d1", "alpha text", *Q1_NEGATIVES, 4.5, [-1.25, 0.5, -3.0]),
+        ("q2", "second query", "d2", "beta text", *Q2_NEGATIVES, 6.0, [-0.75, -2.5, 1.125]),
+        ("q2", "second query", "d4", "delta text", *Q2_NEGATIVES, 2.25, [-0.75, -2.5, 1.125]),
+    )
 ]
 
 

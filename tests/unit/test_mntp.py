@@ -3,12 +3,10 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
+from conftest import check_stage_run, make_config, merged
 from safetensors.torch import load_file
-from test_train_loop import make_config
 from torch.utils.flop_counter import FlopCounterMode
 
 from retriever.models.encoders import build_encoder
@@ -87,21 +85,13 @@ def mntp_stage_config(output_dir, name: str, **sections):
         "budget": {"max_steps": 50},
         "train": {"batch_size": 8, "lr": 1e-4, "warmup_ratio": 0.0, "checkpoint_every": 1000},
     }
-    for section, values in sections.items():
-        base[section] = {**base.get(section, {}), **values}
-    return make_config(output_dir, name, **base)
+    return make_config(output_dir, name, **merged(base, sections))
 
 
 def test_mntp_stage_uses_its_own_steps_batch_and_lr(tmp_path):
     cfg = mntp_stage_config(tmp_path, "mntp-settings")
-    reports: list[dict[str, float]] = []
-    result = run_training(cfg, task="mntp", on_report=reports.append)
-    steps = [m for m in reports if "loss/mntp" in m]
-    assert result["steps"] == 3 == len(steps) and result["planned_steps"] == 3
-    assert steps[0]["lr"] == pytest.approx(3e-3)  # mntp.lr at the start of the linear decay (no warm-up)
-    assert all(m["lr"] < 3e-3 for m in steps[1:])
-    assert result["tokens"] == 3 * 4 * 32  # mntp.batch_size blocks of mntp.max_length tokens per step
-    assert all(math.isfinite(m["loss/mntp"]) for m in steps)
+    # mntp.steps, mntp.lr; mntp.batch_size blocks of mntp.max_length tokens per step
+    check_stage_run(cfg, "mntp", steps=3, lr=3e-3, tokens=3 * 4 * 32)
 
 
 @pytest.mark.parametrize("lora", [True, False])

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from test_train_loop import make_config
+from conftest import make_config
 
 from retriever.config import BackboneConfig, EncoderConfig
 from retriever.evaluation import get_protocol

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_train_loop import make_config
+from conftest import make_config
 
 import retriever.report.baselines as baselines
 from retriever.config import ExperimentConfig

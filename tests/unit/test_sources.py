@@ -17,7 +17,13 @@ from conftest import REPO_ROOT
 from ir_datasets.datasets.beir import BeirTitleDoc
 
 from retriever.data.classic import smart_records
-from retriever.data.local import DataFormatError, registry_file
+from retriever.data.local import (
+    DataFormatError,
+    register_beir_folder,
+    register_trec,
+    registry_file,
+    unregister_local_dataset,
+)
 from retriever.data.sources import (
     BEIR_13,
     MSMARCO,
@@ -28,10 +34,7 @@ from retriever.data.sources import (
     cranfield_gain,
     doc_text,
     load_source,
-    register_beir_folder,
     register_source_provider,
-    register_trec,
-    unregister_local_dataset,
 )
 
 
@@ -206,7 +209,7 @@ def test_registrations_persist_for_a_fresh_process(home: Path, tmp_path: Path) -
 def test_registration_by_another_process_is_found_later(home: Path, tmp_path: Path) -> None:
     docs = write(tmp_path / "late.tsv", "x\tregistered elsewhere\n")
     result = run_python(
-        f"from retriever.data.sources import register_trec; register_trec('late-arrival', docs={str(docs)!r})",
+        f"from retriever.data.local import register_trec; register_trec('late-arrival', docs={str(docs)!r})",
         {"IR_DATASETS_HOME": str(home)},
     )
     assert result.returncode == 0, result.stderr

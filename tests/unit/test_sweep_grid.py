@@ -7,7 +7,7 @@ from __future__ import annotations
 import pickle
 
 import pytest
-from test_train_loop import make_config
+from conftest import make_config
 
 from retriever.flops import plan_grid
 from retriever.records import cell_id

@@ -26,14 +26,15 @@ from retriever.models.tokenizers import (
     train_word_tokenizer,
 )
 
-CORPUS = [
-    "the quick brown fox jumps over the lazy dog",
-    "a retriever ranks passages for a query",
-    "dense retrieval encodes queries and passages as vectors",
-    "sparse retrieval maps text onto the vocabulary",
-    "the fox and the dog are friends",
-    "queries are short, passages are longer than queries",
-] * 5
+CORPUS = (
+    """the quick brown fox jumps over the lazy dog
+a retriever ranks passages for a query
+dense retrieval encodes queries and passages as vectors
+sparse retrieval maps text onto the vocabulary
+the fox and the dog are friends
+queries are short, passages are longer than queries""".splitlines()
+    * 5
+)
 
 
 @pytest.fixture(scope="module")

@@ -6,9 +6,9 @@ import math
 
 import pytest
 import torch
+from conftest import make_config
 
-from retriever.config import ExperimentConfig, config_from_dict
-from retriever.data.catalog import resolve_references
+from retriever.config import ExperimentConfig
 from retriever.data.examples import read_training_examples
 from retriever.flops import plan_cell
 from retriever.models.encoders import load_encoder
@@ -21,22 +21,6 @@ from retriever.train.trainer import TASKS, prepare_training_data, run_dir_for, r
 @pytest.fixture(scope="module")
 def output_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("train-runs")
-
-
-def make_config(output_dir, name: str, **sections) -> ExperimentConfig:
-    base = {
-        "name": name,
-        "backbone": {"name": "tiny-s", "tokenizer": "synthetic"},
-        "encoder": {"paradigm": "sparse", "query_max_length": 16, "passage_max_length": 64},
-        "loss": {"name": "cl", "num_negatives": 3},
-        "budget": {"max_steps": 6},
-        "train": {"batch_size": 8, "checkpoint_every": 3, "output_dir": str(output_dir), "lr": 1e-3},
-        "data": {"synthetic_docs": 400, "synthetic_train_queries": 200, "synthetic_test_queries": 40},
-        "tracking": {"enabled": False},
-    }
-    for section, values in sections.items():
-        base[section] = {**base.get(section, {}), **values} if isinstance(values, dict) else values
-    return resolve_references(config_from_dict(base))
 
 
 def local_run(cfg: ExperimentConfig, planned: int | None = None, probe=None):

@@ -7,7 +7,7 @@ import math
 
 import pyarrow.parquet as pq
 import pytest
-from test_train_loop import make_config
+from conftest import make_config
 
 from retriever.data.catalog import synthetic_benchmark
 from retriever.data.examples import build_synthetic_examples

@@ -185,7 +185,7 @@ def _lazy_initializer(key: str, groups: tuple[str, ...]) -> Dataset:
     if key not in specs:
         raise KeyError(
             f"{key} is not registered (looked in {registry_file()}); register it first, e.g. with "
-            "retriever.data.sources.register_trec / register_beir_folder, or import-classic for classic/*"
+            "retriever.data.local.register_trec / register_beir_folder, or import-classic for classic/*"
         )
     return build_dataset(key, specs[key], str(registry_file()))
 
