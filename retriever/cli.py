@@ -17,7 +17,7 @@ from retriever.registry import Registry
 
 Command = Callable[[argparse.Namespace], int]
 Configure = Callable[[argparse.ArgumentParser], None]
-CommandTable = Registry[tuple[str, Configure, Command]]
+CommandTable = Registry[tuple[str, Configure, Command | None]]  # no command: a group of subcommands
 COMMANDS: CommandTable = Registry("command")
 DATA_COMMANDS: CommandTable = Registry("data command")
 
@@ -37,7 +37,8 @@ def add_subcommands(parser: argparse.ArgumentParser, table: CommandTable, dest: 
     for name, (help_text, configure, func) in table.items():
         child = sub.add_parser(name, help=help_text, description=help_text)
         configure(child)
-        child.set_defaults(func=func)
+        if func is not None:
+            child.set_defaults(func=func)
 
 
 def _config_args(parser: argparse.ArgumentParser) -> None:
@@ -265,13 +266,15 @@ def _examples(args: argparse.Namespace) -> int:
     return 0
 
 
-@command(
+# A group: `retriever data SUBCOMMAND` runs the subcommand's own function.
+COMMANDS.add(
     "data",
-    "prepare datasets: import, register, synthetic benchmark, training examples",
-    lambda parser: add_subcommands(parser, DATA_COMMANDS, "data_command"),
+    (
+        "prepare datasets: import, register, synthetic benchmark, training examples",
+        lambda parser: add_subcommands(parser, DATA_COMMANDS, "data_command"),
+        None,
+    ),
 )
-def _data(args: argparse.Namespace) -> int:
-    return 2  # never called: a data subcommand is required and its own func replaces this one
 
 
 # --------------------------------------------------------------------------------------------------- evaluate
