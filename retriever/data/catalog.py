@@ -1,8 +1,9 @@
-"""Dataset ids as configs name them, resolved to loadable sources.
+"""What a config names, made concrete: its relative paths, the `synthetic` tokenizer, dataset ids and corpora.
 
-`synthetic/<split>` names the offline benchmark described by the config's `data` section: it is generated once
-(deterministically) under `<train.output_dir>/data/` and registered as a local BEIR folder; every other id is an
-ir_datasets id (hub or local) used as is.
+`synthetic` names the offline benchmark described by the config's `data` section (its tokenizer, training data and
+corpus); `synthetic/<split>` its test or train split. It is generated once (deterministically) under
+`<train.output_dir>/data/` and registered as a local BEIR folder; every other dataset id is an ir_datasets id
+(hub or local) used as is.
 """
 
 from __future__ import annotations
@@ -37,7 +38,6 @@ def synthetic_benchmark(cfg: ExperimentConfig) -> SyntheticBenchmark:
 
 
 SYNTHETIC = "synthetic"  # the symbolic name of the offline benchmark's tokenizer, training data and corpus
-SYNTHETIC_TOKENIZER = SYNTHETIC
 
 
 def synthetic_tokenizer(cfg: ExperimentConfig) -> Path:
@@ -91,10 +91,10 @@ def absolute_paths(cfg: ExperimentConfig, base: str | Path | None = None) -> Exp
 
 
 def resolve_references(cfg: ExperimentConfig) -> ExperimentConfig:
-    """A copy of `cfg` whose relative paths are absolute (`ExperimentConfig.with_absolute_paths`) and whose
-    symbolic references (`backbone.tokenizer: synthetic`) are concrete paths."""
+    """A copy of `cfg` whose relative paths are absolute (`absolute_paths`) and whose symbolic references
+    (`backbone.tokenizer: synthetic`) are concrete paths."""
     resolved = absolute_paths(cfg)
-    if resolved.backbone.tokenizer == SYNTHETIC_TOKENIZER:
+    if resolved.backbone.tokenizer == SYNTHETIC:
         resolved.backbone.tokenizer = str(synthetic_tokenizer(resolved))
     return resolved
 

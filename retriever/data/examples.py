@@ -104,9 +104,23 @@ def build_training_examples(
     query_text = _read_queries(queries)
     run = _read_run(Path(candidates))
     scores = _read_teacher(Path(teacher)) if teacher is not None else None
+    _require_known_docs(lookup, judgments, run, scores)
+    rows = _ExampleRows(lookup, query_text, _describe(queries), inline_text, scores, teacher)
+    for qid, judged in judgments.items():
+        rows.add_query(qid, judged, run.get(qid, []), max_candidates)
+    rows.write(Path(out))
+    return rows.report(Path(out), num_negatives)
 
-    for rows in judgments.values():
-        for docid, _, where in rows:
+
+Judgments = dict[str, list[tuple[str, int, str]]]  # qid → [(docid, grade, where)]
+Ranked = dict[str, list[tuple[str, str]]]  # qid → [(docid, where)] by rank
+TeacherScores = dict[tuple[str, str], tuple[float, str]]  # (qid, docid) → (score, where)
+
+
+def _require_known_docs(lookup: _DocLookup, judgments: Judgments, run: Ranked, scores: TeacherScores | None) -> None:
+    """Every document id of the qrels, the run and the teacher file must be in the docs (the error names where)."""
+    for judged in judgments.values():
+        for docid, _, where in judged:
             lookup.require(docid, where)
     for ranked in run.values():
         for docid, where in ranked:
@@ -115,90 +129,113 @@ def build_training_examples(
         for (_, docid), (_, where) in scores.items():
             lookup.require(docid, where)
 
-    def teacher_score(qid: str, docid: str, needed_by: str) -> float:
-        assert scores is not None
+
+class _ExampleRows:
+    """The examples table, built one query at a time: one row per (query, positive) with the query's pool of
+    candidate negatives (positives removed) and, with a teacher, the scores of the positive and of every negative."""
+
+    def __init__(
+        self,
+        lookup: _DocLookup,
+        query_text: Mapping[str, str],
+        queries_name: str,
+        inline_text: bool,
+        scores: TeacherScores | None,
+        teacher: Path | None,
+    ) -> None:
+        self.lookup, self.query_text, self.queries_name = lookup, query_text, queries_name
+        self.inline_text, self.scores, self.teacher = inline_text, scores, teacher
+        self.columns: dict[str, list[Any]] = {name: [] for name in _column_names(inline_text)}
+        self.pool_sizes: list[int] = []
+        self.queries_used = 0
+        self.skipped = 0
+
+    def teacher_score(self, qid: str, docid: str, needed_by: str) -> float:
+        assert self.scores is not None
         try:
-            return scores[(qid, docid)][0]
+            return self.scores[(qid, docid)][0]
         except KeyError:
             raise ValueError(
-                f"{teacher}: no teacher score for query {qid!r} and document {docid!r} (needed by {needed_by}); "
-                "score every (query, positive) and (query, candidate) pair, or build without a teacher file"
+                f"{self.teacher}: no teacher score for query {qid!r} and document {docid!r} (needed by "
+                f"{needed_by}); score every (query, positive) and (query, candidate) pair, or build without a "
+                "teacher file"
             ) from None
 
-    columns: dict[str, list[Any]] = {name: [] for name in _column_names(inline_text)}
-    pool_sizes: list[int] = []
-    queries_used = 0
-    skipped = 0
-    for qid, rows in judgments.items():
-        positives = [(docid, where) for docid, grade, where in rows if grade > 0]
+    def add_query(
+        self, qid: str, judged: list[tuple[str, int, str]], ranked: list[tuple[str, str]], max_candidates: int | None
+    ) -> None:
+        positives = [(docid, where) for docid, grade, where in judged if grade > 0]
         if not positives:
-            continue
-        if qid not in query_text:
+            return
+        if qid not in self.query_text:
             raise ValueError(
-                f"{positives[0][1]}: query id {qid!r} has no text in {_describe(queries)}; "
+                f"{positives[0][1]}: query id {qid!r} has no text in {self.queries_name}; "
                 "add the query or remove its judgments"
             )
-        judged = {docid for docid, _ in positives}
-        pool = [(docid, where) for docid, where in run.get(qid, []) if docid not in judged]
-        if max_candidates is not None:
-            pool = pool[:max_candidates]
+        positive_ids = {docid for docid, _ in positives}
+        pool = [(docid, where) for docid, where in ranked if docid not in positive_ids][:max_candidates]
         if not pool:
             # Batches have a fixed number of passages per query: a pair without any negative cannot fill one.
-            skipped += len(positives)
-            continue
-        queries_used += 1
+            self.skipped += len(positives)
+            return
+        self.queries_used += 1
         negative_ids = [docid for docid, _ in pool]
-        negative_texts = [lookup.text(docid) for docid in negative_ids] if inline_text else []
-        teacher_negs = [teacher_score(qid, d, where) for d, where in pool] if scores is not None else None
+        negative_texts = [self.lookup.text(docid) for docid in negative_ids] if self.inline_text else []
+        with_teacher = self.scores is not None
+        teacher_negs = [self.teacher_score(qid, d, where) for d, where in pool] if with_teacher else None
+        columns = self.columns
         for docid, where in positives:
             columns["query_id"].append(qid)
-            columns["query"].append(query_text[qid])
+            columns["query"].append(self.query_text[qid])
             columns["positive_id"].append(docid)
             columns["negative_ids"].append(negative_ids)
-            if inline_text:
-                columns["positive"].append(lookup.text(docid))
+            if self.inline_text:
+                columns["positive"].append(self.lookup.text(docid))
                 columns["negatives"].append(negative_texts)
-            columns["teacher_pos"].append(teacher_score(qid, docid, where) if scores is not None else None)
+            columns["teacher_pos"].append(self.teacher_score(qid, docid, where) if with_teacher else None)
             columns["teacher_negs"].append(teacher_negs)
-            pool_sizes.append(len(negative_ids))
+            self.pool_sizes.append(len(negative_ids))
 
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    metadata = {
-        "retriever.examples.version": SCHEMA_VERSION,
-        "inline_text": str(inline_text).lower(),
-        "with_teacher": str(scores is not None).lower(),
-    }
-    schema = _schema(inline_text).with_metadata(metadata)
-    pq.write_table(pa.table(columns, schema=schema), out)
+    def write(self, out: Path) -> None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        metadata = {
+            "retriever.examples.version": SCHEMA_VERSION,
+            "inline_text": str(self.inline_text).lower(),
+            "with_teacher": str(self.scores is not None).lower(),
+        }
+        schema = _schema(self.inline_text).with_metadata(metadata)
+        pq.write_table(pa.table(self.columns, schema=schema), out)
 
-    below = sum(n < num_negatives for n in pool_sizes)
-    report = ExamplesReport(
-        path=out,
-        rows=len(pool_sizes),
-        queries=queries_used,
-        num_negatives=num_negatives,
-        min_negatives=min(pool_sizes, default=0),
-        mean_negatives=float(np.mean(pool_sizes)) if pool_sizes else 0.0,
-        max_negatives=max(pool_sizes, default=0),
-        rows_below_num_negatives=below,
-        rows_without_negatives=skipped,
-        with_teacher=scores is not None,
-        inline_text=inline_text,
-    )
-    if skipped:
-        logger.warning("%d (query, positive) pairs have no candidate negatives and were left out", skipped)
-    if below:
-        logger.warning(
-            "%d of %d rows have fewer than %d hard negatives (smallest pool: %d); the trainer samples %d per epoch "
-            "where the pool allows and repeats negatives otherwise",
-            below,
-            report.rows,
-            num_negatives,
-            report.min_negatives,
-            num_negatives,
+    def report(self, out: Path, num_negatives: int) -> ExamplesReport:
+        """Pool sizes of the written rows; rows short of ``num_negatives`` negatives and left-out pairs are logged."""
+        sizes = self.pool_sizes
+        below = sum(n < num_negatives for n in sizes)
+        report = ExamplesReport(
+            path=out,
+            rows=len(sizes),
+            queries=self.queries_used,
+            num_negatives=num_negatives,
+            min_negatives=min(sizes, default=0),
+            mean_negatives=float(np.mean(sizes)) if sizes else 0.0,
+            max_negatives=max(sizes, default=0),
+            rows_below_num_negatives=below,
+            rows_without_negatives=self.skipped,
+            with_teacher=self.scores is not None,
+            inline_text=self.inline_text,
         )
-    return report
+        if self.skipped:
+            logger.warning("%d (query, positive) pairs have no candidate negatives and were left out", self.skipped)
+        if below:
+            logger.warning(
+                "%d of %d rows have fewer than %d hard negatives (smallest pool: %d); the trainer samples %d per "
+                "epoch where the pool allows and repeats negatives otherwise",
+                below,
+                report.rows,
+                num_negatives,
+                report.min_negatives,
+                num_negatives,
+            )
+        return report
 
 
 def build_synthetic_examples(bench: SyntheticBenchmark, out: Path, num_negatives: int = 16) -> ExamplesReport:

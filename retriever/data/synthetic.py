@@ -186,19 +186,7 @@ def generate_synthetic(
     }
     rng = np.random.Generator(np.random.PCG64(int(seed)))
     world = _World(rng, num_docs, num_topics)
-    # The first train queries and every test query have their own source document; train queries beyond
-    # num_docs - num_test_queries come from a second stream (seeded by the same seed), so adding them changes no
-    # earlier file content and no test query.
-    unique = min(num_train_queries, num_docs - num_test_queries)
-    sources = rng.choice(num_docs, size=unique + num_test_queries, replace=False)
-    train = [world.make_query(int(d), rng) for d in sources[:unique]]
-    test = [world.make_query(int(d), rng) for d in sources[unique:]]
-    if num_train_queries > unique:
-        extra_rng = np.random.Generator(np.random.PCG64([int(seed), 1]))
-        eligible = np.setdiff1d(np.arange(num_docs), sources[unique:])
-        extra = extra_rng.choice(eligible, size=num_train_queries - unique, replace=True)
-        train += [world.make_query(int(d), extra_rng) for d in extra]
-    bm25 = _Bm25(world.doc_tokens())
+    train, test = _draw_queries(world, rng, int(seed), num_docs, num_train_queries, num_test_queries)
 
     bench = SyntheticBenchmark.at(Path(out_dir), params)
     for path in (bench.qrels_train, bench.candidates_train, bench.teacher_train):
@@ -210,21 +198,65 @@ def generate_synthetic(
     query_lines += [json.dumps({"_id": _qid("test", i), "text": q.text}) for i, q in enumerate(test)]
     _write_lines(bench.queries, query_lines)
     _write_lines(bench.lexicon, world.lexicon_lines())
+    qrels_test = _test_qrels(world, test)
+    _write_lines(bench.qrels_test, qrels_test)
+    qrels_train, run_lines, teacher_lines = _training_files(world, train, rng, num_candidates)
+    _write_lines(bench.qrels_train, qrels_train)
+    _write_lines(bench.candidates_train, run_lines)
+    _write_lines(bench.teacher_train, teacher_lines)
 
-    qrels_test = ["query-id\tcorpus-id\tscore"]
+    counts = {
+        "docs": num_docs,
+        "train_queries": num_train_queries,
+        "test_queries": num_test_queries,
+        "qrels_test": len(qrels_test) - 1,
+        "candidates": len(run_lines),
+        "teacher_pairs": len(teacher_lines),
+    }
+    _write_manifest(bench, params, counts)
+    return bench
+
+
+def _draw_queries(
+    world: _World, rng: np.random.Generator, seed: int, num_docs: int, num_train: int, num_test: int
+) -> tuple[list[_Query], list[_Query]]:
+    """(train, test) queries. The first train queries and every test query have their own source document; train
+    queries beyond num_docs - num_test come from a second stream (seeded by the same seed), so adding them changes
+    no earlier file content and no test query."""
+    unique = min(num_train, num_docs - num_test)
+    sources = rng.choice(num_docs, size=unique + num_test, replace=False)
+    train = [world.make_query(int(d), rng) for d in sources[:unique]]
+    test = [world.make_query(int(d), rng) for d in sources[unique:]]
+    if num_train > unique:
+        extra_rng = np.random.Generator(np.random.PCG64([seed, 1]))
+        eligible = np.setdiff1d(np.arange(num_docs), sources[unique:])
+        extra = extra_rng.choice(eligible, size=num_train - unique, replace=True)
+        train += [world.make_query(int(d), extra_rng) for d in extra]
+    return train, test
+
+
+def _test_qrels(world: _World, test: list[_Query]) -> list[str]:
+    """Graded judgments of the test queries (BEIR TSV lines with header), best grade first."""
+    lines = ["query-id\tcorpus-id\tscore"]
     for i, q in enumerate(test):
         grades = world.grades(q)[0]
         judged = np.flatnonzero(grades)
         for d in judged[np.lexsort((judged, -grades[judged]))]:
-            qrels_test.append(f"{_qid('test', i)}\t{_did(int(d))}\t{int(grades[d])}")
-    _write_lines(bench.qrels_test, qrels_test)
+            lines.append(f"{_qid('test', i)}\t{_did(int(d))}\t{int(grades[d])}")
+    return lines
 
-    qrels_train = ["query-id\tcorpus-id\tscore"]
+
+def _training_files(
+    world: _World, train: list[_Query], rng: np.random.Generator, num_candidates: int
+) -> tuple[list[str], list[str], list[str]]:
+    """Lines of the train qrels (the source document), BM25 candidates (positives excluded) and teacher scores."""
+    bm25 = _Bm25(world.doc_tokens())
+    qrels = ["query-id\tcorpus-id\tscore"]
     run_lines: list[str] = []
     teacher_lines: list[str] = []
     for i, q in enumerate(train):
         qid = _qid("train", i)
-        qrels_train.append(f"{qid}\t{_did(q.source)}\t1")
+        qrels.append(f"{qid}\t{_did(q.source)}\t1")
         scores = bm25.scores(q.tokens)
         scores[q.source] = 0.0  # positives are excluded from the pool
         hits = np.flatnonzero(scores > 0)
@@ -241,28 +273,21 @@ def generate_synthetic(
             + TEACHER_NOISE_SD * rng.standard_normal(len(pairs))
         )
         teacher_lines += [f"{qid}\t{_did(d)}\t{s:.4f}" for d, s in zip(pairs, logits.tolist())]
-    _write_lines(bench.qrels_train, qrels_train)
-    _write_lines(bench.candidates_train, run_lines)
-    _write_lines(bench.teacher_train, teacher_lines)
+    return qrels, run_lines, teacher_lines
 
+
+def _write_manifest(bench: SyntheticBenchmark, params: dict[str, int], counts: dict[str, int]) -> None:
+    """Written last: it records the parameters, counts and file hashes that `ensure_synthetic` verifies."""
     manifest = {
         "format": "beir",
         "generator": "retriever.data.synthetic",
         "generator_version": GENERATOR_VERSION,
         **params,
-        "counts": {
-            "docs": num_docs,
-            "train_queries": num_train_queries,
-            "test_queries": num_test_queries,
-            "qrels_test": len(qrels_test) - 1,
-            "candidates": len(run_lines),
-            "teacher_pairs": len(teacher_lines),
-        },
+        "counts": counts,
         "parameters": _generator_parameters(),
         "sha256": {rel: _sha256(bench.root / rel) for rel in sorted(_FILES.values())},
     }
     bench.manifest.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    return bench
 
 
 def ensure_synthetic(out_dir: Path, **params: int) -> SyntheticBenchmark:

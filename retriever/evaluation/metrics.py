@@ -191,6 +191,28 @@ def evaluate_run(
 # Significance tests
 
 
+def _comparison(report, a: str, b: str, metric: str, scores: dict[str, dict[str, float]]) -> dict[str, object]:
+    """One row of `compare_runs`: runs ``a`` and ``b`` on ``metric`` in a ``ranx.compare`` report."""
+    result = report.comparisons[a, b][metric]
+    significant = bool(result["significant"])
+    wtl = report.win_tie_loss[(a, b)][metric]
+    diff = scores[a][metric] - scores[b][metric]
+    return {
+        "run_a": a,
+        "run_b": b,
+        "metric": metric,
+        "mean_a": scores[a][metric],
+        "mean_b": scores[b][metric],
+        "difference": diff,
+        "p_value": float(result["p_value"]),
+        "significant": significant,
+        "better": (a if diff > 0 else b if diff < 0 else None) if significant else None,
+        "wins_a": int(wtl["W"]),
+        "ties": int(wtl["T"]),
+        "wins_b": int(wtl["L"]),
+    }
+
+
 def compare_runs(
     qrels: Mapping[str, Mapping[str, int]],
     runs: Mapping[str, Mapping[str, Mapping[str, float]]],
@@ -246,31 +268,9 @@ def compare_runs(
         )
     names = list(runs)
     scores = {n: {m: float(report.results[n][m]) for m in metric_names} for n in names}
-    pairs = []
-    for i, a in enumerate(names):
-        for b in names[i + 1 :]:
-            for m in metric_names:
-                result = report.comparisons[a, b][m]
-                p_value = float(result["p_value"])
-                significant = bool(result["significant"])
-                wtl = report.win_tie_loss[(a, b)][m]
-                diff = scores[a][m] - scores[b][m]
-                pairs.append(
-                    {
-                        "run_a": a,
-                        "run_b": b,
-                        "metric": m,
-                        "mean_a": scores[a][m],
-                        "mean_b": scores[b][m],
-                        "difference": diff,
-                        "p_value": p_value,
-                        "significant": significant,
-                        "better": (a if diff > 0 else b if diff < 0 else None) if significant else None,
-                        "wins_a": int(wtl["W"]),
-                        "ties": int(wtl["T"]),
-                        "wins_b": int(wtl["L"]),
-                    }
-                )
+    pairs = [
+        _comparison(report, a, b, m, scores) for i, a in enumerate(names) for b in names[i + 1 :] for m in metric_names
+    ]
     return {
         "test": test,
         "max_p": max_p,

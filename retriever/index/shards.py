@@ -26,7 +26,7 @@ from typing import Any, Literal, Unpack
 import numpy as np
 
 from retriever.encoding.batches import Batch
-from retriever.encoding.store import estimate_encodings_bytes, read_encoding_info, read_encodings
+from retriever.encoding.store import EncodingInfo, estimate_encodings_bytes, read_encoding_info, read_encodings
 from retriever.index.base import (
     Device,
     Hits,
@@ -103,6 +103,60 @@ def _prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
 
 
+def _check_build_memory(
+    encodings_dir: Path,
+    info: EncodingInfo,
+    num_shards: int,
+    kind: str,
+    params: Mapping[str, Any],
+    prune_doc_top_k: int | None,
+    memory_budget_bytes: int | None,
+) -> None:
+    """Before anything is read: the input (parquet footers' uncompressed sizes) plus one shard's build must fit."""
+    input_bytes = estimate_encodings_bytes(encodings_dir)
+    per_shard_docs = -(-info.count // num_shards)
+    nnz = input_bytes // 8 if info.paradigm == "sparse" else 0  # int32 term id + float32 weight per entry
+    if prune_doc_top_k is not None:  # pruned while reading, file by file
+        nnz = min(nnz, info.count * prune_doc_top_k)
+        input_bytes = min(input_bytes, nnz * 8 + info.count * 8)
+    per_shard_nnz = -(-nnz // num_shards)
+    estimate = (
+        input_bytes
+        + info.count * 64  # the doc-id strings
+        + 2 * input_bytes // num_shards  # the shard's slice and its sorted copy
+        + kind_class(kind).estimate_build_bytes(per_shard_docs, info.size, per_shard_nnz, params)
+    )
+    check_memory(
+        estimate,
+        f"indexing {info.count} {info.paradigm} vectors from {encodings_dir} as {num_shards} {kind!r} shard(s)",
+        f"use more shards (num_shards > {num_shards}) or prune terms per document (prune_doc_top_k)"
+        if info.paradigm == "sparse"
+        else f"use more shards (num_shards > {num_shards}) or a machine with more memory",
+        memory_budget_bytes,
+    )
+
+
+def _write_shard_set(
+    out_dir: Path, kind: str, info: EncodingInfo, doc_count: int, partition: Partition, entries: list[dict[str, Any]]
+) -> None:
+    """``shards.json``, written last (atomically): its presence marks a finished build."""
+    content: dict[str, Any] = {
+        "format": SET_FORMAT,
+        "format_version": SET_FORMAT_VERSION,
+        "kind": kind,
+        "paradigm": info.paradigm,
+        "encoder": {"path": info.encoder_path, "sha256": info.encoder_sha256},
+        "doc_count": doc_count,
+        "partition": partition,
+        "num_shards": len(entries),
+        "shards": entries,
+    }
+    content["checksum"] = content_checksum(content)
+    tmp = out_dir / (SHARDS_FILE + ".tmp")
+    tmp.write_text(json.dumps(content, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, out_dir / SHARDS_FILE)
+
+
 def build_shards(
     encodings_dir: str | Path,
     out_dir: str | Path,
@@ -134,29 +188,7 @@ def build_shards(
     if info.count < num_shards:
         raise ValueError(f"{encodings_dir} holds {info.count} documents, fewer than num_shards={num_shards}")
 
-    # Before reading: the input (parquet footers' uncompressed sizes) plus one shard's build.
-    input_bytes = estimate_encodings_bytes(encodings_dir)
-    per_shard_docs = -(-info.count // num_shards)
-    nnz = input_bytes // 8 if info.paradigm == "sparse" else 0  # int32 term id + float32 weight per entry
-    if prune_doc_top_k is not None:  # pruned while reading, file by file
-        nnz = min(nnz, info.count * prune_doc_top_k)
-        input_bytes = min(input_bytes, nnz * 8 + info.count * 8)
-    per_shard_nnz = -(-nnz // num_shards)
-    estimate = (
-        input_bytes
-        + info.count * 64  # the doc-id strings
-        + 2 * input_bytes // num_shards  # the shard's slice and its sorted copy
-        + cls.estimate_build_bytes(per_shard_docs, info.size, per_shard_nnz, resolved)
-    )
-    check_memory(
-        estimate,
-        f"indexing {info.count} {info.paradigm} vectors from {encodings_dir} as {num_shards} {kind!r} shard(s)",
-        f"use more shards (num_shards > {num_shards}) or prune terms per document (prune_doc_top_k)"
-        if info.paradigm == "sparse"
-        else f"use more shards (num_shards > {num_shards}) or a machine with more memory",
-        memory_budget_bytes,
-    )
-
+    _check_build_memory(encodings_dir, info, num_shards, kind, resolved, prune_doc_top_k, memory_budget_bytes)
     _prepare_out_dir(out_dir, overwrite)
     info, batch = read_encodings(encodings_dir, prune_top_k=prune_doc_top_k)
     assignment = shard_assignment(batch.ids, num_shards, partition)
@@ -186,21 +218,7 @@ def build_shards(
         )
         folders.append(folder)
         entries.append({"dir": folder.name, "doc_count": manifest.doc_count})
-    content: dict[str, Any] = {
-        "format": SET_FORMAT,
-        "format_version": SET_FORMAT_VERSION,
-        "kind": kind,
-        "paradigm": info.paradigm,
-        "encoder": {"path": info.encoder_path, "sha256": info.encoder_sha256},
-        "doc_count": len(batch),
-        "partition": partition,
-        "num_shards": num_shards,
-        "shards": entries,
-    }
-    content["checksum"] = content_checksum(content)
-    tmp = out_dir / (SHARDS_FILE + ".tmp")
-    tmp.write_text(json.dumps(content, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, out_dir / SHARDS_FILE)  # last: its presence marks a finished build
+    _write_shard_set(out_dir, kind, info, len(batch), partition, entries)
     return folders
 
 
