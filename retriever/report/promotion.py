@@ -17,12 +17,12 @@ def register_best(
 ) -> dict[str, dict[str, Any]]:
     """Register the best encoder of each paradigm (its run's ``encoder`` artifact) as `<experiment>-<paradigm>` with
     the alias `champion`; cells without an MLflow run are skipped. Returns what was registered, per paradigm."""
-    import mlflow
     from mlflow.tracking import MlflowClient
 
     dataset, metric = primary_metric(cfg)
-    client = MlflowClient(tracking_uri=tracking.uri)
-    mlflow.set_registry_uri(tracking.uri)
+    # The registry of this sweep's store, named explicitly: a process-wide registry URI (another sweep's, set by
+    # `mlflow.set_registry_uri`) must not receive these versions.
+    client = MlflowClient(tracking_uri=tracking.uri, registry_uri=tracking.uri)
     registered = {}
     for paradigm, record in best_cells(records, dataset, metric).items():
         run_id = record.get("tracking_run_id")

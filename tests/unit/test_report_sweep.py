@@ -67,7 +67,7 @@ def _graded_run(qrels: dict[str, dict[str, int]], fillers: int) -> dict[str, dic
     return run
 
 
-def test_write_sweep_report_with_baselines_and_findings(tmp_path: Path) -> None:
+def test_write_sweep_report_with_baselines_and_findings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from mlflow.tracking import MlflowClient
 
     cfg = _cfg(tmp_path)
@@ -100,9 +100,15 @@ def test_write_sweep_report_with_baselines_and_findings(tmp_path: Path) -> None:
                     | {"backbone": "tiny-s", "paradigm": "sparse", "parameters": 1_000_000, "flops": 0}
                     | {"metrics": step0_metrics, "status": "ok"})  # fmt: skip
 
+    # Another sweep of this process set the process-wide registry: the versions must still land in this one's store.
+    import mlflow
+    import mlflow.tracking._model_registry.utils as registry_settings
+
+    monkeypatch.setattr(registry_settings, "_registry_uri", None)  # restored after the test
+    mlflow.set_registry_uri(f"sqlite:///{tmp_path / 'another-sweep.db'}")
     files = write_sweep_report(root, cfg, parent.run_id, tracking)
     uri = tracking.uri
-    client = MlflowClient(tracking_uri=uri)
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
 
     report = root / "report"
     assert files["findings"] == str(report / "findings.md") and Path(files["registered"]).is_file()
