@@ -44,3 +44,12 @@ def test_an_import_across_a_layer_breaks_the_contracts(tmp_path: Path) -> None:
     assert "retriever.index.base -> retriever.evaluation.metrics" in result.stdout
     assert "retriever.report.ranking -> retriever.sweep.run" in result.stdout
     assert "- .report -> .sweep (1 import)" in result.stdout  # the circle it closes
+
+
+def test_the_index_imports_without_torch() -> None:
+    """The index reads encodings through numpy and pyarrow only: importing it loads neither torch nor transformers
+    (`retriever.encoding` imports its modules on first use)."""
+    code = "import sys, retriever.index; print(sorted({'torch', 'transformers', 'peft'} & set(sys.modules)))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"

@@ -11,7 +11,7 @@ import pytest
 from torch.utils.flop_counter import FlopCounterMode
 
 from retriever.config import config_from_dict
-from retriever.flops import (
+from retriever.flops.planner import (
     BudgetTooSmall,
     PlanCell,
     format_plan,
