@@ -351,6 +351,8 @@ def _read_file(path: Path, info: EncodingInfo, prune_top_k: int | None) -> Batch
 
 def concatenate(parts: Sequence[Batch], info: EncodingInfo) -> Batch:
     """One batch of the rows of ``parts`` in order (all of ``info``'s paradigm and size)."""
+    if len(parts) == 1:
+        return parts[0]  # already validated: most folders hold one file
     ids = [doc_id for part in parts for doc_id in part.ids]
     if info.paradigm == "dense":
         vectors = [p.vectors for p in parts if isinstance(p, DenseBatch)]
