@@ -16,6 +16,8 @@ from typing import Any, Literal, get_args
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from retriever.errors import UserError
+
 DEFAULT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 Paradigm = Literal["dense", "sparse"]
@@ -283,7 +285,7 @@ class ExperimentConfig(StrictModel):
     sweep: SweepConfig = Field(default_factory=SweepConfig)
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration problem, with where it was found and how to fix it."""
 
 

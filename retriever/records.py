@@ -12,6 +12,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from retriever.errors import UserError
+
 RESULT_FILE = "result.json"
 CELLS_DIR = "cells"
 BASELINES_DIR = "baselines"
@@ -19,7 +21,7 @@ EVAL_DIR = "eval"
 RUN_FILE = "run.trec"
 
 
-class RecordError(ValueError):
+class RecordError(UserError, ValueError):
     """A sweep result record is malformed (the message names the record and the field)."""
 
 

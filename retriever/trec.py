@@ -12,12 +12,14 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import IO, Literal, TypeVar
 
+from retriever.errors import UserError
+
 RunDict = dict[str, dict[str, float]]
 QrelsDict = dict[str, dict[str, int]]
 _Value = TypeVar("_Value")
 
 
-class TrecFormatError(ValueError):
+class TrecFormatError(UserError, ValueError):
     """A TREC run or qrels file (or an in-memory run/qrels) is malformed."""
 
 

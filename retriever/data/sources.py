@@ -41,6 +41,7 @@ from ir_datasets.util.fileio import (
 from retriever.data import local as local_data
 from retriever.data.classic import CLASSIC_IDS, import_classic
 from retriever.data.passage_pool import load_passage_pool, register_passage_pool
+from retriever.errors import UserError
 from retriever.registry import Registry
 
 __all__ = [
@@ -120,11 +121,11 @@ _HINTS: dict[str, str] = {
 }
 
 
-class SourceUnavailableError(FileNotFoundError):
+class SourceUnavailableError(UserError, FileNotFoundError):
     """The files a dataset needs are not in IR_DATASETS_HOME and cannot (or may not) be downloaded."""
 
 
-class UnknownSourceError(LookupError):
+class UnknownSourceError(UserError, LookupError):
     """No dataset is registered under this id."""
 
 

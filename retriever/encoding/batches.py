@@ -9,10 +9,12 @@ from typing import ClassVar, Literal
 import numba
 import numpy as np
 
+from retriever.errors import UserError
+
 Paradigm = Literal["dense", "sparse"]
 
 
-class EncodingFormatError(ValueError):
+class EncodingFormatError(UserError, ValueError):
     """An encodings folder, file or batch that does not follow the format; the message says where and how to fix."""
 
 

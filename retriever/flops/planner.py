@@ -8,6 +8,7 @@ from fractions import Fraction
 from typing import Any
 
 from retriever.config import ExperimentConfig, cell_settings
+from retriever.errors import UserError
 from retriever.flops.counter import (
     LOSS_COSTS,
     PARADIGM_COSTS,
@@ -24,7 +25,7 @@ from retriever.flops.shapes import BatchShape, ModelShape
 # ------------------------------------------------------------------------------------------------- planner
 
 
-class BudgetTooSmall(ValueError):
+class BudgetTooSmall(UserError, ValueError):
     """The FLOP budget does not pay for a single training step of a cell."""
 
 

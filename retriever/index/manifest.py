@@ -16,6 +16,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from retriever.errors import UserError
+
 FORMAT = "retriever-index-shard"
 FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
@@ -23,11 +25,11 @@ DOC_IDS_FILE = "doc_ids.txt"
 REBUILD = "rebuild the index (`retriever index ...`) into an empty folder"
 
 
-class IndexFormatError(ValueError):
+class IndexFormatError(UserError, ValueError):
     """A shard that is missing, corrupted, edited or built for something else; the message says how to fix it."""
 
 
-class IndexMismatchError(ValueError):
+class IndexMismatchError(UserError, ValueError):
     """Queries or an expected encoder that do not fit the index (dimension, vocabulary, paradigm, encoder hash)."""
 
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from retriever.errors import UserError
 
-class IndexMemoryError(MemoryError):
+
+class IndexMemoryError(UserError, MemoryError):
     """A build whose estimated memory exceeds what is available; the message gives the estimate and the fixes."""
 
 

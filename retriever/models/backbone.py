@@ -14,6 +14,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, PretrainedConfig, PreTrainedModel
 
 from retriever.config import BackboneConfig
+from retriever.errors import UserError
 from retriever.registry import Registry
 
 PresetKind = Literal["paper", "tiny"]
@@ -102,7 +103,7 @@ for _preset in (
 _ALIASES = {alias: preset.name for _, preset in BACKBONES.items() for alias in preset.aliases}
 
 
-class BackboneUnavailable(RuntimeError):
+class BackboneUnavailable(UserError, RuntimeError):
     """The backbone's weights or config cannot be obtained (e.g. offline without a local copy)."""
 
 

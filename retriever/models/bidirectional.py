@@ -18,12 +18,14 @@ import transformers
 from torch import nn
 from transformers import PretrainedConfig
 
+from retriever.errors import UserError
+
 SUPPORTED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
 SUPPORTED_ATTENTION = frozenset({"eager", "sdpa"})
 MIN_TRANSFORMERS = (5, 0)
 
 
-class BidirectionalUnsupported(RuntimeError):
+class BidirectionalUnsupported(UserError, RuntimeError):
     """The model, attention implementation or transformers version cannot run bidirectionally."""
 
 

@@ -1,0 +1,209 @@
+"""Outputs that are whole or absent: written into a temporary sibling under a lock, renamed into place when complete.
+
+    with atomic_directory(out, overwrite=args.overwrite) as tmp:   # refuses a second writer, checks `out`
+        write_everything_into(tmp)                                # an exception or kill -9 leaves `out` as it was
+    # here `out` holds the new output (an old one was swapped out atomically, then removed)
+
+The lock is `.<name>.lock` next to the output, held with `flock` (released by the kernel when the process dies, so
+a killed writer never blocks the next one) and naming its holder (pid, host, command) for the refusal message.
+Temporary siblings are `.<name>.partial-<id>`; one left by a killed writer is removed by the next writer of the
+same output. On object stores, where rename is not atomic, an output is complete only once the manifest it
+writes last exists (encodings: `encoding.json`, index: `shards.json`, checkpoints: `checksums.json`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import fcntl
+import json
+import os
+import shutil
+import socket
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+from retriever.errors import OutputBusyError
+
+PARTIAL = ".partial-"
+_RENAME_EXCHANGE = 2  # renameat2 flag (Linux >= 3.15): swap two paths atomically
+_AT_FDCWD = -100
+
+
+def lock_path(target: Path) -> Path:
+    return target.parent / f".{target.name}.lock"
+
+
+def _holder() -> dict[str, object]:
+    return {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv else "",
+        "since": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+
+
+def _describe_holder(path: Path) -> str:
+    try:
+        holder = json.loads(path.read_text())
+        return f"pid {holder['pid']} on {holder['host']} since {holder['since']}: `{holder['command']}`"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "another process"
+
+
+@contextlib.contextmanager
+def output_lock(target: str | Path) -> Iterator[None]:
+    """Hold the writer's lock of `target`; a second writer gets `OutputBusyError` naming the holder."""
+    target = Path(target)
+    path = lock_path(target)
+    ensure_directory(target.parent, f"the folder of {target}")
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise OutputBusyError(
+                f"{target}: another process is writing it ({_describe_holder(path)}); wait for it to finish or "
+                f"stop it (its lock: {path})"
+            ) from None
+        # The previous holder may have removed the lock file between our open and flock: lock the current file.
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, (json.dumps(_holder()) + "\n").encode())
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        os.close(fd)
+
+
+def ensure_directory(directory: Path, what: str) -> None:
+    """Create `directory` (and parents), or fail with a message naming it when that is impossible."""
+    if directory.is_dir():
+        if not os.access(directory, os.W_OK | os.X_OK):
+            raise PermissionError(f"{directory}: {what} is not writable; choose another location or fix permissions")
+        return
+    if directory.exists():
+        raise NotADirectoryError(f"{directory}: {what} is a file, not a folder; choose another location")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise PermissionError(
+            f"{directory}: cannot create {what} ({exc.strerror}); choose a writable location"
+        ) from None
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+def remove_partials(target: Path) -> None:
+    """Temporary siblings left by a writer of `target` that was killed (call while holding its lock)."""
+    for stale in target.parent.glob(f".{target.name}{PARTIAL}*"):
+        _remove(stale)
+
+
+def _exchange(first: Path, second: Path) -> bool:
+    """Swap two existing paths atomically (Linux renameat2); False where the system cannot."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    result = renameat2(_AT_FDCWD, os.fsencode(first), _AT_FDCWD, os.fsencode(second), _RENAME_EXCHANGE)
+    if result == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(second))
+
+
+def replace(new: Path, target: Path) -> None:
+    """Put `new` at `target`; an existing `target` (file or folder) is replaced atomically, then removed."""
+    if not target.exists() and not target.is_symlink():
+        os.rename(new, target)
+        return
+    if new.is_dir() == target.is_dir() and _exchange(new, target):
+        _remove(new)  # holds the old output now
+        return
+    if not new.is_dir() and not target.is_dir():
+        os.replace(new, target)
+        return
+    old = target.parent / f".{target.name}{PARTIAL}replaced-{uuid.uuid4().hex[:8]}"
+    os.rename(target, old)
+    os.rename(new, target)
+    _remove(old)
+
+
+def check_replaceable(target: Path, overwrite: bool, what: str) -> None:
+    if (target.exists() or target.is_symlink()) and not overwrite:
+        raise FileExistsError(
+            f"{target}: {what} already exists; pass --overwrite to replace it, or choose another path"
+        )
+
+
+@contextlib.contextmanager
+def atomic_directory(
+    target: str | Path, *, overwrite: bool = False, what: str = "the output folder"
+) -> Iterator[Path]:
+    """A fresh temporary folder that becomes `target` when the block ends without an exception.
+
+    An existing `target` is refused unless `overwrite`, and is replaced only once the new output is complete.
+    """
+    target = Path(target)
+    with output_lock(target):
+        check_replaceable(target, overwrite, what)
+        remove_partials(target)
+        tmp = target.parent / f".{target.name}{PARTIAL}{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        try:
+            yield tmp
+        except BaseException:
+            _remove(tmp)
+            raise
+        replace(tmp, target)
+
+
+@contextlib.contextmanager
+def atomic_file(target: str | Path, *, overwrite: bool = False, what: str = "the output file") -> Iterator[Path]:
+    """A temporary path next to `target` to write one file to; renamed onto `target` when the block succeeds."""
+    target = Path(target)
+    if target.is_dir():
+        raise IsADirectoryError(f"{target}: is a folder; {what} must be a file path")
+    with output_lock(target):
+        check_replaceable(target, overwrite, what)
+        remove_partials(target)
+        tmp = target.parent / f".{target.name}{PARTIAL}{uuid.uuid4().hex[:8]}"
+        try:
+            yield tmp
+            if not tmp.exists():
+                raise RuntimeError(f"{target}: nothing was written to {tmp}")
+        except BaseException:
+            _remove(tmp)
+            raise
+        os.replace(tmp, target)
+
+
+def write_text_atomic(target: str | Path, text: str) -> None:
+    """Replace the small file `target` with `text` in one step (a reader sees the old or the new text)."""
+    target = Path(target)
+    tmp = target.parent / f".{target.name}{PARTIAL}{uuid.uuid4().hex[:8]}"
+    tmp.write_text(text)
+    os.replace(tmp, target)

@@ -1,0 +1,125 @@
+"""Atomic outputs and the writer's lock (retriever.outputs)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from retriever.errors import OutputBusyError
+from retriever.outputs import atomic_directory, atomic_file, lock_path, output_lock, write_text_atomic
+
+
+def _tree(path: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def test_a_directory_appears_only_when_complete(tmp_path):
+    out = tmp_path / "out"
+    with atomic_directory(out) as tmp:
+        (tmp / "a.txt").write_text("a")
+        assert not out.exists()
+        assert tmp.parent == tmp_path and tmp.name.startswith(".out.partial-")
+    assert _tree(out) == {"a.txt": b"a"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no lock, no temporary left
+
+
+def test_a_failed_writer_leaves_the_old_output_and_no_temporary(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    with pytest.raises(RuntimeError, match="boom"), atomic_directory(out, overwrite=True) as tmp:
+        (tmp / "new.txt").write_text("new")
+        raise RuntimeError("boom")
+    assert _tree(out) == {"old.txt": b"old"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_an_existing_output_needs_overwrite_and_is_replaced_whole(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    with pytest.raises(FileExistsError, match="--overwrite"), atomic_directory(out):
+        pass
+    with atomic_directory(out, overwrite=True) as tmp:
+        (tmp / "new.txt").write_text("new")
+    assert _tree(out) == {"new.txt": b"new"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_a_file_output_is_replaced_in_one_step(tmp_path):
+    out = tmp_path / "run.trec"
+    with atomic_file(out) as tmp:
+        tmp.write_text("one\n")
+    with pytest.raises(FileExistsError), atomic_file(out) as tmp:
+        tmp.write_text("two\n")
+    assert out.read_text() == "one\n"
+    with atomic_file(out, overwrite=True) as tmp:
+        tmp.write_text("two\n")
+    assert out.read_text() == "two\n"
+    with pytest.raises(IsADirectoryError):
+        with atomic_file(tmp_path) as tmp:
+            pass
+    write_text_atomic(out, "three\n")
+    assert out.read_text() == "three\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.trec"]
+
+
+def test_a_second_writer_is_refused_with_the_holder_named(tmp_path):
+    out = tmp_path / "out"
+    with output_lock(out):
+        with pytest.raises(OutputBusyError, match=rf"pid {os.getpid()} on .*wait for it to finish"):
+            with atomic_directory(out):
+                pass
+    with atomic_directory(out) as tmp:  # released: the next writer goes ahead
+        (tmp / "x").write_text("x")
+    assert not lock_path(out).exists()
+
+
+def test_a_killed_writer_leaves_nothing_in_place_and_the_next_one_succeeds(tmp_path):
+    out = tmp_path / "out"
+    ready = tmp_path / "ready"
+    script = textwrap.dedent(
+        f"""
+        import time
+        from pathlib import Path
+        from retriever.outputs import atomic_directory
+        with atomic_directory(Path({str(out)!r})) as tmp:
+            (tmp / "half.txt").write_text("half")
+            Path({str(ready)!r}).write_text("1")
+            time.sleep(60)
+        """
+    )
+    writer = subprocess.Popen([sys.executable, "-c", script])
+    try:
+        deadline = time.monotonic() + 30
+        while not ready.exists():
+            assert time.monotonic() < deadline and writer.poll() is None, "the writer did not start"
+            time.sleep(0.05)
+        with pytest.raises(OutputBusyError, match=f"pid {writer.pid}"):
+            with atomic_directory(out):
+                pass
+        writer.send_signal(signal.SIGKILL)
+        writer.wait(timeout=30)
+    finally:
+        if writer.poll() is None:
+            writer.kill()
+    assert not out.exists()
+    with atomic_directory(out) as tmp:
+        (tmp / "whole.txt").write_text("whole")
+    assert _tree(out) == {"whole.txt": b"whole"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "ready"]  # the killed writer's partial is gone
+
+
+def test_an_unwritable_location_is_named(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(NotADirectoryError, match="is a file, not a folder"):
+        with atomic_directory(blocker / "out"):
+            pass
