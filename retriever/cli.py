@@ -374,13 +374,14 @@ def _search_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True, help="TREC run file to write")
     parser.add_argument("-k", type=int, default=1000, help="hits per query")
     parser.add_argument("--tag", default="retriever")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing run file")
 
 
 @command("search", "search index shards with encoded queries (global top-k merge) into a TREC run", _search_args)
 def _search(args: argparse.Namespace) -> int:
     from retriever.index.shards import search_to_run
 
-    run = search_to_run(args.index, args.queries, args.k, output=args.out, tag=args.tag)
+    run = search_to_run(args.index, args.queries, args.k, output=args.out, tag=args.tag, overwrite=args.overwrite)
     print(f"{len(run)} queries -> {args.out}")
     return 0
 

@@ -6,9 +6,10 @@
 
 The lock is `.<name>.lock` next to the output, held with `flock` (released by the kernel when the process dies, so
 a killed writer never blocks the next one) and naming its holder (pid, host, command) for the refusal message.
-Temporary siblings are `.<name>.partial-<id>`; one left by a killed writer is removed by the next writer of the
-same output. On object stores, where rename is not atomic, an output is complete only once the manifest it
-writes last exists (encodings: `encoding.json`, index: `shards.json`, checkpoints: `checksums.json`).
+Temporary siblings are `.partial-<id>-<name>` (ending in the output's own name, so a `.gz` output is still
+compressed); one left by a killed writer is removed by the next writer of the same output. On object stores, where
+rename is not atomic, an output is complete only once the manifest it writes last exists (encodings:
+`encoding.json`, index: `shards.json`, checkpoints: their checksum manifest).
 """
 
 from __future__ import annotations
@@ -24,12 +25,13 @@ import socket
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from retriever.errors import OutputBusyError
 
 PARTIAL = ".partial-"
+_ID_CHARS = 8
 _RENAME_EXCHANGE = 2  # renameat2 flag (Linux >= 3.15): swap two paths atomically
 _AT_FDCWD = -100
 
@@ -113,9 +115,14 @@ def _remove(path: Path) -> None:
             path.unlink()
 
 
+def partial_path(target: Path) -> Path:
+    """A new temporary sibling of `target`."""
+    return target.parent / f"{PARTIAL}{uuid.uuid4().hex[:_ID_CHARS]}-{target.name}"
+
+
 def remove_partials(target: Path) -> None:
     """Temporary siblings left by a writer of `target` that was killed (call while holding its lock)."""
-    for stale in target.parent.glob(f".{target.name}{PARTIAL}*"):
+    for stale in target.parent.glob(f"{PARTIAL}{'?' * _ID_CHARS}-{target.name}"):
         _remove(stale)
 
 
@@ -146,32 +153,47 @@ def replace(new: Path, target: Path) -> None:
     if not new.is_dir() and not target.is_dir():
         os.replace(new, target)
         return
-    old = target.parent / f".{target.name}{PARTIAL}replaced-{uuid.uuid4().hex[:8]}"
+    old = partial_path(target)
     os.rename(target, old)
     os.rename(new, target)
     _remove(old)
 
 
-def check_replaceable(target: Path, overwrite: bool, what: str) -> None:
-    if (target.exists() or target.is_symlink()) and not overwrite:
+def check_replaceable(target: Path, overwrite: bool, what: str, ours: Callable[[Path], bool] | None = None) -> None:
+    """An existing `target` may be replaced only with `overwrite`, and a folder only when `ours` recognises it as
+    an earlier output of the same kind (never a folder of the user's other files); an empty folder is free."""
+    if not target.exists() and not target.is_symlink():
+        return
+    if target.is_dir() and not target.is_symlink() and not any(target.iterdir()):
+        return
+    if not overwrite:
         raise FileExistsError(
             f"{target}: {what} already exists; pass --overwrite to replace it, or choose another path"
+        )
+    if ours is not None and not ours(target):
+        raise FileExistsError(
+            f"{target}: holds files that are not {what}; refusing to replace it (choose another path)"
         )
 
 
 @contextlib.contextmanager
 def atomic_directory(
-    target: str | Path, *, overwrite: bool = False, what: str = "the output folder"
+    target: str | Path,
+    *,
+    overwrite: bool = False,
+    what: str = "the output folder",
+    ours: Callable[[Path], bool] | None = None,
 ) -> Iterator[Path]:
     """A fresh temporary folder that becomes `target` when the block ends without an exception.
 
-    An existing `target` is refused unless `overwrite`, and is replaced only once the new output is complete.
+    An existing `target` is refused unless `overwrite` (and, for a folder, `ours(target)`: see `check_replaceable`),
+    and is replaced only once the new output is complete.
     """
     target = Path(target)
     with output_lock(target):
-        check_replaceable(target, overwrite, what)
+        check_replaceable(target, overwrite, what, ours)
         remove_partials(target)
-        tmp = target.parent / f".{target.name}{PARTIAL}{uuid.uuid4().hex[:8]}"
+        tmp = partial_path(target)
         tmp.mkdir()
         try:
             yield tmp
@@ -190,7 +212,7 @@ def atomic_file(target: str | Path, *, overwrite: bool = False, what: str = "the
     with output_lock(target):
         check_replaceable(target, overwrite, what)
         remove_partials(target)
-        tmp = target.parent / f".{target.name}{PARTIAL}{uuid.uuid4().hex[:8]}"
+        tmp = partial_path(target)
         try:
             yield tmp
             if not tmp.exists():
@@ -204,6 +226,6 @@ def atomic_file(target: str | Path, *, overwrite: bool = False, what: str = "the
 def write_text_atomic(target: str | Path, text: str) -> None:
     """Replace the small file `target` with `text` in one step (a reader sees the old or the new text)."""
     target = Path(target)
-    tmp = target.parent / f".{target.name}{PARTIAL}{uuid.uuid4().hex[:8]}"
+    tmp = partial_path(target)
     tmp.write_text(text)
     os.replace(tmp, target)

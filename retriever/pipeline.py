@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from retriever.config import ExperimentConfig
+from retriever.outputs import write_text_atomic
 from retriever.records import safe_name
 
 if TYPE_CHECKING:
@@ -146,7 +147,12 @@ def evaluate_encoder(
         encoder.encode(_judged_queries(source, qrels), queries, kind="query", max_length=query_length)
         run_file = where / "run.trec"
         run = search_to_run(
-            corpus / "index", queries, depths[dataset], output=run_file, tag=safe_name(encoder_dir.name)
+            corpus / "index",
+            queries,
+            depths[dataset],
+            output=run_file,
+            tag=safe_name(encoder_dir.name),
+            overwrite=True,
         )
         result = evaluate_detailed(run, qrels, proto, run_name=dataset)
         results[dataset] = {name: float(value) for name, value in result.metrics.items()}
@@ -162,5 +168,5 @@ def evaluate_encoder(
         from retriever.evaluation import beir_mean
 
         summary["beir_mean"] = beir_mean({d: m for d, m in results.items() if d.startswith("beir/")})
-    (out_dir / METRICS_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+    write_text_atomic(out_dir / METRICS_FILE, json.dumps(summary, indent=2) + "\n")
     return results

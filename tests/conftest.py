@@ -108,9 +108,10 @@ def write_encodings(
     kind: str = "passage",
 ):  # -> retriever.encoding.EncodingInfo
     """An encodings folder holding ``batch``, written by the production writer (`EncodingWriter`)."""
-    from retriever.encoding.store import EncodingWriter, prepare_out_dir
+    from retriever.encoding.store import EncodingWriter
 
-    writer = EncodingWriter(prepare_out_dir(directory, overwrite=False), batch.paradigm, rows_per_file)
+    directory.mkdir(parents=True, exist_ok=True)
+    writer = EncodingWriter(directory, batch.paradigm, rows_per_file)
     writer.write(batch)
     return writer.finish(
         size=batch.dimension,

@@ -15,7 +15,7 @@ _EXPORTS = {
     "engine": ("Terms", "encode_texts", "length_batches", "sparse_terms"),
     "inputs": ("docs_to_parquet",),
     "ray_data": ("EncoderActor", "encode_corpus_ray"),
-    "run": ("EncodingResult",),
+    "run": ("EmptyInputError", "EncodingResult"),
     "store": (
         "ENCODING_FILE",
         "EncodingInfo",

@@ -11,7 +11,7 @@ from retriever.encoding.batches import make_batch
 from retriever.encoding.encoder import LoadedEncoder, load_inference_encoder
 from retriever.encoding.engine import DEFAULT_WINDOW_BATCHES, Runner, check_batching, inference
 from retriever.encoding.inputs import DocsInput, docs_to_parquet, text_windows
-from retriever.encoding.run import EncoderInput, EncodingResult, EncodingRun, encoder_info
+from retriever.encoding.run import EncoderInput, EncodingResult, EncodingRun, empty_input, encoder_info
 from retriever.models.encoders import TextKind
 
 PROGRESS_LABELS = {"query": "encode queries", "passage": "encode passages"}
@@ -46,34 +46,38 @@ def encode_corpus(
     """
     check_batching(batch_size, max_batch_tokens, num_streams)
     total, windows = text_windows(docs, window or batch_size * DEFAULT_WINDOW_BATCHES)
-    run = EncodingRun.start(encoder_info(encoder), out_dir, kind, max_length, prune_top_k, shard_rows, overwrite)
-    if isinstance(encoder, LoadedEncoder):
-        loaded = encoder
-    else:
-        loaded = LoadedEncoder(run.encoder, load_inference_encoder(run.encoder.path, device))
-    writer = run.writer()
-    from tqdm.auto import tqdm
+    if total == 0:
+        raise empty_input(kind, out_dir)
+    info = encoder_info(encoder)
+    with EncodingRun.open(info, out_dir, kind, max_length, prune_top_k, shard_rows, overwrite) as run:
+        if isinstance(encoder, LoadedEncoder):
+            loaded = encoder
+        else:
+            loaded = LoadedEncoder(run.encoder, load_inference_encoder(run.encoder.path, device))
+        writer = run.writer()
+        from tqdm.auto import tqdm
 
-    with (
-        tqdm(total=total, unit="text", desc=PROGRESS_LABELS[kind], disable=not progress) as bar,
-        inference(loaded.module),
-    ):
-        runner = Runner(
-            loaded.module,
-            kind,
-            batch_size=batch_size,
-            max_length=run.max_length,
-            max_batch_tokens=max_batch_tokens,
-            prune_top_k=prune_top_k,
-            num_streams=num_streams,
-            on_batch=bar.update,
-        )
-        try:
-            for ids, encoded in runner.windows(windows):
-                writer.write(make_batch(ids, encoded, run.encoder.dimension))
-        finally:
-            writer.close()
-    return run.finish(writer)
+        with (
+            tqdm(total=total, unit="text", desc=PROGRESS_LABELS[kind], disable=not progress) as bar,
+            inference(loaded.module),
+        ):
+            runner = Runner(
+                loaded.module,
+                kind,
+                batch_size=batch_size,
+                max_length=run.max_length,
+                max_batch_tokens=max_batch_tokens,
+                prune_top_k=prune_top_k,
+                num_streams=num_streams,
+                on_batch=bar.update,
+            )
+            try:
+                for ids, encoded in runner.windows(windows):
+                    writer.write(make_batch(ids, encoded, run.encoder.dimension))
+            finally:
+                writer.close()
+        result = run.finish(writer)
+    return result
 
 
 def encode_corpus_auto(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -10,6 +9,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from retriever.outputs import atomic_file
 
 DocsInput = Iterable[tuple[str, str]] | str | Path
 
@@ -111,21 +112,13 @@ def docs_to_parquet(
 ) -> int:
     """Stage a corpus (e.g. ``load_source(id).docs()``) as one parquet file with columns doc_id, text (strings),
     streamed in row groups; returns the number of rows. Duplicate doc ids are an error when ``check_unique``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     schema = pa.schema([("doc_id", pa.string()), ("text", pa.string())])
     count = 0
-    tmp = path.with_name(path.name + ".tmp")
     windows = pair_windows(docs, rows_per_group)
-    try:
-        with pq.ParquetWriter(tmp, schema) as writer:
-            for ids, texts in unique_ids(windows) if check_unique else windows:
-                writer.write_table(pa.table({"doc_id": ids, "text": texts}, schema=schema))
-                count += len(ids)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    os.replace(tmp, path)
+    with atomic_file(path, overwrite=True, what="the staged corpus") as tmp, pq.ParquetWriter(tmp, schema) as writer:
+        for ids, texts in unique_ids(windows) if check_unique else windows:
+            writer.write_table(pa.table({"doc_id": ids, "text": texts}, schema=schema))
+            count += len(ids)
     return count
 
 

@@ -15,7 +15,7 @@ from retriever.encoding.batches import make_batch
 from retriever.encoding.encoder import EncoderInfo, load_inference_encoder
 from retriever.encoding.engine import check_batching, encode_texts
 from retriever.encoding.inputs import check_corpus_columns, corpus_files, parquet_bytes, parquet_rows
-from retriever.encoding.run import EncodingResult, EncodingRun, encoder_info
+from retriever.encoding.run import EncodingResult, EncodingRun, empty_input, encoder_info
 from retriever.encoding.store import batch_table
 from retriever.models.encoders import TextKind
 
@@ -87,37 +87,43 @@ def encode_corpus_ray(
             f"cpus_per_actor={cpus_per_actor}, gpus_per_actor={gpus_per_actor}"
         )
     check_batching(batch_size, max_batch_tokens, num_streams)
+    if rows == 0:
+        raise empty_input(kind, out_dir)
     # The driver reads encoder.json and hashes the files only; the weights are loaded by the actors.
-    run = EncodingRun.start(encoder_info(encoder), out_dir, kind, max_length, prune_top_k, shard_rows, overwrite)
-    blocks = num_blocks or max(2 * num_actors, math.ceil(rows / max(1, rows_per_call * 4)))
-    dataset = ray.data.read_parquet([str(f) for f in files], columns=["doc_id", "text"], override_num_blocks=blocks)
-    if len(files) < blocks and parquet_bytes(files) <= SMALL_INPUT_BYTES:
-        # read_parquet makes one block per file below Ray's block size, which would leave all but one actor idle;
-        # a small input is cheap to split (a large one is split into ~128 MB blocks while it is read).
-        dataset = dataset.repartition(blocks)
-    encoded = dataset.map_batches(
-        EncoderActor,
-        batch_size=rows_per_call,
-        batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=num_actors),
-        num_cpus=cpus_per_actor,
-        num_gpus=gpus_per_actor or None,
-        fn_constructor_kwargs={
-            "encoder_dir": str(run.encoder.path),
-            "kind": kind,
-            "batch_size": batch_size,
-            "max_length": run.max_length,
-            "prune_top_k": prune_top_k,
-            "max_batch_tokens": max_batch_tokens,
-            "num_streams": num_streams,
-            "use_gpu": gpus_per_actor > 0,
-        },
-    )
-    written: list[Path] = []
-    if rows:
-        encoded.write_parquet(str(run.out), max_rows_per_file=shard_rows)
-        written = sorted(run.out.glob("*.parquet"))
-    count = parquet_rows(written) if written else 0
-    if count != rows:
-        raise RuntimeError(f"{run.out}: Ray wrote {count} encoded rows for {rows} input rows; the run is incomplete")
-    return run.finish(run.writer(), files=written)
+    info = encoder_info(encoder)
+    with EncodingRun.open(info, out_dir, kind, max_length, prune_top_k, shard_rows, overwrite) as run:
+        blocks = num_blocks or max(2 * num_actors, math.ceil(rows / max(1, rows_per_call * 4)))
+        dataset = ray.data.read_parquet(
+            [str(f) for f in files], columns=["doc_id", "text"], override_num_blocks=blocks
+        )
+        if len(files) < blocks and parquet_bytes(files) <= SMALL_INPUT_BYTES:
+            # read_parquet makes one block per file below Ray's block size, which would leave all but one actor idle;
+            # a small input is cheap to split (a large one is split into ~128 MB blocks while it is read).
+            dataset = dataset.repartition(blocks)
+        encoded = dataset.map_batches(
+            EncoderActor,
+            batch_size=rows_per_call,
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=num_actors),
+            num_cpus=cpus_per_actor,
+            num_gpus=gpus_per_actor or None,
+            fn_constructor_kwargs={
+                "encoder_dir": str(run.encoder.path),
+                "kind": kind,
+                "batch_size": batch_size,
+                "max_length": run.max_length,
+                "prune_top_k": prune_top_k,
+                "max_batch_tokens": max_batch_tokens,
+                "num_streams": num_streams,
+                "use_gpu": gpus_per_actor > 0,
+            },
+        )
+        encoded.write_parquet(str(run.work), max_rows_per_file=shard_rows)
+        written = sorted(run.work.glob("*.parquet"))
+        count = parquet_rows(written) if written else 0
+        if count != rows:
+            raise RuntimeError(
+                f"{run.out}: Ray wrote {count} encoded rows for {rows} input rows; the run is incomplete"
+            )
+        result = run.finish(run.writer(), files=written)
+    return result

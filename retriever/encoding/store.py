@@ -9,14 +9,17 @@
 
     {"format_version": 1, "paradigm": "dense" | "sparse", "dimension": int | "vocab_size": int,
      "encoder": {"path": str, "sha256": str}, "count": int, "prune_top_k": int | null,
-     "kind": "passage" | "query", "max_length": int, "files": [str, ...]}
+     "kind": "passage" | "query", "max_length": int, "files": [str, ...], "sha256": {file: hex digest}}
+
+  The reader verifies every parquet file against its sha256 before it parses it (a flipped byte is an error, not
+  a silently different vector).
 """
 
 from __future__ import annotations
 
 import json
-import os
-from collections.abc import Sequence
+import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,12 +28,16 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from retriever.checksums import sha256_bytes, sha256_file
 from retriever.encoding.batches import Batch, DenseBatch, EncodingFormatError, Paradigm, SparseBatch
+from retriever.errors import IntegrityError
+from retriever.outputs import write_text_atomic
 
 ENCODING_FILE = "encoding.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 KINDS = ("query", "passage")
 VECTOR_COLUMNS = ("vector", "term_ids", "weights")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 def check_settings(kind: str, paradigm: str, prune_top_k: int | None, encoder: str = "this encoder") -> None:
@@ -63,6 +70,7 @@ class EncodingInfo:
     kind: str
     max_length: int
     files: tuple[str, ...]
+    sha256: Mapping[str, str]
     prune_top_k: int | None = None
 
     def to_json(self) -> dict[str, Any]:
@@ -76,6 +84,7 @@ class EncodingInfo:
             "kind": self.kind,
             "max_length": self.max_length,
             "files": sorted(self.files),
+            "sha256": {name: self.sha256[name] for name in sorted(self.files)},
         }
 
     @classmethod
@@ -109,7 +118,16 @@ class EncodingInfo:
         files = data.get("files")
         if not isinstance(files, list) or not files or not all(isinstance(f, str) for f in files):
             raise fail(f"'files' must be a non-empty list of parquet file names, got {files!r}")
-        return cls(paradigm, size, encoder["path"], encoder["sha256"], count, kind, max_length, tuple(files), prune)
+        digests = data.get("sha256")
+        if (
+            not isinstance(digests, dict)
+            or set(digests) != set(files)
+            or not all(isinstance(v, str) and _SHA256.fullmatch(v) for v in digests.values())
+        ):
+            raise fail("'sha256' must map every file of 'files' to its sha256 (64 hex digits)")
+        return cls(
+            paradigm, size, encoder["path"], encoder["sha256"], count, kind, max_length, tuple(files), digests, prune
+        )
 
 
 def read_encoding_info(directory: str | Path) -> EncodingInfo:
@@ -168,19 +186,9 @@ def batch_table(batch: Batch) -> pa.Table:
     )
 
 
-def prepare_out_dir(out_dir: str | Path, overwrite: bool) -> Path:
-    """Create ``out_dir``; an existing encodings folder (parquet files or encoding.json) is an error unless
-    ``overwrite``, which removes exactly those files."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    old = sorted(out.glob("*.parquet")) + ([out / ENCODING_FILE] if (out / ENCODING_FILE).exists() else [])
-    if old and not overwrite:
-        raise FileExistsError(
-            f"{out}: already holds encodings ({old[0].name}, ...); choose an empty folder or pass overwrite=True"
-        )
-    for path in old:
-        path.unlink()
-    return out
+def is_encodings_folder(directory: Path) -> bool:
+    """Whether ``directory`` holds only what an encoding run writes (an earlier run, which may be replaced)."""
+    return all(p.is_file() and (p.suffix == ".parquet" or p.name == ENCODING_FILE) for p in directory.iterdir())
 
 
 class EncodingWriter:
@@ -254,11 +262,10 @@ class EncodingWriter:
             kind,
             int(max_length),
             tuple(sorted(p.name for p in files)),
+            {p.name: sha256_file(p) for p in files},
             prune_top_k,
         )
-        tmp = self.out_dir / (ENCODING_FILE + ".tmp")
-        tmp.write_text(json.dumps(info.to_json(), indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, self.out_dir / ENCODING_FILE)
+        write_text_atomic(self.out_dir / ENCODING_FILE, json.dumps(info.to_json(), indent=2) + "\n")
         return info
 
 
@@ -323,7 +330,16 @@ def _doc_ids(table: pa.Table, path: Path) -> list[str]:
 
 
 def _read_file(path: Path, info: EncodingInfo, prune_top_k: int | None) -> Batch:
-    table = pq.read_table(path)
+    data = path.read_bytes()  # read once: hashed, then parsed from memory
+    if (digest := sha256_bytes(data)) != info.sha256[path.name]:
+        raise IntegrityError(
+            f"{path}: sha256 {digest[:16]}… does not match {ENCODING_FILE}'s {info.sha256[path.name][:16]}… (the "
+            "file was corrupted or modified after it was written); re-encode into a new folder"
+        )
+    try:
+        table = pq.read_table(pa.BufferReader(data))
+    except pa.ArrowException as exc:
+        raise EncodingFormatError(f"{path}: not a readable parquet file ({exc}); re-encode") from None
     ids = _doc_ids(table, path)
     try:
         if info.paradigm == "dense":

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from retriever.checksums import sha256_file
 from retriever.errors import UserError
 
 FORMAT = "retriever-index-shard"
@@ -31,14 +32,6 @@ class IndexFormatError(UserError, ValueError):
 
 class IndexMismatchError(UserError, ValueError):
     """Queries or an expected encoder that do not fit the index (dimension, vocabulary, paradigm, encoder hash)."""
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def content_checksum(content: Mapping[str, Any]) -> str:

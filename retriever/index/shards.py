@@ -17,8 +17,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import os
-import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, Unpack
@@ -39,6 +37,7 @@ from retriever.index.base import (
 )
 from retriever.index.manifest import MANIFEST_FILE, REBUILD, IndexFormatError, IndexMismatchError, content_checksum
 from retriever.index.memory import check_memory
+from retriever.outputs import atomic_directory, atomic_file, write_text_atomic
 from retriever.trec import write_run
 
 SHARDS_FILE = "shards.json"
@@ -92,15 +91,9 @@ def _shard_name(i: int) -> str:
     return f"shard-{i:05d}"
 
 
-def _prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
-    if out_dir.exists() and any(out_dir.iterdir()):
-        if not overwrite:
-            raise FileExistsError(f"{out_dir}: exists and is not empty; choose a new folder or pass overwrite=True")
-        ours = all(p.name.startswith((SHARDS_FILE, "shard-")) for p in out_dir.iterdir())
-        if not ours:
-            raise FileExistsError(f"{out_dir}: holds files that are not index shards; refusing to delete it")
-        shutil.rmtree(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+def _is_index_folder(directory: Path) -> bool:
+    """Whether ``directory`` holds only what an index build writes (an earlier build, which may be replaced)."""
+    return all(p.name.startswith((SHARDS_FILE, "shard-")) for p in directory.iterdir())
 
 
 def _check_build_memory(
@@ -152,9 +145,7 @@ def _write_shard_set(
         "shards": entries,
     }
     content["checksum"] = content_checksum(content)
-    tmp = out_dir / (SHARDS_FILE + ".tmp")
-    tmp.write_text(json.dumps(content, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, out_dir / SHARDS_FILE)
+    write_text_atomic(out_dir / SHARDS_FILE, json.dumps(content, indent=2) + "\n")
 
 
 def build_shards(
@@ -176,7 +167,8 @@ def build_shards(
     ``kind``: ``exact`` (default for sparse) or ``seismic``; ``flat`` (default for dense) or ``hnsw``. ``params``
     are the kind's build/search parameters (see each kind's ``build_defaults``/``search_defaults``). The memory of
     the input and of one shard's build is estimated and checked before anything is read or built. Returns the shard
-    folders; ``shards.json`` is written last, so a folder without it is an unfinished build.
+    folders. The build runs in a temporary sibling of ``out_dir`` (under its writer lock) and is renamed into place
+    once ``shards.json`` (written last) is there; ``overwrite`` replaces an earlier index only then.
     """
     encodings_dir, out_dir = Path(encodings_dir), Path(out_dir)
     info = read_encoding_info(encodings_dir)
@@ -189,37 +181,34 @@ def build_shards(
         raise ValueError(f"{encodings_dir} holds {info.count} documents, fewer than num_shards={num_shards}")
 
     _check_build_memory(encodings_dir, info, num_shards, kind, resolved, prune_doc_top_k, memory_budget_bytes)
-    _prepare_out_dir(out_dir, overwrite)
-    info, batch = read_encodings(encodings_dir, prune_top_k=prune_doc_top_k)
-    assignment = shard_assignment(batch.ids, num_shards, partition)
-    counts = np.bincount(assignment, minlength=num_shards)
-    if (counts == 0).any():
-        raise ValueError(
-            f"shard(s) {np.flatnonzero(counts == 0).tolist()} would be empty ({partition} partition of {len(batch)} "
-            "documents); use fewer shards"
-        )
-    folders: list[Path] = []
-    entries: list[dict[str, Any]] = []
-    for i in range(num_shards):
-        rows = np.flatnonzero(assignment == i)
-        folder = out_dir / _shard_name(i)
-        manifest = build_shard(
-            batch.take(rows),
-            folder,
-            kind,
-            encoder_path=info.encoder_path,
-            encoder_sha256=info.encoder_sha256,
-            params=resolved,
-            prune_doc_top_k=prune_doc_top_k,
-            prune_query_top_k=prune_query_top_k,
-            encoding_prune_top_k=info.prune_top_k,
-            device=device,
-            memory_budget_bytes=memory_budget_bytes,
-        )
-        folders.append(folder)
-        entries.append({"dir": folder.name, "doc_count": manifest.doc_count})
-    _write_shard_set(out_dir, kind, info, len(batch), partition, entries)
-    return folders
+    with atomic_directory(out_dir, overwrite=overwrite, what="an index folder", ours=_is_index_folder) as work:
+        info, batch = read_encodings(encodings_dir, prune_top_k=prune_doc_top_k)
+        assignment = shard_assignment(batch.ids, num_shards, partition)
+        counts = np.bincount(assignment, minlength=num_shards)
+        if (counts == 0).any():
+            raise ValueError(
+                f"shard(s) {np.flatnonzero(counts == 0).tolist()} would be empty ({partition} partition of "
+                f"{len(batch)} documents); use fewer shards"
+            )
+        entries: list[dict[str, Any]] = []
+        for i in range(num_shards):
+            rows = np.flatnonzero(assignment == i)
+            manifest = build_shard(
+                batch.take(rows),
+                work / _shard_name(i),
+                kind,
+                encoder_path=info.encoder_path,
+                encoder_sha256=info.encoder_sha256,
+                params=resolved,
+                prune_doc_top_k=prune_doc_top_k,
+                prune_query_top_k=prune_query_top_k,
+                encoding_prune_top_k=info.prune_top_k,
+                device=device,
+                memory_budget_bytes=memory_budget_bytes,
+            )
+            entries.append({"dir": _shard_name(i), "doc_count": manifest.doc_count})
+        _write_shard_set(work, kind, info, len(batch), partition, entries)
+    return [out_dir / entry["dir"] for entry in entries]
 
 
 def index_complete(directory: str | Path) -> bool:
@@ -350,11 +339,21 @@ def search_to_run(
     search_params: Mapping[str, Any] | None = None,
     verify_hashes: bool = True,
     check_encoder: bool = True,
+    overwrite: bool = False,
 ) -> dict[str, dict[str, float]]:
-    """Search an index folder with encoded queries (an encodings folder) and optionally write a TREC run.
+    """Search an index folder with encoded queries (an encodings folder of ``kind: query``) and optionally write a
+    TREC run (an existing one is replaced only with ``overwrite``; the file is checked before the search and
+    written whole).
 
     With ``check_encoder`` the queries' encoder sha256 (their ``encoding.json``) must match the index's."""
+    if k <= 0:
+        raise IndexMismatchError(f"k must be a positive number of hits per query, got {k}")
     info, queries = read_encodings(queries_dir)
+    if info.kind != "query":
+        raise IndexMismatchError(
+            f"{queries_dir}: holds {info.kind} encodings, not queries; encode the queries with `--kind query` "
+            "(queries and passages differ in length and, for some encoders, in how they are encoded)"
+        )
     shards = open_shards(
         index_dir,
         expected_encoder_sha256=info.encoder_sha256 if check_encoder else None,
@@ -362,9 +361,11 @@ def search_to_run(
         device=device,
         search_params=search_params,
     )
-    run = search_shards(shards, queries, k, batch_size=batch_size)
-    if output is not None:
-        write_run(run, output, tag)
+    if output is None:
+        return search_shards(shards, queries, k, batch_size=batch_size)
+    with atomic_file(output, overwrite=overwrite, what="the run file") as tmp:
+        run = search_shards(shards, queries, k, batch_size=batch_size)
+        write_run(run, tmp, tag)
     return run
 
 

@@ -78,4 +78,4 @@ def test_encode_index_search_and_evaluate_from_the_command_line(tiny_tokenizer_d
     assert summary["queries_evaluated"] == 2 and set(summary["metrics"]) == {"ndcg@10", "mrr@10", "recall@100"}
     # The finished encoding is never overwritten by accident.
     assert main(["encode", encoder, "--dataset", dataset, "--out", str(tmp_path / "docs")]) == 2
-    assert "already holds encodings" in capsys.readouterr().err
+    assert "an encodings folder already exists; pass --overwrite" in capsys.readouterr().err

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -15,6 +16,7 @@ from conftest import TINY_CORPUS
 from retriever.config import BackboneConfig, EncoderConfig
 from retriever.encoding import (
     ENCODING_FILE,
+    EmptyInputError,
     docs_to_parquet,
     encode_corpus,
     encode_texts,
@@ -22,6 +24,7 @@ from retriever.encoding import (
     length_batches,
     load_inference_encoder,
     read_encoding_info,
+    read_encodings,
     sparse_terms,
 )
 from retriever.models.encoders import SparseEncoder, build_encoder, load_encoder
@@ -244,16 +247,31 @@ def test_fingerprint_follows_the_files_that_decide_outputs(tiny_tokenizer_dir, d
         encoder_fingerprint(tmp_path)
 
 
-def test_existing_output_needs_overwrite_and_empty_corpus(dense_dir, tmp_path):
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_existing_output_needs_overwrite_and_bad_input_never_costs_it(dense_dir, tmp_path):
     out = tmp_path / "out"
     encode_corpus(dense_dir, DOCS[:5], out, progress=False)
-    with pytest.raises(FileExistsError, match="overwrite=True"):
+    before = _files(out)
+    with pytest.raises(FileExistsError, match="pass --overwrite"):
         encode_corpus(dense_dir, DOCS[:3], out, progress=False)
-    result = encode_corpus(dense_dir, [], out, progress=False, overwrite=True)
-    assert result.count == 0 and [f.name for f in result.files] == ["part-00000.parquet"]
-    assert sorted(p.name for p in out.iterdir()) == [ENCODING_FILE, "part-00000.parquet"]
-    table = pq.read_table(result.files[0])
-    assert table.num_rows == 0 and table.column_names == ["doc_id", "vector"]
+    # Input errors found before (a known-empty corpus) or while encoding (a generator that turns out empty, a
+    # duplicate id) leave the finished encoding as it was.
+    with pytest.raises(EmptyInputError, match="the corpus to encode is empty"):
+        encode_corpus(dense_dir, [], out, progress=False, overwrite=True)
+    with pytest.raises(EmptyInputError, match="the query set to encode is empty"):
+        encode_corpus(dense_dir, iter([]), out, kind="query", progress=False, overwrite=True)
+    with pytest.raises(ValueError, match="duplicate doc_id 'doc-000'"):
+        encode_corpus(dense_dir, DOCS[:3] + DOCS[:1], out, progress=False, overwrite=True)
+    assert _files(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no lock or temporary folder left
+    result = encode_corpus(dense_dir, DOCS[:3], out, progress=False, overwrite=True)
+    assert result.count == 3 and read_encodings(out)[1].ids == [d for d, _ in DOCS[:3]]
+    (out / "notes.txt").write_text("mine")  # a folder holding the user's other files is never replaced
+    with pytest.raises(FileExistsError, match="holds files that are not an encodings folder"):
+        encode_corpus(dense_dir, DOCS[:3], out, progress=False, overwrite=True)
 
 
 def test_bad_settings_leave_an_existing_output_untouched(dense_dir, tmp_path):

@@ -10,7 +10,9 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import write_encodings
 
+from retriever.checksums import sha256_file
 from retriever.encoding import DenseBatch, EncodingFormatError, SparseBatch, read_encodings
+from retriever.errors import IntegrityError
 
 
 def sparse_batch() -> SparseBatch:
@@ -26,7 +28,7 @@ def test_sparse_round_trip_across_files(tmp_path) -> None:
     info = write_encodings(tmp_path, sparse_batch(), encoder_path="m", encoder_sha256="s", rows_per_file=2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["encoding.json", "part-00000.parquet", "part-00001.parquet"]
     assert json.loads((tmp_path / "encoding.json").read_text()) == {
-        "format_version": 1,
+        "format_version": 2,
         "paradigm": "sparse",
         "vocab_size": 10,
         "encoder": {"path": "m", "sha256": "s"},
@@ -35,6 +37,7 @@ def test_sparse_round_trip_across_files(tmp_path) -> None:
         "kind": "passage",
         "max_length": 64,
         "files": ["part-00000.parquet", "part-00001.parquet"],
+        "sha256": {name: sha256_file(tmp_path / name) for name in ("part-00000.parquet", "part-00001.parquet")},
     }
     schema = pq.read_schema(tmp_path / "part-00000.parquet")
     assert schema.field("term_ids").type == pa.list_(pa.int32())
@@ -58,12 +61,14 @@ def test_dense_round_trip(tmp_path) -> None:
 
 
 def write_table(folder, table: pa.Table, info: dict) -> None:
+    """A hand-made encodings folder (rows the writer would refuse), with a correct checksum."""
     folder.mkdir(parents=True, exist_ok=True)
     pq.write_table(table, folder / "part-00000.parquet")
-    (folder / "encoding.json").write_text(json.dumps(info))
+    digest = {"part-00000.parquet": sha256_file(folder / "part-00000.parquet")}
+    (folder / "encoding.json").write_text(json.dumps({**info, "sha256": digest}))
 
 
-COMMON = {"format_version": 1, "kind": "passage", "max_length": 64, "files": ["part-00000.parquet"]}
+COMMON = {"format_version": 2, "kind": "passage", "max_length": 64, "files": ["part-00000.parquet"]}
 SPARSE_INFO = {"paradigm": "sparse", "vocab_size": 10, "encoder": {"path": "m", "sha256": "s"}, "count": 2, **COMMON}
 
 
@@ -99,7 +104,7 @@ def test_bad_rows_are_reported_with_file_and_row(tmp_path) -> None:
 def test_bad_encoding_json(tmp_path) -> None:
     with pytest.raises(FileNotFoundError, match="encoding.json next to its parquet files"):
         read_encodings(tmp_path)
-    (tmp_path / "encoding.json").write_text('{"format_version": 1, "paradigm": "sparse", "count": 1}')
+    (tmp_path / "encoding.json").write_text('{"format_version": 2, "paradigm": "sparse", "count": 1}')
     with pytest.raises(EncodingFormatError, match="sparse encodings need a positive integer 'vocab_size'"):
         read_encodings(tmp_path)
     (tmp_path / "encoding.json").write_text('{"paradigm": ')
@@ -115,7 +120,22 @@ def test_a_folder_mixing_runs_is_refused(tmp_path) -> None:
         read_encodings(tmp_path)
     info = json.loads((tmp_path / "encoding.json").read_text())
     (tmp_path / "encoding.json").write_text(json.dumps({**info, "format_version": 0}))
-    with pytest.raises(EncodingFormatError, match="format_version 0, expected 1"):
+    with pytest.raises(EncodingFormatError, match="format_version 0, expected 2"):
+        read_encodings(tmp_path)
+
+
+def test_a_changed_byte_in_a_parquet_file_is_refused(tmp_path) -> None:
+    """The reader (and so the index build and the search) verifies every file against encoding.json's sha256."""
+    write_encodings(tmp_path, sparse_batch(), encoder_path="m", encoder_sha256="s")
+    part = tmp_path / "part-00000.parquet"
+    data = bytearray(part.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    part.write_bytes(bytes(data))
+    with pytest.raises(IntegrityError, match=r"part-00000.parquet: sha256 .* does not match encoding.json's"):
+        read_encodings(tmp_path)
+    info = json.loads((tmp_path / "encoding.json").read_text())
+    (tmp_path / "encoding.json").write_text(json.dumps({**info, "sha256": {}}))
+    with pytest.raises(EncodingFormatError, match="'sha256' must map every file"):
         read_encodings(tmp_path)
 
 

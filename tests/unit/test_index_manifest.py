@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from conftest import write_encodings
 
+from retriever.checksums import sha256_file
 from retriever.encoding import DenseBatch, SparseBatch
 from retriever.index import (
     FORMAT_VERSION,
@@ -20,7 +21,7 @@ from retriever.index import (
     open_shard,
     open_shards,
 )
-from retriever.index.manifest import MANIFEST_FILE, sha256_file
+from retriever.index.manifest import MANIFEST_FILE
 
 SHA = "5" * 64
 

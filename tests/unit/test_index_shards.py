@@ -113,11 +113,19 @@ def test_search_to_run_writes_trec_and_checks_encoder(tmp_path) -> None:
     write_encodings(tmp_path / "docs", docs, **ENCODER)
     build_shards(tmp_path / "docs", tmp_path / "index", 2)
     queries = sparse_queries(5)
-    write_encodings(tmp_path / "queries", queries, **ENCODER)
+    write_encodings(tmp_path / "queries", queries, **ENCODER, kind="query")
     run = search_to_run(tmp_path / "index", tmp_path / "queries", 5, output=tmp_path / "run.trec", tag="exact")
     assert read_run(tmp_path / "run.trec") == run
     assert sum(len(h) for h in run.values()) > 0
-    write_encodings(tmp_path / "other", queries, encoder_path="other", encoder_sha256="f" * 64)
+    before = (tmp_path / "run.trec").read_bytes()
+    with pytest.raises(FileExistsError, match="the run file already exists; pass --overwrite"):
+        search_to_run(tmp_path / "index", tmp_path / "queries", 3, output=tmp_path / "run.trec")
+    with pytest.raises(IndexMismatchError, match="holds passage encodings, not queries"):
+        search_to_run(tmp_path / "index", tmp_path / "docs", 3, output=tmp_path / "run.trec", overwrite=True)
+    assert (tmp_path / "run.trec").read_bytes() == before
+    search_to_run(tmp_path / "index", tmp_path / "queries", 3, output=tmp_path / "run.trec", overwrite=True)
+    assert {len(hits) for hits in read_run(tmp_path / "run.trec").values()} == {3}
+    write_encodings(tmp_path / "other", queries, encoder_path="other", encoder_sha256="f" * 64, kind="query")
     with pytest.raises(IndexMismatchError, match="encoder sha256 ffffffffffffffff… was expected"):
         search_to_run(tmp_path / "index", tmp_path / "other", 5)
     assert search_to_run(tmp_path / "index", tmp_path / "other", 5, check_encoder=False) == run
@@ -132,13 +140,13 @@ def test_build_shards_refuses_bad_requests(tmp_path) -> None:
     with pytest.raises(KeyError, match="unknown index kind 'ivf'"):
         build_shards(tmp_path / "enc", tmp_path / "a", 1, "ivf")
     build_shards(tmp_path / "enc", tmp_path / "b", 2)
-    with pytest.raises(FileExistsError, match="not empty"):
+    with pytest.raises(FileExistsError, match="an index folder already exists; pass --overwrite"):
         build_shards(tmp_path / "enc", tmp_path / "b", 2)
     build_shards(tmp_path / "enc", tmp_path / "b", 3, overwrite=True)
     assert json.loads((tmp_path / "b" / "shards.json").read_text())["num_shards"] == 3
     (tmp_path / "c").mkdir()
     (tmp_path / "c" / "notes.txt").write_text("mine")
-    with pytest.raises(FileExistsError, match="refusing to delete"):
+    with pytest.raises(FileExistsError, match="holds files that are not an index folder; refusing to replace"):
         build_shards(tmp_path / "enc", tmp_path / "c", 1, overwrite=True)
     dup = SparseBatch.from_terms(["x", "x"], [(np.array([1]), np.array([1.0]))] * 2, vocab_size=5)
     write_encodings(tmp_path / "dup", dup, **ENCODER)

@@ -25,7 +25,7 @@ def test_a_directory_appears_only_when_complete(tmp_path):
     with atomic_directory(out) as tmp:
         (tmp / "a.txt").write_text("a")
         assert not out.exists()
-        assert tmp.parent == tmp_path and tmp.name.startswith(".out.partial-")
+        assert tmp.parent == tmp_path and tmp.name.startswith(".partial-") and tmp.name.endswith("-out")
     assert _tree(out) == {"a.txt": b"a"}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no lock, no temporary left
 

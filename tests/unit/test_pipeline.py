@@ -86,7 +86,7 @@ def test_n_datasets_load_and_hash_the_encoder_once(encoder_and_config, tmp_path,
 
 
 def test_an_interrupted_index_build_is_rebuilt(encoder_and_config, tmp_path, monkeypatch):
-    """A build that died after its first shard (no shards.json) is rebuilt by the next evaluation, which then gives
+    """A build that died after its first shard leaves no index in place; the next evaluation builds it and gives
     the metrics of an uninterrupted run."""
     import retriever.index.shards as shards_module
 
@@ -103,8 +103,8 @@ def test_an_interrupted_index_build_is_rebuilt(encoder_and_config, tmp_path, mon
     monkeypatch.setattr(shards_module, "build_shard", dies_on_the_second_shard)
     with pytest.raises(KeyboardInterrupt):
         evaluate_encoder(encoder, ["synthetic/test"], two_shards, tmp_path / "out")
-    (index,) = (tmp_path / "out" / "corpus").glob("*/index")
-    assert [p.name for p in index.iterdir()] == ["shard-00000"]  # half built: no shards.json
+    (corpus,) = (tmp_path / "out" / "corpus").iterdir()
+    assert sorted(p.name for p in corpus.iterdir()) == ["encodings"]  # no index, no half-built one beside it
     monkeypatch.setattr(shards_module, "build_shard", build_shard)
     assert evaluate_encoder(encoder, ["synthetic/test"], two_shards, tmp_path / "out") == clean
-    assert sorted(p.name for p in index.iterdir()) == ["shard-00000", "shard-00001", "shards.json"]
+    assert sorted(p.name for p in (corpus / "index").iterdir()) == ["shard-00000", "shard-00001", "shards.json"]
