@@ -43,6 +43,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from retriever.data.local.readers import DataFormatError
+from retriever.outputs import atomic_file
+
 if TYPE_CHECKING:
     from retriever.data.synthetic import SyntheticBenchmark
 
@@ -87,8 +90,10 @@ def build_training_examples(
     num_negatives: int = 16,
     max_candidates: int | None = None,
     inline_text: bool = True,
+    overwrite: bool = False,
 ) -> ExamplesReport:
-    """Write the training-examples parquet ``out`` and report its pool sizes.
+    """Write the training-examples parquet ``out`` and report its pool sizes (``out`` is written whole, and an
+    existing file is replaced only with ``overwrite``).
 
     ``docs`` maps document id → text: a ``Mapping`` or any object with ``.get(id)`` (an ir_datasets docs store
     works; documents with ``default_text()`` or ``.text`` are turned into text). Every document id in the qrels, the
@@ -99,16 +104,22 @@ def build_training_examples(
         raise ValueError(f"num_negatives must be ≥ 1, got {num_negatives}")
     if max_candidates is not None and max_candidates < 1:
         raise ValueError(f"max_candidates must be ≥ 1 or None, got {max_candidates}")
-    lookup = _DocLookup(docs)
-    judgments = _read_qrels(qrels)
-    query_text = _read_queries(queries)
-    run = _read_run(Path(candidates))
-    scores = _read_teacher(Path(teacher)) if teacher is not None else None
-    _require_known_docs(lookup, judgments, run, scores)
-    rows = _ExampleRows(lookup, query_text, _describe(queries), inline_text, scores, teacher)
-    for qid, judged in judgments.items():
-        rows.add_query(qid, judged, run.get(qid, []), max_candidates)
-    rows.write(Path(out))
+    with atomic_file(out, overwrite=overwrite, what="the training-examples file") as partial:
+        lookup = _DocLookup(docs)
+        judgments = _read_qrels(qrels)
+        query_text = _read_queries(queries)
+        run = _read_run(Path(candidates))
+        scores = _read_teacher(Path(teacher)) if teacher is not None else None
+        _require_known_docs(lookup, judgments, run, scores)
+        rows = _ExampleRows(lookup, query_text, _describe(queries), inline_text, scores, teacher)
+        for qid, judged in judgments.items():
+            rows.add_query(qid, judged, run.get(qid, []), max_candidates)
+        if not rows.pool_sizes:
+            raise DataFormatError(
+                f"{out}: no training examples: no query of the qrels has a positive judgment (relevance > 0); "
+                "check the qrels file"
+            )
+        rows.write(partial)
     return rows.report(Path(out), num_negatives)
 
 
@@ -197,7 +208,6 @@ class _ExampleRows:
             self.pool_sizes.append(len(negative_ids))
 
     def write(self, out: Path) -> None:
-        out.parent.mkdir(parents=True, exist_ok=True)
         metadata = {
             "retriever.examples.version": SCHEMA_VERSION,
             "inline_text": str(self.inline_text).lower(),
@@ -250,6 +260,7 @@ def build_synthetic_examples(bench: SyntheticBenchmark, out: Path, num_negatives
         teacher=bench.teacher_train,
         num_negatives=num_negatives,
         inline_text=False,
+        overwrite=True,
     )
 
 

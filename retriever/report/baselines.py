@@ -32,6 +32,7 @@ def evaluate_bm25(
     from retriever.data.catalog import resolve_dataset
     from retriever.data.sources import load_source
     from retriever.evaluation import evaluate_detailed, protocol_for_dataset
+    from retriever.outputs import atomic_file
     from retriever.trec import write_run
 
     proto = protocol_for_dataset(dataset_id)
@@ -41,7 +42,8 @@ def evaluate_bm25(
         index = Bm25Index(source.docs())
     judged = {qid: text for qid, text in source.queries() if qid in qrels}
     run = index.search(judged, proto.depth)
-    write_run(run, Path(out_dir) / safe_name(dataset_id) / "run.trec", tag=RUN_TAG, depth=proto.depth)
+    with atomic_file(Path(out_dir) / safe_name(dataset_id) / "run.trec", overwrite=True, what="the BM25 run") as tmp:
+        write_run(run, tmp, tag=RUN_TAG, depth=proto.depth)
     result = evaluate_detailed(run, qrels, proto, run_name=f"BM25 {dataset_id}")
     metrics = {name: float(value) for name, value in result.metrics.items()}
     log.info("BM25 %s: %s", dataset_id, metrics)

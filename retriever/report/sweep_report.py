@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from retriever.config import ExperimentConfig
+from retriever.outputs import atomic_directory
 from retriever.records import collect_baselines, collect_cells
 from retriever.report.baselines import baseline_metrics
 from retriever.report.findings import Findings, judge_sweep, unjudged
@@ -68,31 +69,33 @@ def write_sweep_report(
     baselines = collect_baselines(root)
     dataset, metric = primary_metric(cfg)
     findings = judge_findings_safely(root, records, cfg)
-    logged = write_findings(report_dir, findings)
     significance = compare_best_safely(root, records, cfg)
-    (report_dir / "significance.json").write_text(json.dumps(significance, indent=2) + "\n")
-    paths = write_report(
-        records,
-        report_dir,
-        baselines=baselines,
-        compare=metric_column(dataset, metric),
-        sections=[*findings_summary(findings, link="findings.md"), "", *significance_summary(significance)],
-    )
-    files = {
-        "markdown": str(paths.markdown),
-        "csv": str(paths.csv),
-        "fits": str(paths.fits),
-        "findings": str(report_dir / "findings.md"),
-        "significance": str(report_dir / "significance.json"),
-    }
-    if paths.plots:
-        files["plots"] = str(paths.plots[0].parent)
-    if tracking and parent_run_id:
-        _log_to_parent(RunTracker.of(tracking, parent_run_id), report_dir, records, baselines, logged, cfg)
-        registered = register_best(records, cfg, tracking)
-        (report_dir / "registered.json").write_text(json.dumps(registered, indent=2) + "\n")
-        files["registered"] = str(report_dir / "registered.json")
-    return files
+    # Written whole into a temporary folder that replaces the previous report: a failure keeps the old one.
+    with atomic_directory(report_dir, overwrite=True, what="the sweep report") as work:
+        logged = write_findings(work, findings)
+        (work / "significance.json").write_text(json.dumps(significance, indent=2) + "\n")
+        paths = write_report(
+            records,
+            work,
+            baselines=baselines,
+            compare=metric_column(dataset, metric),
+            sections=[*findings_summary(findings, link="findings.md"), "", *significance_summary(significance)],
+        )
+        files = {
+            "markdown": paths.markdown,
+            "csv": paths.csv,
+            "fits": paths.fits,
+            "findings": work / "findings.md",
+            "significance": work / "significance.json",
+        }
+        if paths.plots:
+            files["plots"] = paths.plots[0].parent
+        if tracking and parent_run_id:
+            _log_to_parent(RunTracker.of(tracking, parent_run_id), work, records, baselines, logged, cfg)
+            registered = register_best(records, cfg, tracking)
+            (work / "registered.json").write_text(json.dumps(registered, indent=2) + "\n")
+            files["registered"] = work / "registered.json"
+    return {key: str(report_dir / Path(path).relative_to(work)) for key, path in files.items()}
 
 
 def _log_to_parent(
