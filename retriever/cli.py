@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from retriever.config import ConfigError, load_config
+from retriever.errors import UserError
 from retriever.registry import Registry
 
 Command = Callable[[argparse.Namespace], int]
@@ -507,6 +508,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Errors that describe bad input (what, where, how to fix): printed without a traceback.
 USER_ERRORS: tuple[type[BaseException], ...] = (
+    UserError,
     ConfigError,
     FileNotFoundError,
     FileExistsError,

@@ -40,11 +40,16 @@ def lock_path(target: Path) -> Path:
     return target.parent / f".{target.name}.lock"
 
 
+def _program() -> str:
+    script = Path(sys.argv[0]) if sys.argv and sys.argv[0] else Path("python")
+    return script.parent.name if script.name == "__main__.py" else script.name  # `python -m retriever`: retriever
+
+
 def _holder() -> dict[str, object]:
     return {
         "pid": os.getpid(),
         "host": socket.gethostname(),
-        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv else "",
+        "command": " ".join([_program(), *sys.argv[1:]]),
         "since": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
 
