@@ -26,6 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from retriever.encoding.batches import Batch, DenseBatch, EncodingFormatError, Paradigm, SparseBatch
+from retriever.errors import SettingError
 
 ENCODING_FILE = "encoding.json"
 FORMAT_VERSION = 1
@@ -37,11 +38,11 @@ def check_settings(kind: str, paradigm: str, prune_top_k: int | None, encoder: s
     """The text kind must be 'query' or 'passage'; ``prune_top_k``, when given, a positive count for a sparse
     encoder (``encoder`` names it in the error)."""
     if kind not in KINDS:
-        raise ValueError(f"kind must be 'query' or 'passage', got {kind!r}")
+        raise SettingError(f"kind must be 'query' or 'passage', got {kind!r}")
     if prune_top_k is not None and paradigm != "sparse":
-        raise ValueError(f"prune_top_k applies to sparse encoders; {encoder} is {paradigm}")
+        raise SettingError(f"prune_top_k applies to sparse encoders; {encoder} is {paradigm}")
     if prune_top_k is not None and prune_top_k <= 0:
-        raise ValueError(f"prune_top_k must be a positive number of terms, got {prune_top_k}")
+        raise SettingError(f"prune_top_k must be a positive number of terms, got {prune_top_k}")
 
 
 # --------------------------------------------------------------------------------------------------- encoding.json
