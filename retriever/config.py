@@ -412,8 +412,12 @@ def _errors(exc: ValidationError, model: type[BaseModel]) -> list[tuple[str, str
 
 
 def format_validation_error(exc: ValidationError, source: str, model: type[BaseModel] = ExperimentConfig) -> str:
-    lines = [f"{source}: invalid configuration ({exc.error_count()} problem(s)):"]
-    lines.extend(f"  {where}: {what}" for where, what in _errors(exc, model))
+    """One line for one problem (`source: invalid configuration: key.path: what`), else one line per problem."""
+    problems = _errors(exc, model)
+    if len(problems) == 1:
+        return f"{source}: invalid configuration: {problems[0][0]}: {problems[0][1]}"
+    lines = [f"{source}: invalid configuration ({len(problems)} problems):"]
+    lines.extend(f"  {where}: {what}" for where, what in problems)
     return "\n".join(lines)
 
 

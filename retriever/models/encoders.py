@@ -359,7 +359,9 @@ def read_encoder_meta(directory: str | Path) -> dict[str, Any]:
             model.model_validate(meta.get(key))
         except ValidationError as exc:
             message = format_validation_error(exc, f"{meta_path}: {key!r}", model)
-            raise EncoderFormatError(f"{message}\n  ({RESAVE})") from None
+            raise EncoderFormatError(
+                f"{message}\n  ({RESAVE})" if "\n" in message else f"{message}; {RESAVE}"
+            ) from None
     # The parts load_encoder reads: a half-copied directory fails here, before any output is started.
     for part, needed, holds in (
         ("tokenizer", True, "a tokenizer"),

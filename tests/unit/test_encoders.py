@@ -185,7 +185,8 @@ def test_an_incomplete_encoder_directory_fails_before_loading(tiny_tokenizer_dir
         load_encoder(directory)
     (directory / "encoder.json").write_text(json.dumps({**meta, "encoder": {**meta["encoder"], "pooling": "max"}}))
     with pytest.raises(
-        EncoderFormatError, match=r"encoder.json: 'encoder'.*\n  pooling: Input should be 'mean' or 'last'"
+        EncoderFormatError,
+        match=r"encoder.json: 'encoder': invalid configuration: pooling: Input should be 'mean' or 'last'",
     ):
         read_encoder_meta(directory)
     (directory / "encoder.json").write_text("{")
