@@ -255,6 +255,9 @@ def _bad_files(fx: Path) -> None:
     _write(b / "not.parquet", "doc_id,text\nd0,hello\n")
     _write(b / "short.bin", b"\x00" * 8)
     pq.write_table(pa.table({"doc_id": ["d0", "d1"]}), b / "no-text.parquet")
+    pq.write_table(
+        pa.table({"doc_id": pa.array([], pa.string()), "text": pa.array([], pa.string())}), b / "empty.parquet"
+    )
 
 
 def _encoder_variants(fx: Path) -> None:
@@ -293,12 +296,27 @@ def _index_variants(fx: Path) -> None:
     shutil.copytree(fx / "encodings", fx / "encodings-edited")
     info = json.loads((fx / "encodings" / "encoding.json").read_text())
     (fx / "encodings-edited" / "encoding.json").write_text(json.dumps({**info, "paradigm": "hybrid"}))
+    shutil.copytree(fx / "encodings", fx / "encodings-corrupt-part")
+    part = fx / "encodings-corrupt-part" / sorted(info["files"])[0]
+    part.write_bytes(part.read_bytes()[: part.stat().st_size // 2])
 
 
 @pytest.fixture(scope="module")
 def fixtures(tmp_path_factory, tiny_tokenizer_dir):
-    """The module's inputs, built once: tiny encoders, their encodings and index, TREC files, configs, and
-    broken copies of each. `{docs}` is a local dataset registered over docs.tsv/topics.tsv/qrels.txt."""
+    """The module's inputs, built once (about 10 s), under `{fx}`:
+
+    - encoder/ (sparse), encoder-b/ (sparse, other weights), encoder-dense/; encoders/<broken copies>
+    - docs.parquet (10 docs), queries.parquet (q1, q2); docs.tsv, topics.tsv, qrels.txt; run.trec (searched)
+    - encodings/ (docs, encoder), queries/ (encoder), queries-b/ (encoder-b), queries-dense/ (encoder-dense);
+      encodings-edited/ (encoding.json edited), encodings-corrupt-part/ (a parquet part cut in half)
+    - index/ (one shard of encodings/) and index-<no-set|edited-set|corrupt-set|edited-manifest|no-manifest|
+      extra-file|missing-shard>/
+    - configs/ (good.yaml and one broken file per problem), bad/ (malformed TREC, TSV, parquet (incl.
+      empty.parquet: no rows) and llama2.c files), pool/ and pool-bad/<NOTGZ|JSON|NOHITS>/ (retrieve results),
+      sweep-corrupt/, sweep-no-config/
+
+    `{docs}` is a local dataset registered over docs.tsv and topics.tsv. A new row that needs another input adds
+    it here."""
     from retriever.config import BackboneConfig, EncoderConfig
     from retriever.data.local import register_trec
     from retriever.models.encoders import build_encoder
