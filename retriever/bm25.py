@@ -29,6 +29,7 @@ from collections.abc import Iterable, Mapping
 
 import numpy as np
 
+from retriever.errors import DataFormatError, SettingError
 from retriever.trec import RunDict, trec_order
 
 K1 = 0.9
@@ -50,7 +51,7 @@ class Bm25Index:
         import bm25s
 
         if k1 < 0 or not 0.0 <= b <= 1.0:
-            raise ValueError(f"BM25 needs k1 >= 0 and 0 <= b <= 1, got k1={k1}, b={b}")
+            raise SettingError(f"BM25 needs k1 >= 0 and 0 <= b <= 1, got k1={k1}, b={b}")
         self.k1, self.b = float(k1), float(b)
         self.doc_ids: list[str] = []
         seen: set[str] = set()
@@ -63,13 +64,13 @@ class Bm25Index:
             if not isinstance(doc_id, str) or not doc_id or not isinstance(text, str):
                 raise TypeError(f"document {i}: doc_id must be a non-empty str and text a str, got {pair!r:.80}")
             if doc_id in seen:
-                raise ValueError(f"document {i}: duplicate doc_id {doc_id!r}")
+                raise DataFormatError(f"document {i}: duplicate doc_id {doc_id!r}")
             seen.add(doc_id)
             self.doc_ids.append(doc_id)
             # token ids as we go rather than lists of strings: the corpus can be large
             token_ids.append([vocab.setdefault(token, len(vocab)) for token in tokenize(text)])
         if not self.doc_ids:
-            raise ValueError("BM25 needs at least one document")
+            raise DataFormatError("BM25 needs at least one document (the corpus is empty)")
         self._model = bm25s.BM25(k1=self.k1, b=self.b, method="lucene", dtype=dtype)
         self._model.index((token_ids, vocab), show_progress=False)
         self._vocab = vocab
@@ -88,7 +89,7 @@ class Bm25Index:
     def top_k(self, query: str, k: int) -> dict[str, float]:
         """The top ``k`` documents with a positive score, in trec_eval order (dicts keep that order)."""
         if k < 1:
-            raise ValueError(f"k must be >= 1, got {k}")
+            raise SettingError(f"k must be >= 1, got {k}")
         scores = self.scores(query)
         hits = np.flatnonzero(scores > 0)
         if hits.size > k:

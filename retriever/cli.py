@@ -12,8 +12,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from retriever.config import ConfigError, load_config
-from retriever.errors import UserError
+from retriever.config import load_config
+from retriever.errors import PLAIN_USER_ERRORS, DataFormatError, UserError
 from retriever.registry import Registry
 
 Command = Callable[[argparse.Namespace], int]
@@ -55,6 +55,44 @@ def _config_and_flag(flag: str, help_text: str) -> Configure:
         parser.add_argument(flag, action="store_true", help=help_text)
 
     return configure
+
+
+def _at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= `minimum` (argparse then names the option in its one-line error)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = minimum - 1
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {text!r}")
+        return value
+
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
+
+
+def _non_negative(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text!r}")
+    return value
+
+
+POSITIVE = _at_least(1)
+
+
+def _check_backbones(names: list[str]) -> None:
+    """Resolve every backbone reference before a command writes anything: a mistyped preset fails at once (presets
+    cost nothing; a hub id or folder reads its config.json)."""
+    from retriever.models.backbone import backbone_config
+
+    for name in dict.fromkeys(names):
+        backbone_config(name)
 
 
 def _print_json(data: object) -> None:
@@ -143,6 +181,7 @@ def _train(args: argparse.Namespace) -> int:
     from retriever.train.trainer import run_training
 
     cfg = load_config(args.config, args.overrides)
+    _check_backbones([cfg.backbone.init_weights or cfg.backbone.name])
     result = run_training(cfg, task=args.stage)
     _print_json(result)
     return 0
@@ -201,6 +240,12 @@ def _register_trec(args: argparse.Namespace) -> int:
 def _register_pool_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("name")
     parser.add_argument("results_dir", type=Path, help="folder of rank_llm retrieve_results_*.json.gz files")
+    parser.add_argument(
+        "--pattern",
+        default=None,
+        help="glob of the result files under results_dir (default: **/retrieve_results_*.json.gz, every TREC DL "
+        "year; e.g. '*/retrieve_results_dl20.json.gz' for one)",
+    )
     parser.add_argument("--topics", type=Path, required=True)
     parser.add_argument("--qrels", type=Path, required=True)
 
@@ -211,7 +256,8 @@ def _register_pool_args(parser: argparse.ArgumentParser) -> None:
 def _register_pool(args: argparse.Namespace) -> int:
     from retriever.data.passage_pool import register_passage_pool
 
-    print(register_passage_pool(args.name, args.results_dir, args.topics, args.qrels))
+    pattern = {"pattern": args.pattern} if args.pattern is not None else {}
+    print(register_passage_pool(args.name, args.results_dir, args.topics, args.qrels, **pattern))
     return 0
 
 
@@ -242,9 +288,10 @@ def _examples_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--docs", required=True, help="dataset id whose docs store gives passage texts")
     parser.add_argument("--teacher", type=Path, default=None, help="qid<TAB>docid<TAB>score teacher scores")
     parser.add_argument("--out", type=Path, required=True, help="output parquet")
-    parser.add_argument("--num-negatives", type=int, default=16)
-    parser.add_argument("--max-candidates", type=int, default=None)
+    parser.add_argument("--num-negatives", type=POSITIVE, default=16)
+    parser.add_argument("--max-candidates", type=POSITIVE, default=None)
     parser.add_argument("--ids-only", action="store_true", help="store passage ids, not texts")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
 
 
 @data_command("examples", "build training examples (parquet) from qrels + candidates + teacher scores", _examples_args)
@@ -262,6 +309,7 @@ def _examples(args: argparse.Namespace) -> int:
         num_negatives=args.num_negatives,
         max_candidates=args.max_candidates,
         inline_text=not args.ids_only,
+        overwrite=args.overwrite,
     )
     _print_json(report.to_dict())
     return 0
@@ -309,19 +357,41 @@ def _encode_args(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--input", type=Path, help="parquet with columns doc_id, text")
     parser.add_argument("--out", type=Path, required=True, help="output encodings folder")
     parser.add_argument("--kind", choices=["passage", "query"], default="passage")
-    parser.add_argument("--max-length", type=int, default=None)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--prune-top-k", type=int, default=None, help="keep the top-k terms per sparse vector")
-    parser.add_argument("--actors", type=int, default=0, help="Ray Data encoder actors (0: in this process)")
-    parser.add_argument("--cpus-per-actor", type=float, default=1.0)
-    parser.add_argument("--gpus-per-actor", type=float, default=0.0)
+    parser.add_argument("--max-length", type=POSITIVE, default=None)
+    parser.add_argument("--batch-size", type=POSITIVE, default=32)
+    parser.add_argument("--prune-top-k", type=POSITIVE, default=None, help="keep the top-k terms per sparse vector")
+    parser.add_argument("--actors", type=_at_least(0), default=0, help="Ray Data encoder actors (0: in this process)")
+    parser.add_argument("--cpus-per-actor", type=_non_negative, default=1.0)
+    parser.add_argument("--gpus-per-actor", type=_non_negative, default=0.0)
     parser.add_argument("--overwrite", action="store_true")
+
+
+def _check_corpus_parquet(path: Path) -> None:
+    """Every parquet file of `--input` opens and has the columns doc_id and text (checked before the encoder is
+    loaded; pyarrow's own errors do not name the file)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from retriever.encoding.inputs import check_corpus_columns, corpus_files
+
+    for file in corpus_files(path):
+        try:
+            names = pq.ParquetFile(file).schema_arrow.names
+        except (pa.ArrowException, OSError) as exc:
+            reason = " ".join(str(exc).split())
+            raise DataFormatError(
+                f"{file}: not a parquet file ({reason[:160]}); --input takes a parquet file or folder with columns "
+                "doc_id and text"
+            ) from None
+        check_corpus_columns(file, names)
 
 
 @command("encode", "encode a corpus into parquet shards (in-process or Ray Data actors)", _encode_args)
 def _encode(args: argparse.Namespace) -> int:
     from retriever.encoding import encode_corpus_auto
 
+    if args.input is not None:
+        _check_corpus_parquet(args.input)
     result = encode_corpus_auto(
         args.encoder,
         args.input if args.input is not None else _texts_for(args.dataset, args.kind),
@@ -345,8 +415,8 @@ def _index_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--kind", default=None, help="flat | hnsw (dense), exact | seismic (sparse); default by paradigm"
     )
-    parser.add_argument("--shards", type=int, default=1)
-    parser.add_argument("--prune-doc-top-k", type=int, default=None)
+    parser.add_argument("--shards", type=POSITIVE, default=1)
+    parser.add_argument("--prune-doc-top-k", type=POSITIVE, default=None)
     parser.add_argument("--overwrite", action="store_true")
 
 
@@ -373,7 +443,7 @@ def _search_args(parser: argparse.ArgumentParser) -> None:
         "--queries", type=Path, required=True, help="query encodings (`retriever encode --kind query`)"
     )
     parser.add_argument("--out", type=Path, required=True, help="TREC run file to write")
-    parser.add_argument("-k", type=int, default=1000, help="hits per query")
+    parser.add_argument("-k", type=POSITIVE, default=1000, help="hits per query")
     parser.add_argument("--tag", default="retriever")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing run file")
 
@@ -431,7 +501,9 @@ def _sweep_args(parser: argparse.ArgumentParser) -> None:
 def _sweep(args: argparse.Namespace) -> int:
     from retriever.sweep.run import run_sweep
 
-    result = run_sweep(load_config(args.config, args.overrides), resume=args.resume, verbose=args.verbose)
+    cfg = load_config(args.config, args.overrides)
+    _check_backbones(cfg.sweep.backbones)
+    result = run_sweep(cfg, resume=args.resume, verbose=args.verbose)
     _print_sweep(result)
     return 0 if all(cell.get("status") == "ok" for cell in result.cells) else 1
 
@@ -454,19 +526,39 @@ def _report_args(parser: argparse.ArgumentParser) -> None:
 
 @command("report", "write the scaling report of a sweep (table, plots, power-law fits)", _report_args)
 def _report(args: argparse.Namespace) -> int:
-    from retriever.config import ExperimentConfig
+    from pydantic import ValidationError
+
+    from retriever.config import ExperimentConfig, format_validation_error
+    from retriever.records import RecordError
     from retriever.report.sweep_report import write_sweep_report
     from retriever.tracking import open_experiment
 
     state_path = args.sweep / "sweep.json"
     if not state_path.is_file():
         raise FileNotFoundError(f"{args.sweep}: not a sweep directory (sweep.json missing)")
-    state = json.loads(state_path.read_text())
-    cfg = ExperimentConfig.model_validate(state["config"])
+    state = _sweep_state(state_path)
+    try:
+        cfg = ExperimentConfig.model_validate(state["config"])
+    except ValidationError as exc:
+        raise RecordError(format_validation_error(exc, f"{state_path}: 'config'")) from None
     tracking = open_experiment(cfg.tracking, cfg.train.output_dir) if state.get("parent_run_id") else None
     for key, path in sorted(write_sweep_report(args.sweep, cfg, state.get("parent_run_id"), tracking).items()):
         print(f"{key}: {path}")
     return 0
+
+
+def _sweep_state(path: Path) -> dict:
+    """The content of a sweep's `sweep.json`, which must hold its `config`."""
+    from retriever.records import RecordError
+
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        where = f"{path}:{exc.lineno}" if isinstance(exc, json.JSONDecodeError) else str(path)
+        raise RecordError(f"{where}: not valid JSON ({exc}); the sweep's state file is damaged") from None
+    if not isinstance(state, dict) or not isinstance(state.get("config"), dict):
+        raise RecordError(f"{path}: no 'config' object; not the state file of a sweep (`retriever sweep` writes it)")
+    return state
 
 
 def _quickstart_args(parser: argparse.ArgumentParser) -> None:
@@ -486,6 +578,7 @@ def _quickstart(args: argparse.Namespace) -> int:
     from retriever.tracking import tracking_uri
 
     cfg = load_config(args.config, args.overrides)
+    _check_backbones(cfg.sweep.backbones)
     resume = (sweep_dir(cfg) / STATE_FILE).is_file()
     start = time.perf_counter()
     result = run_sweep(cfg, resume=resume, verbose=args.verbose)
@@ -506,28 +599,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# Errors that describe bad input (what, where, how to fix): printed without a traceback.
-USER_ERRORS: tuple[type[BaseException], ...] = (
-    UserError,
-    ConfigError,
-    FileNotFoundError,
-    FileExistsError,
-    ValueError,
-    KeyError,
-    RuntimeError,
-)
-
-
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. Bad input (`UserError` and the OS errors about the user's paths) is printed as one line,
+    `error: <message>`, with exit status 2; anything else is a bug and keeps its traceback (as does any error with
+    RETRIEVER_DEBUG=1)."""
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except USER_ERRORS as exc:
-        if os.environ.get("RETRIEVER_DEBUG"):
+    except (UserError, *PLAIN_USER_ERRORS) as exc:
+        if os.environ.get("RETRIEVER_DEBUG", "").strip() not in ("", "0"):
             raise
-        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        print(f"error: {message}", file=sys.stderr)
+        print(f"error: {_one_line(exc)}", file=sys.stderr)
         return 2
+
+
+def _one_line(exc: BaseException) -> str:
+    """The message of `exc`; an OS error without one of ours (`[Errno 13] Permission denied: 'x'`) gets its path
+    and reason in our `path: what` form."""
+    if isinstance(exc, OSError) and not isinstance(exc, UserError) and exc.strerror and exc.filename is not None:
+        target = f"{exc.filename} -> {exc.filename2}" if exc.filename2 is not None else str(exc.filename)
+        return f"{target}: {exc.strerror.lower()}"
+    return str(exc)
 
 
 if __name__ == "__main__":

@@ -300,7 +300,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as exc:
-        raise ConfigError(f"override {text!r}: value is not valid YAML: {exc}") from None
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({_yaml_problem(exc)})") from None
     return path, value
 
 
@@ -412,8 +412,12 @@ def _errors(exc: ValidationError, model: type[BaseModel]) -> list[tuple[str, str
 
 
 def format_validation_error(exc: ValidationError, source: str, model: type[BaseModel] = ExperimentConfig) -> str:
-    lines = [f"{source}: invalid configuration ({exc.error_count()} problem(s)):"]
-    lines.extend(f"  {where}: {what}" for where, what in _errors(exc, model))
+    """One line for one problem (`source: invalid configuration: key.path: what`), else one line per problem."""
+    problems = _errors(exc, model)
+    if len(problems) == 1:
+        return f"{source}: invalid configuration: {problems[0][0]}: {problems[0][1]}"
+    lines = [f"{source}: invalid configuration ({len(problems)} problems):"]
+    lines.extend(f"  {where}: {what}" for where, what in problems)
     return "\n".join(lines)
 
 
@@ -435,13 +439,37 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if path is None:
         return config_from_dict({}, "<defaults>", overrides)
     path = Path(path)
+    if path.is_dir():
+        inside = sorted(p.name for p in path.glob("*.y*ml"))
+        hint = f"one of: {', '.join(inside[:10])}" if inside else "e.g. configs/quickstart.yaml"
+        raise ConfigError(f"{path}: is a folder, not a config file; pass a YAML file ({hint})")
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found (pass a YAML file, e.g. configs/quickstart.yaml)")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        raise ConfigError(f"{_yaml_location(path, exc)}: not valid YAML ({_yaml_problem(exc)})") from None
+    if data is None:
+        # An empty file is a mistake (a truncated copy, the wrong file), not a request for the defaults.
+        raise ConfigError(
+            f"{path}: the config file is empty (no settings); start from configs/quickstart.yaml, or set at least "
+            "one section (e.g. `backbone: {name: tiny-s}`)"
+        )
     return config_from_dict(data, str(path), overrides)
+
+
+def _yaml_location(path: Path, exc: yaml.YAMLError) -> str:
+    """`file:line:column` of a YAML error (the file alone when PyYAML gives no position)."""
+    mark = getattr(exc, "problem_mark", None)
+    return f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """What PyYAML found wrong, in one line (its own text spans several lines and names `<unicode string>`)."""
+    parts = [getattr(exc, "context", None), getattr(exc, "problem", None)]
+    return "; ".join(p for p in parts if p) or " ".join(str(exc).split())
 
 
 def dump_config(cfg: BaseModel) -> str:

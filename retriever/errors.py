@@ -28,6 +28,16 @@ class IntegrityError(UserError, ValueError):
     """A file's bytes do not match the checksum recorded when it was written (corrupt or changed since)."""
 
 
+class DataFormatError(UserError, ValueError):
+    """An input file (collection, topics, qrels, parquet, retrieval results, model or tokenizer file, the local
+    registry) does not have the expected format; the message names the file and, where it can, the line."""
+
+
+class SettingError(UserError, ValueError):
+    """An option, argument or parameter value that is out of range or does not fit the input (`-k 0`, more shards
+    than documents, a dataset name with a slash); the message names the setting and what is allowed."""
+
+
 # OS errors that are about the user's paths, not bugs: printed without a traceback too.
 PLAIN_USER_ERRORS: tuple[type[BaseException], ...] = (
     FileNotFoundError,

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from retriever.config import ExperimentConfig
+from retriever.config import ConfigError, ExperimentConfig
 from retriever.outputs import write_text_atomic
 from retriever.records import safe_name
 
@@ -53,7 +53,7 @@ def search_depth(proto: EvaluationProtocol, top_k: int | None, dataset: str) -> 
         return proto.depth
     needed = metric_depth(proto)
     if top_k < needed:
-        raise ValueError(
+        raise ConfigError(
             f"eval.top_k={top_k} is too shallow for {dataset}: its {proto.name} protocol evaluates "
             f"{', '.join(proto.metrics)}, which need the top {needed}; set eval.top_k >= {needed} or leave it unset "
             f"(the protocol's depth, {proto.depth})"

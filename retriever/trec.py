@@ -32,6 +32,8 @@ def _open_text(path: Path, mode: Literal["rt", "wt"]) -> IO[str]:
 def _numbered_lines(path: str | Path) -> Iterator[tuple[int, list[str]]]:
     """(line number, whitespace-split fields) for every non-blank line."""
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path}: is a folder, not a TREC file")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
     with _open_text(path, "rt") as f:
@@ -42,6 +44,10 @@ def _numbered_lines(path: str | Path) -> Iterator[tuple[int, list[str]]]:
                     yield lineno, fields
         except gzip.BadGzipFile as err:
             raise TrecFormatError(f"{path}: not a gzip file ({err}); drop the .gz suffix for plain text") from None
+        except EOFError:
+            raise TrecFormatError(
+                f"{path}: the gzip file is truncated (it ends early); copy or write it again"
+            ) from None
         except UnicodeDecodeError as err:
             raise TrecFormatError(
                 f"{path}: not UTF-8 text ({err}); TREC files are plain text, optionally .gz"

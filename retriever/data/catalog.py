@@ -13,6 +13,7 @@ from pathlib import Path
 
 from retriever.config import ExperimentConfig
 from retriever.data.synthetic import SyntheticBenchmark, ensure_synthetic
+from retriever.errors import UnknownNameError
 
 SYNTHETIC_PREFIX = "synthetic/"
 
@@ -107,7 +108,10 @@ def resolve_dataset(dataset_id: str, cfg: ExperimentConfig) -> str:
 
     split = dataset_id[len(SYNTHETIC_PREFIX) :]
     if split not in ("train", "test"):
-        raise ValueError(f"dataset {dataset_id!r}: the synthetic benchmark has splits train and test")
+        raise UnknownNameError(
+            f"unknown dataset id {dataset_id!r}: the synthetic benchmark has the splits {SYNTHETIC_PREFIX}train and "
+            f"{SYNTHETIC_PREFIX}test"
+        )
     bench = synthetic_benchmark(cfg)
     return register_beir_folder(f"{bench.root.name}-{split}", bench.root, split=split)
 

@@ -29,6 +29,7 @@ from retriever.data.local import (
     register_local_dataset,
     split_lines,
 )
+from retriever.errors import UnknownNameError
 
 _FIELD = re.compile(r"^\.([A-Z])(\s.*)?$")
 
@@ -199,11 +200,12 @@ def import_classic(
     """
     src = Path(src_dir)
     if not src.is_dir():
-        raise FileNotFoundError(f"{src}: folder of the classic collections not found")
+        what = "is a file, not a folder" if src.exists() else "not found"
+        raise FileNotFoundError(f"{src}: folder of the classic collections {what} (it holds cran/ med/ cisi/ npl/)")
     home = Path(ir_datasets_home) if ir_datasets_home is not None else ir_datasets.util.home_path()
     unknown = [c for c in collections if c not in CLASSIC_IDS]
     if unknown:
-        raise ValueError(f"unknown classic collection(s) {unknown}; known: {', '.join(CLASSIC_IDS)}")
+        raise UnknownNameError(f"unknown classic collection(s) {unknown}; known: {', '.join(CLASSIC_IDS)}")
     done = []
     for dataset_id in collections:
         if dataset_id in IR_DATASETS_LAYOUT:

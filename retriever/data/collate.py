@@ -14,7 +14,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from retriever.config import ConfigError
 from retriever.data.examples import sample_negatives
+from retriever.errors import DataFormatError
 from retriever.models.tokenizers import tokenize
 
 if TYPE_CHECKING:
@@ -73,7 +75,10 @@ class TrainingCollator:
         if text_column in rows:
             return _column(rows, text_column)
         if self.docs is None:
-            raise KeyError(f"training examples have ids but no {text_column!r} texts; pass a docs store (data.docs)")
+            raise ConfigError(
+                f"the training examples hold passage ids but no {text_column!r} texts; set data.docs to the dataset "
+                "id whose docs give the texts"
+            )
         ids = _column(rows, id_column)
         if id_column == "positive_id":
             return [self.docs[i] for i in ids]
@@ -98,7 +103,7 @@ class TrainingCollator:
             passages.extend(str(negatives[row][i]) for i in picks)
             if self.need_teacher:
                 if teacher_pos[row] is None or teacher_negs[row] is None:
-                    raise ValueError(
+                    raise DataFormatError(
                         f"example {qid!r}/{positive_ids[row]!r} has no teacher scores, but the loss distills; "
                         "build the examples with a teacher file"
                     )

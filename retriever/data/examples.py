@@ -43,7 +43,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from retriever.data.local.readers import DataFormatError
+from retriever.errors import DataFormatError, SettingError, UnknownNameError
 from retriever.outputs import atomic_file
 
 if TYPE_CHECKING:
@@ -101,9 +101,9 @@ def build_training_examples(
     positive judgment are skipped. ``max_candidates`` caps the negatives kept per row (after removing positives).
     """
     if num_negatives < 1:
-        raise ValueError(f"num_negatives must be ≥ 1, got {num_negatives}")
+        raise SettingError(f"num_negatives must be ≥ 1, got {num_negatives}")
     if max_candidates is not None and max_candidates < 1:
-        raise ValueError(f"max_candidates must be ≥ 1 or None, got {max_candidates}")
+        raise SettingError(f"max_candidates must be ≥ 1 or None, got {max_candidates}")
     with atomic_file(out, overwrite=overwrite, what="the training-examples file") as partial:
         lookup = _DocLookup(docs)
         judgments = _read_qrels(qrels)
@@ -166,7 +166,7 @@ class _ExampleRows:
         try:
             return self.scores[(qid, docid)][0]
         except KeyError:
-            raise ValueError(
+            raise DataFormatError(
                 f"{self.teacher}: no teacher score for query {qid!r} and document {docid!r} (needed by "
                 f"{needed_by}); score every (query, positive) and (query, candidate) pair, or build without a "
                 "teacher file"
@@ -179,7 +179,7 @@ class _ExampleRows:
         if not positives:
             return
         if qid not in self.query_text:
-            raise ValueError(
+            raise DataFormatError(
                 f"{positives[0][1]}: query id {qid!r} has no text in {self.queries_name}; "
                 "add the query or remove its judgments"
             )
@@ -269,7 +269,11 @@ def read_training_examples(path: Path) -> pa.Table:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such training-examples file; build it with build_training_examples()")
-    table = pq.read_table(path)
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as exc:
+        reason = " ".join(str(exc).split())[:160]
+        raise DataFormatError(f"{path}: not a readable parquet file ({reason}); build it again") from None
     fields = {f.name: f.type for f in table.schema}
     checks: dict[str, tuple[Callable[[pa.DataType], bool], str]] = {
         "query_id": (_is_string, "string"),
@@ -291,7 +295,7 @@ def read_training_examples(path: Path) -> pa.Table:
         if name in fields and not ok(fields[name]):
             problems.append(f"column {name!r} is {fields[name]}, expected {expected}")
     if problems:
-        raise ValueError(f"{path}: not a training-examples parquet: {'; '.join(problems)}")
+        raise DataFormatError(f"{path}: not a training-examples parquet: {'; '.join(problems)}")
 
     n_neg = pc.list_value_length(table["negative_ids"])
     for name in ("teacher_negs", *(["negatives"] if inline else [])):
@@ -299,7 +303,7 @@ def read_training_examples(path: Path) -> pa.Table:
         bad = pc.and_(pc.is_valid(lengths), pc.not_equal(lengths, n_neg))
         if pc.any(bad).as_py():
             row = int(np.flatnonzero(bad.to_numpy(zero_copy_only=False))[0])
-            raise ValueError(
+            raise DataFormatError(
                 f"{path}: row {row}: column {name!r} has a different length than 'negative_ids'; "
                 "the file is corrupt, rebuild it"
             )
@@ -320,7 +324,9 @@ def sample_negatives(negative_ids: list[Any], k: int, epoch: int, seed: int, key
     if k == 0:
         return []
     if n == 0:
-        raise ValueError(f"row {key!r} has no negatives to sample from; rebuild the examples with a candidate run")
+        raise DataFormatError(
+            f"row {key!r} has no negatives to sample from; rebuild the examples with a candidate run"
+        )
     digest = hashlib.sha256(f"{seed}\x1f{epoch}\x1f{key}".encode()).digest()
     rng = np.random.Generator(np.random.PCG64(int.from_bytes(digest[:16], "little")))
     if n >= k:
@@ -345,7 +351,7 @@ class _DocLookup:
         try:
             self._texts[docid] = self._docs[docid]
         except KeyError:
-            raise ValueError(
+            raise DataFormatError(
                 f"{where}: unknown document id {docid!r} (not in the docs store); fix the id or the docs"
             ) from None
 
@@ -369,7 +375,9 @@ class DocTexts:
         except KeyError:
             value = None
         if value is None:
-            raise KeyError(f"document {docid!r} is not in {self._name}; the examples and data.docs do not match")
+            raise UnknownNameError(
+                f"document {docid!r} is not in {self._name}; the examples and data.docs do not match"
+            )
         return _as_text(value, docid)
 
 
@@ -385,11 +393,16 @@ def _as_text(value: Any, docid: str) -> str:
 
 def _lines(path: Path) -> Iterator[tuple[int, str]]:
     """Non-blank lines with their 1-based numbers."""
+    if path.is_dir():
+        raise IsADirectoryError(f"{path}: is a folder, not a file")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            line = line.rstrip("\r\n")
+    with path.open("rb") as f:
+        for number, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8").rstrip("\r\n")
+            except UnicodeDecodeError as exc:
+                raise DataFormatError(f"{path}:{number}: not valid UTF-8 ({exc.reason}); re-encode the file") from None
             if line.strip():
                 yield number, line
 
@@ -412,16 +425,16 @@ def _read_qrels(qrels: Path | Mapping[str, Mapping[str, int]]) -> dict[str, list
         if width is None:
             width = len(cols)
             if width not in (3, 4):
-                raise ValueError(
+                raise DataFormatError(
                     f"{where}: expected 3 columns (query-id corpus-id score) or 4 (qid iter docid grade), "
                     f"got {len(cols)}"
                 )
         if len(cols) != width:
-            raise ValueError(f"{where}: expected {width} columns like the first line, got {len(cols)}")
+            raise DataFormatError(f"{where}: expected {width} columns like the first line, got {len(cols)}")
         qid, docid, grade = (cols[0], cols[1], cols[2]) if width == 3 else (cols[0], cols[2], cols[3])
         value = _parse_int(grade, where, "relevance grade")
         if (qid, docid) in seen:
-            raise ValueError(
+            raise DataFormatError(
                 f"{where}: duplicate judgment of {docid!r} for query {qid!r} (first at line {seen[qid, docid]})"
             )
         seen[(qid, docid)] = number
@@ -442,16 +455,16 @@ def _read_queries(queries: Path | Mapping[str, str]) -> dict[str, str]:
                 row = json.loads(line)
                 qid, text = str(row["_id"]), row["text"]
             except (json.JSONDecodeError, KeyError, TypeError) as err:
-                raise ValueError(f'{where}: expected a JSON object with "_id" and "text" ({err})') from None
+                raise DataFormatError(f'{where}: expected a JSON object with "_id" and "text" ({err})') from None
             if not isinstance(text, str):
-                raise ValueError(f'{where}: "text" must be a string, got {type(text).__name__}')
+                raise DataFormatError(f'{where}: "text" must be a string, got {type(text).__name__}')
         else:
             cols = line.split("\t")
             if len(cols) != 2:
-                raise ValueError(f"{where}: expected 2 tab-separated columns (qid, text), got {len(cols)}")
+                raise DataFormatError(f"{where}: expected 2 tab-separated columns (qid, text), got {len(cols)}")
             qid, text = cols
         if qid in out:
-            raise ValueError(
+            raise DataFormatError(
                 f"{where}: duplicate query id {qid!r} (first at line {first_line[qid]}); ids must be unique"
             )
         out[qid] = text
@@ -467,14 +480,14 @@ def _read_run(path: Path) -> dict[str, list[tuple[str, str]]]:
         cols = line.split()
         where = f"{path}:{number}"
         if len(cols) != 6:
-            raise ValueError(
+            raise DataFormatError(
                 f"{where}: expected a TREC run line 'qid Q0 docid rank score tag' (6 columns), got {len(cols)}"
             )
         qid, _, docid, rank, score, _ = cols
         rank_value = _parse_int(rank, where, "rank (column 4)")
         _parse_float(score, where, "score (column 5)")
         if (qid, docid) in seen:
-            raise ValueError(
+            raise DataFormatError(
                 f"{where}: document {docid!r} listed twice for query {qid!r} (first at line {seen[qid, docid]})"
             )
         seen[(qid, docid)] = number
@@ -488,15 +501,15 @@ def _read_teacher(path: Path) -> dict[tuple[str, str], tuple[float, str]]:
         cols = line.split("\t") if "\t" in line else line.split()
         where = f"{path}:{number}"
         if len(cols) != 3:
-            raise ValueError(f"{where}: expected 3 columns (qid, docid, score), got {len(cols)}")
+            raise DataFormatError(f"{where}: expected 3 columns (qid, docid, score), got {len(cols)}")
         if number == 1 and cols[0] in _QRELS_HEADERS and cols[2] == "score":
             continue
         qid, docid, score = cols
         value = _parse_float(score, where, "teacher score (column 3)")
         if not math.isfinite(value):
-            raise ValueError(f"{where}: teacher score is {score!r}; scores must be finite numbers")
+            raise DataFormatError(f"{where}: teacher score is {score!r}; scores must be finite numbers")
         if (qid, docid) in out:
-            raise ValueError(
+            raise DataFormatError(
                 f"{where}: duplicate teacher score for ({qid!r}, {docid!r}) (first at {out[qid, docid][1]})"
             )
         out[(qid, docid)] = (value, where)
@@ -507,14 +520,14 @@ def _parse_int(text: str, where: str, what: str) -> int:
     try:
         return int(text)
     except ValueError:
-        raise ValueError(f"{where}: expected an integer {what}, got {text!r}") from None
+        raise DataFormatError(f"{where}: expected an integer {what}, got {text!r}") from None
 
 
 def _parse_float(text: str, where: str, what: str) -> float:
     try:
         return float(text)
     except ValueError:
-        raise ValueError(f"{where}: expected a number as {what}, got {text!r}") from None
+        raise DataFormatError(f"{where}: expected a number as {what}, got {text!r}") from None
 
 
 def _describe(source: Path | Mapping[str, Any]) -> str:

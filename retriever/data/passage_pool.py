@@ -1,6 +1,6 @@
 """A real-text mini corpus: the MS MARCO passages retrieved for TREC DL topics by several retrievers.
 
-rank_llm's retrieve-results files (``<RETRIEVER>/retrieve_results_dl19.json.gz``) are JSON lists of
+rank_llm's retrieve-results files (``<RETRIEVER>/retrieve_results_<year>.json.gz``, e.g. ``dl19``) are JSON lists of
 ``{"query": str, "hits": [{"qid", "docid", "rank", "score", "content"}]}``. The union of their passages, one text
 per passage id, is a small corpus with real MS MARCO text (for DL19: 14,581 passages). It is a biased subset of
 the 8.8M-passage collection (only the candidates of the pooled retrievers), good for smoke tests and
@@ -24,19 +24,26 @@ from retriever.data.local import (
     require_file,
     sniff_format,
 )
+from retriever.errors import SettingError
 
-DEFAULT_PATTERN = "*/retrieve_results_dl19.json.gz"
+# Every retrieve-results file at any depth, whatever its TREC DL year (dl19, dl20, ...).
+DEFAULT_PATTERN = "**/retrieve_results_*.json.gz"
 
 
 def result_files(results_dir: str | Path, pattern: str = DEFAULT_PATTERN) -> list[Path]:
     """The retrieve-results files under ``results_dir``, sorted by path (this order decides duplicates)."""
     folder = Path(results_dir)
     if not folder.is_dir():
-        raise FileNotFoundError(f"{folder}: folder of rank_llm retrieve results not found")
-    files = sorted(p for p in folder.glob(pattern) if p.is_file())
+        what = "is a file, not a folder" if folder.exists() else "not found"
+        raise FileNotFoundError(f"{folder}: folder of rank_llm retrieve results {what}")
+    try:
+        files = sorted(p for p in folder.glob(pattern) if p.is_file())
+    except ValueError as exc:  # an absolute or otherwise invalid glob
+        raise SettingError(f"pattern {pattern!r}: not a glob relative to {folder} ({exc})") from None
     if not files:
         raise FileNotFoundError(
-            f"{folder}: no file matches {pattern!r} (expected <RETRIEVER>/retrieve_results_*.json.gz)"
+            f"{folder}: no file matches {pattern!r} (expected e.g. <RETRIEVER>/retrieve_results_dl19.json.gz; "
+            "pass the pattern of your files)"
         )
     return files
 
@@ -49,6 +56,12 @@ def _load_results(path: Path) -> list[dict]:
             data = json.load(f)
     except json.JSONDecodeError as exc:
         raise DataFormatError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg})") from None
+    except gzip.BadGzipFile as exc:
+        raise DataFormatError(f"{path}: not a gzip file ({exc}); drop the .gz suffix for plain JSON") from None
+    except EOFError:
+        raise DataFormatError(f"{path}: the gzip file is truncated; copy it again") from None
+    except UnicodeDecodeError as exc:
+        raise DataFormatError(f"{path}: not UTF-8 JSON ({exc.reason} at byte {exc.start})") from None
     if not isinstance(data, list):
         raise DataFormatError(
             f"{path}: expected a JSON list of {{'query', 'hits'}} entries, got {type(data).__name__}"

@@ -14,6 +14,7 @@ under IR_DATASETS_HOME and what each must contain.
 
 from __future__ import annotations
 
+import difflib
 import os
 import warnings
 from abc import ABC, abstractmethod
@@ -41,7 +42,7 @@ from ir_datasets.util.fileio import (
 from retriever.data import local as local_data
 from retriever.data.classic import CLASSIC_IDS, import_classic
 from retriever.data.passage_pool import load_passage_pool, register_passage_pool
-from retriever.errors import UserError
+from retriever.errors import UnknownNameError, UserError
 from retriever.registry import Registry
 
 __all__ = [
@@ -50,6 +51,7 @@ __all__ = [
     "MSMARCO",
     "PRODUCT_DATASETS",
     "IrDatasetsSource",
+    "MissingEntityError",
     "MissingFile",
     "Source",
     "SourceUnavailableError",
@@ -63,6 +65,7 @@ __all__ = [
     "missing_files",
     "register_passage_pool",
     "register_source_provider",
+    "require_known_dataset",
 ]
 
 # MS MARCO passage: training queries with judgements, dev/small (MRR@10), TREC DL 2019/2020 judged topics.
@@ -125,8 +128,13 @@ class SourceUnavailableError(UserError, FileNotFoundError):
     """The files a dataset needs are not in IR_DATASETS_HOME and cannot (or may not) be downloaded."""
 
 
-class UnknownSourceError(UserError, LookupError):
-    """No dataset is registered under this id."""
+class UnknownSourceError(UnknownNameError):
+    """No dataset is registered under this id (a `LookupError`, as before, and a `KeyError` like other unknown
+    names)."""
+
+
+class MissingEntityError(UserError, ValueError):
+    """The dataset has no docs, queries or qrels where they are needed (e.g. the qrels of a corpus-only id)."""
 
 
 def downloads_allowed(download: bool | None = None) -> bool:
@@ -342,25 +350,38 @@ class Source(ABC):
         found = self.docs_store().get_many(ids)
         absent = [d for d in ids if d not in found]
         if absent:
-            raise KeyError(f"{self.id}: {len(absent)} unknown doc id(s), e.g. {absent[:5]}")
+            raise UnknownNameError(f"{self.id}: {len(absent)} unknown doc id(s), e.g. {absent[:5]}")
         return {d: doc_text(found[d]) for d in ids}
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.id!r})"
 
 
+def known_datasets_hint() -> str:
+    """The dataset ids to suggest when an id is unknown: product, classic and this home's local ones."""
+    local = sorted(local_data.persisted_datasets())
+    return (
+        f"product datasets: {', '.join(PRODUCT_DATASETS)}; classic: {', '.join(CLASSIC_IDS)}; local "
+        f"({local_data.registry_file()}): {', '.join(local) or 'none'}. Any ir_datasets id works too; register "
+        "local data with `retriever data register-trec / register-beir / register-pool / import-classic`"
+    )
+
+
 def _load_dataset(dataset_id: str) -> Any:
     try:
         return ir_datasets.load(dataset_id)
-    except KeyError as exc:
-        local = sorted(local_data.persisted_datasets())
-        registry = local_data.registry_file()
-        raise UnknownSourceError(
-            f"unknown dataset id {dataset_id!r} ({exc.args[0] if exc.args else 'not registered'}). "
-            f"Product datasets: {', '.join(PRODUCT_DATASETS)}; classic: {', '.join(CLASSIC_IDS)}; "
-            f"local ({registry}): {', '.join(local) or 'none'}. Any ir_datasets id works too; register "
-            "local data with register_trec / register_beir_folder / register_passage_pool / import_classic."
-        ) from None
+    except KeyError:
+        candidates = [*ir_datasets.registry, *local_data.persisted_datasets()]
+        close = difflib.get_close_matches(dataset_id, candidates, n=1, cutoff=0.8)
+        guess = f" (did you mean {close[0]!r}?)" if close else ""
+        raise UnknownSourceError(f"unknown dataset id {dataset_id!r}{guess}; {known_datasets_hint()}") from None
+
+
+def require_known_dataset(dataset_id: str) -> None:
+    """Fail with `UnknownSourceError` (listing the known ids) unless ``load_source`` can resolve ``dataset_id``;
+    nothing is read or downloaded."""
+    if dataset_id.split("/", 1)[0] not in SOURCE_PROVIDERS:
+        _load_dataset(dataset_id)
 
 
 class IrDatasetsSource(Source):
@@ -388,7 +409,7 @@ class IrDatasetsSource(Source):
     def _require(self, entity: str) -> bool:
         """Fail now if ``entity`` cannot be read; True when ir_datasets will have to download something."""
         if not self.has(entity):
-            raise ValueError(f"{self.id} has no {entity} (it provides: {self._provides()})")
+            raise MissingEntityError(f"{self.id} has no {entity} (it provides: {self._provides()})")
         missing = self.missing(entity)
         if missing and not downloads_allowed(self.download):
             raise SourceUnavailableError(
@@ -419,14 +440,20 @@ class IrDatasetsSource(Source):
             (q.query_id, query_text(q)) for q in self._reading("queries", will_download, self.dataset.queries_iter())
         )
 
-    def qrels(self) -> dict[str, dict[str, int]]:
-        """Graded judgements; a (query, doc) pair judged twice keeps its largest gain."""
+    def judgments(self) -> Iterator[tuple[str, str, int]]:
+        """(query id, doc id, gain) per qrels line in file order, under the same availability and offline checks
+        as ``qrels()`` (which merges them)."""
         will_download = self._require("qrels")
-        out: dict[str, dict[str, int]] = {}
         for q in self._reading("qrels", will_download, self.dataset.qrels_iter()):
             gain = self._gain(q.relevance) if self._gain is not None else int(q.relevance)
-            per_query = out.setdefault(q.query_id, {})
-            per_query[q.doc_id] = max(gain, per_query.get(q.doc_id, gain))
+            yield str(q.query_id), str(q.doc_id), gain
+
+    def qrels(self) -> dict[str, dict[str, int]]:
+        """Graded judgements; a (query, doc) pair judged twice keeps its largest gain."""
+        out: dict[str, dict[str, int]] = {}
+        for query_id, doc_id, gain in self.judgments():
+            per_query = out.setdefault(query_id, {})
+            per_query[doc_id] = max(gain, per_query.get(doc_id, gain))
         return out
 
     def docs_store(self) -> Any:
@@ -447,7 +474,7 @@ class IrDatasetsSource(Source):
     def docs_count(self) -> int:
         """From the built docs store or ir_datasets' metadata (no file needed), else by building the store."""
         if not self.has("docs"):
-            raise ValueError(f"{self.id} has no docs (it provides: {self._provides()})")
+            raise MissingEntityError(f"{self.id} has no docs (it provides: {self._provides()})")
         count = self.dataset.docs_count()
         if count is None:
             count = self.docs_store().count()  # builds the store once: one pass over the docs

@@ -50,6 +50,8 @@ from typing import Any
 
 import numpy as np
 
+from retriever.errors import IntegrityError, SettingError
+
 GENERATOR_VERSION = 1
 
 CONCEPTS_PER_TOPIC = 40
@@ -130,16 +132,17 @@ class SyntheticBenchmark:
         return bench
 
     def verify(self, manifest: dict[str, Any] | None = None) -> None:
-        """Raise ``ValueError`` when a file is missing or its sha256 differs from the manifest."""
+        """Raise ``IntegrityError`` (a ``ValueError``) when a file is missing or its sha256 differs from the
+        manifest."""
         if manifest is None:
             manifest = json.loads(self.manifest.read_text(encoding="utf-8"))
         for rel, expected in manifest["sha256"].items():
             path = self.root / rel
             if not path.is_file():
-                raise ValueError(f"{path}: listed in {self.manifest} but missing; regenerate the folder")
+                raise IntegrityError(f"{path}: listed in {self.manifest} but missing; regenerate the folder")
             actual = _sha256(path)
             if actual != expected:
-                raise ValueError(
+                raise IntegrityError(
                     f"{path}: sha256 {actual} differs from {expected} in {self.manifest}; the file was changed, "
                     "regenerate the folder"
                 )
@@ -174,7 +177,7 @@ def generate_synthetic(
 ) -> SyntheticBenchmark:
     """Generate the synthetic benchmark into ``out_dir`` (overwriting its files) and return its paths and sizes."""
     if int(seed) < 0:
-        raise ValueError(f"seed must be a non-negative integer, got {seed}")
+        raise SettingError(f"seed must be a non-negative integer, got {seed}")
     _check_sizes(num_docs, num_train_queries, num_test_queries, num_candidates, num_topics)
     params = {
         "seed": int(seed),
@@ -510,13 +513,14 @@ class _Bm25:
 def _check_sizes(num_docs: int, n_train: int, n_test: int, num_candidates: int, num_topics: int) -> None:
     for name, value in [("num_docs", num_docs), ("num_candidates", num_candidates), ("num_topics", num_topics)]:
         if value < 1:
-            raise ValueError(f"{name} must be ≥ 1, got {value}")
+            raise SettingError(f"{name} must be ≥ 1, got {value}")
     if n_train < 0 or n_test < 0:
-        raise ValueError(f"query counts must be ≥ 0, got num_train_queries={n_train}, num_test_queries={n_test}")
+        raise SettingError(f"query counts must be ≥ 0, got num_train_queries={n_train}, num_test_queries={n_test}")
     if n_test >= num_docs:
-        raise ValueError(
+        raise SettingError(
             f"every test query needs its own source document and training needs at least one more: "
-            f"num_test_queries = {n_test} >= num_docs = {num_docs}; raise num_docs or lower num_test_queries"
+            f"num_test_queries = {n_test} >= num_docs = {num_docs}; raise num_docs or lower num_test_queries "
+            "(data.synthetic_docs, data.synthetic_test_queries in a config)"
         )
 
 

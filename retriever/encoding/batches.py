@@ -9,7 +9,7 @@ from typing import ClassVar, Literal
 import numba
 import numpy as np
 
-from retriever.errors import UserError
+from retriever.errors import SettingError, UserError
 
 Paradigm = Literal["dense", "sparse"]
 
@@ -159,7 +159,7 @@ class SparseBatch:
         if top_k is None or (len(self) and int(np.diff(self.indptr).max(initial=0)) <= top_k):
             return self
         if top_k <= 0:
-            raise ValueError(f"top-k term pruning needs a positive k, got {top_k}")
+            raise SettingError(f"top-k term pruning needs a positive k, got {top_k}")
         indptr, indices, weights = prune_rows(self.indptr, self.indices, self.weights, top_k)
         return SparseBatch(self.ids, indptr, indices, weights, self.vocab_size)
 

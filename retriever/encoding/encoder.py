@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from retriever.encoding.batches import Paradigm
-from retriever.models.encoders import RetrievalEncoder, TextKind, load_encoder, read_encoder_meta
+from retriever.models.encoders import EncoderFormatError, RetrievalEncoder, TextKind, load_encoder, read_encoder_meta
 
 # Files of an encoder directory that decide its outputs (what `load_encoder` reads).
 FINGERPRINT_ENTRIES = ("encoder.json", "tokenizer", "adapter", "backbone")
@@ -61,7 +61,7 @@ class EncoderInfo:
             lengths = {"query": int(settings["query_max_length"]), "passage": int(settings["passage_max_length"])}
         except (KeyError, TypeError, ValueError) as exc:
             where = path / "encoder.json"
-            raise ValueError(f"{where}: unreadable encoder metadata ({exc!r}); re-save the encoder") from None
+            raise EncoderFormatError(f"{where}: unreadable encoder metadata ({exc!r}); re-save the encoder") from None
         return cls(path.resolve(), paradigm, dimension, lengths, encoder_fingerprint(path))
 
     def max_length(self, kind: TextKind, requested: int | None = None) -> int:

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from retriever.encoding.store import check_settings
+from retriever.errors import SettingError
 from retriever.models.encoders import RetrievalEncoder, TextKind
 
 # Texts per length-sorted window, in batches: long enough to sort well, short enough to overlap tokenization.
@@ -35,7 +36,7 @@ def sparse_terms(reps: torch.Tensor, top_k: int | None = None) -> Terms:
     result equals ``SparseEncoder.to_terms``. Vectorised over the batch (one ``nonzero`` call).
     """
     if top_k is not None and top_k <= 0:
-        raise ValueError(f"prune_top_k must be a positive number of terms, got {top_k}")
+        raise SettingError(f"prune_top_k must be a positive number of terms, got {top_k}")
     reps = reps.detach().float().cpu()
     if reps.shape[0] == 0:
         return []
@@ -59,9 +60,9 @@ def length_batches(lengths: np.ndarray, batch_size: int, max_batch_tokens: int |
     budget, at most ``max_batch_tokens`` padded tokens (rows x longest row) per batch; a row longer than the budget
     gets a batch of its own."""
     if batch_size <= 0:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
+        raise SettingError(f"batch_size must be positive, got {batch_size}")
     if max_batch_tokens is not None and max_batch_tokens <= 0:
-        raise ValueError(f"max_batch_tokens must be positive, got {max_batch_tokens}")
+        raise SettingError(f"max_batch_tokens must be positive, got {max_batch_tokens}")
     order = np.argsort(-np.asarray(lengths), kind="stable")
     batches, start = [], 0
     while start < len(order):
@@ -75,7 +76,7 @@ def length_batches(lengths: np.ndarray, batch_size: int, max_batch_tokens: int |
 
 def check_batching(batch_size: int, max_batch_tokens: int | None, num_streams: int | None) -> None:
     if num_streams is not None and num_streams <= 0:
-        raise ValueError(f"num_streams must be positive, got {num_streams}")
+        raise SettingError(f"num_streams must be positive, got {num_streams}")
     length_batches(np.zeros(0), batch_size, max_batch_tokens)  # validates both limits
 
 

@@ -10,6 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from retriever.errors import DataFormatError, SettingError
 from retriever.outputs import atomic_file
 
 DocsInput = Iterable[tuple[str, str]] | str | Path
@@ -55,7 +56,7 @@ def parquet_bytes(files: list[Path]) -> int:
 def check_corpus_columns(path: Path, names: list[str]) -> None:
     missing = [c for c in ("doc_id", "text") if c not in names]
     if missing:
-        raise ValueError(
+        raise DataFormatError(
             f"{path}: missing column(s) {missing} (found: {names}); a corpus parquet needs columns doc_id and "
             "text (write one with retriever.encoding.docs_to_parquet)"
         )
@@ -75,7 +76,9 @@ def parquet_windows(files: list[Path], window: int) -> Iterator[tuple[list[str],
             for name, column in (("doc_id", ids), ("text", texts)):
                 if column.null_count:
                     bad = int(np.flatnonzero(column.is_null().to_numpy(zero_copy_only=False))[0])
-                    raise ValueError(f"{path}: row {row + bad}: {name} is null; every row needs a doc_id and a text")
+                    raise DataFormatError(
+                        f"{path}: row {row + bad}: {name} is null; every row needs a doc_id and a text"
+                    )
             yield ids.to_pylist(), texts.to_pylist()
             row += batch.num_rows
 
@@ -101,7 +104,7 @@ def unique_ids(windows: Iterable[tuple[list[str], list[str]]]) -> Iterator[tuple
     for ids, texts in windows:
         for offset, doc_id in enumerate(ids):
             if doc_id in seen:
-                raise ValueError(f"document {count + offset}: duplicate doc_id {doc_id!r}")
+                raise DataFormatError(f"document {count + offset}: duplicate doc_id {doc_id!r}")
             seen.add(doc_id)
         count += len(ids)
         yield ids, texts
@@ -126,7 +129,7 @@ def text_windows(docs: DocsInput, window: int) -> tuple[int | None, Iterator[tup
     """(number of texts when known, (doc ids, texts) windows of ``window`` rows with unique ids) of ``docs``:
     (doc_id, text) pairs, or a parquet file / folder with columns doc_id and text."""
     if window <= 0:
-        raise ValueError(f"window must be positive, got {window}")
+        raise SettingError(f"window must be positive, got {window}")
     if isinstance(docs, str | Path):
         files = corpus_files(Path(docs))
         return parquet_rows(files), unique_ids(parquet_windows(files, window))

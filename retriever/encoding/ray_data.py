@@ -17,6 +17,7 @@ from retriever.encoding.engine import check_batching, encode_texts
 from retriever.encoding.inputs import check_corpus_columns, corpus_files, parquet_bytes, parquet_rows
 from retriever.encoding.run import EncodingResult, EncodingRun, empty_input, encoder_info
 from retriever.encoding.store import batch_table
+from retriever.errors import SettingError
 from retriever.models.encoders import TextKind
 
 # Ray inputs up to this size are repartitioned so that every actor gets work.
@@ -82,7 +83,7 @@ def encode_corpus_ray(
     for path in files:
         check_corpus_columns(path, pq.ParquetFile(path).schema_arrow.names)
     if num_actors <= 0 or cpus_per_actor < 0 or gpus_per_actor < 0:
-        raise ValueError(
+        raise SettingError(
             f"need num_actors >= 1 and non-negative resources, got num_actors={num_actors}, "
             f"cpus_per_actor={cpus_per_actor}, gpus_per_actor={gpus_per_actor}"
         )

@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 
 from retriever.checksums import sha256_bytes, sha256_file
 from retriever.encoding.batches import Batch, DenseBatch, EncodingFormatError, Paradigm, SparseBatch
-from retriever.errors import IntegrityError
+from retriever.errors import IntegrityError, SettingError
 from retriever.outputs import write_text_atomic
 
 ENCODING_FILE = "encoding.json"
@@ -44,11 +44,11 @@ def check_settings(kind: str, paradigm: str, prune_top_k: int | None, encoder: s
     """The text kind must be 'query' or 'passage'; ``prune_top_k``, when given, a positive count for a sparse
     encoder (``encoder`` names it in the error)."""
     if kind not in KINDS:
-        raise ValueError(f"kind must be 'query' or 'passage', got {kind!r}")
+        raise SettingError(f"kind must be 'query' or 'passage', got {kind!r}")
     if prune_top_k is not None and paradigm != "sparse":
-        raise ValueError(f"prune_top_k applies to sparse encoders; {encoder} is {paradigm}")
+        raise SettingError(f"prune_top_k applies to sparse encoders; {encoder} is {paradigm}")
     if prune_top_k is not None and prune_top_k <= 0:
-        raise ValueError(f"prune_top_k must be a positive number of terms, got {prune_top_k}")
+        raise SettingError(f"prune_top_k must be a positive number of terms, got {prune_top_k}")
 
 
 # --------------------------------------------------------------------------------------------------- encoding.json
@@ -284,7 +284,13 @@ def estimate_encodings_bytes(directory: str | Path) -> int:
     """In-memory size of the vector columns, from the parquet footers (uncompressed column sizes), read cheaply."""
     total = 0
     for path in parquet_files(directory):
-        meta = pq.ParquetFile(path).metadata
+        try:
+            meta = pq.ParquetFile(path).metadata
+        except pa.ArrowException as exc:
+            raise IntegrityError(
+                f"{path}: not a readable parquet file ({exc}); it was cut short or corrupted after it was written: "
+                "re-encode into a new folder"
+            ) from None
         for g in range(meta.num_row_groups):
             group = meta.row_group(g)
             for c in range(group.num_columns):

@@ -3,6 +3,7 @@
 from retriever.evaluation.command import evaluate_command, format_summary
 from retriever.evaluation.metrics import (
     Alignment,
+    EvaluationError,
     EvaluationResult,
     align_run,
     compare_runs,
@@ -23,6 +24,7 @@ __all__ = [
     "BEIR_13_DATASETS",
     "PROTOCOLS",
     "Alignment",
+    "EvaluationError",
     "EvaluationProtocol",
     "EvaluationResult",
     "align_run",

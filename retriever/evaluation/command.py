@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import IO
 
+from retriever.errors import SettingError
 from retriever.evaluation.metrics import evaluate_detailed
 from retriever.evaluation.protocols import PROTOCOLS, get_protocol, protocol_for_dataset
 from retriever.evaluation.qrels import qrels_from_ir_datasets
@@ -21,22 +22,25 @@ def evaluate_command(
     as_json: bool = False,
     out: IO[str] | None = None,
 ) -> dict[str, object]:
-    """``retriever evaluate``: evaluate a TREC run file against a qrels file or an ir_datasets id.
+    """``retriever evaluate``: evaluate a TREC run file against a qrels file or a dataset id.
 
     ``protocol`` defaults to the dataset's protocol (``protocol_for_dataset``), which needs an ir_datasets id.
     Prints the result to ``out`` (stdout by default) as JSON or as aligned text and returns it as a dict.
     """
     source = str(qrels_or_dataset_id)
+    if Path(source).is_dir():
+        raise IsADirectoryError(f"{source}: is a folder, not a qrels file; pass a TREC qrels file or a dataset id")
     is_file = Path(source).is_file()
     if protocol is None:
         if is_file:
-            raise ValueError(
+            raise SettingError(
                 f"{source} is a qrels file, so the protocol cannot be inferred; pass one of: {', '.join(PROTOCOLS)}"
             )
         protocol = protocol_for_dataset(source).name
     proto = get_protocol(protocol)
+    run = read_run(run_path)  # before the qrels: a bad run file fails without touching a dataset
     qrels = read_qrels(source) if is_file else qrels_from_ir_datasets(source)
-    result = evaluate_detailed(read_run(run_path), qrels, proto, run_name=str(run_path))
+    result = evaluate_detailed(run, qrels, proto, run_name=str(run_path))
     summary = {"run": str(run_path), "qrels": source, **result.summary()}
     stream = out if out is not None else sys.stdout
     if as_json:

@@ -22,12 +22,17 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Literal
 
+from retriever.errors import UserError
 from retriever.evaluation.protocols import EvaluationProtocol, get_protocol
 from retriever.trec import RunDict, trec_order
 
 logger = logging.getLogger(__name__)
 
 StatTest = Literal["student", "fisher", "tukey"]
+
+
+class EvaluationError(UserError, ValueError):
+    """A run and qrels that cannot be evaluated together: one is empty, or they share no query."""
 
 
 @dataclass
@@ -62,13 +67,13 @@ def align_run(
     """Put ``run`` on the qrels' query set with trec_eval tie order and rank-consistent scores (module docstring)."""
     _validate_run(run)
     if not qrels:
-        raise ValueError("qrels are empty: nothing to evaluate against")
+        raise EvaluationError("qrels are empty: nothing to evaluate against (check the qrels file or dataset id)")
     if not run:
-        raise ValueError(f"{run_name} is empty: it has no queries")
+        raise EvaluationError(f"{run_name} is empty: it has no queries")
     missing = sorted(q for q in qrels if q not in run)
     without = sorted(q for q in run if q not in qrels)
     if len(missing) == len(qrels):
-        raise ValueError(
+        raise EvaluationError(
             f"no query of {run_name} has judgments ({len(run)} run queries, {len(qrels)} judged queries, e.g. "
             f"run {next(iter(run))!r} vs qrels {next(iter(qrels))!r}); check that the qrels match the run's query set"
         )
@@ -85,7 +90,7 @@ def align_run(
         n = len(ranked)
         aligned[qid] = {docid: float(n - position) for position, (docid, _) in enumerate(ranked)}
     if not any(aligned.values()):
-        raise ValueError(f"{run_name} retrieved no document for any judged query")
+        raise EvaluationError(f"{run_name} retrieved no document for any judged query")
     if missing:
         logger.warning(
             "%s: %d of %d judged queries are missing from the run and score 0 (e.g. %s)",
@@ -123,7 +128,7 @@ def _ranx_qrels(qrels: Mapping[str, Mapping[str, int]]):  # -> ranx.Qrels (ranx 
         if not isinstance(qid, str):
             raise TypeError(f"qrels query ids must be str, got {type(qid).__name__} {qid!r}")
         if not docs:
-            raise ValueError(f"qrels query {qid!r} has no judgments")
+            raise EvaluationError(f"qrels query {qid!r} has no judgments")
     return ranx.Qrels({q: {d: int(g) for d, g in docs.items()} for q, docs in qrels.items()})
 
 

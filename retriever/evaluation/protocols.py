@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from retriever.data.sources import BEIR_13
+from retriever.data.sources import BEIR_13, require_known_dataset
+from retriever.errors import UnknownNameError
 from retriever.registry import Registry
 
 
@@ -93,8 +94,11 @@ def protocol_for_dataset(dataset_id: str) -> EvaluationProtocol:
     for _, protocol in PROTOCOLS.items():
         if any(p.endswith("/") and dataset_id.startswith(p) for p in protocol.datasets):
             return protocol
-    known = ", ".join(f"{p.name}: {', '.join(p.datasets)}" for _, p in PROTOCOLS.items())
-    raise KeyError(f"no default evaluation protocol for dataset {dataset_id!r}; pass one explicitly ({known})")
+    require_known_dataset(dataset_id)  # a mistyped id says so, rather than asking for a protocol
+    known = "; ".join(f"{p.name} (the default of {', '.join(p.datasets)})" for _, p in PROTOCOLS.items())
+    raise UnknownNameError(
+        f"no default evaluation protocol for dataset {dataset_id!r}; pass --protocol (protocol=) with one of: {known}"
+    )
 
 
 def beir_mean(per_dataset: Mapping[str, Mapping[str, float]]) -> dict[str, float]:

@@ -43,6 +43,7 @@ from typing import Any, TypedDict, Unpack
 from transformers import PretrainedConfig
 
 from retriever.config import DEFAULT_LORA_TARGETS, ExperimentConfig
+from retriever.errors import DataFormatError
 from retriever.flops.shapes import COMPONENTS, AttentionKernel, BatchShape, ModelShape, check_lora_targets
 from retriever.registry import Registry
 
@@ -380,10 +381,15 @@ def _adapter_lora(directory: str) -> tuple[int, list[str]]:
     path = Path(directory) / "adapter_config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: backbone.init_adapter is not a LoRA adapter directory (file missing)")
-    data = json.loads(path.read_text())
-    targets = data.get("target_modules")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataFormatError(f"{path}: not valid JSON ({exc}); save the adapter again") from None
+    targets = data.get("target_modules") if isinstance(data, dict) else None
     if not isinstance(targets, list):
-        raise ValueError(f"{path}: target_modules is {targets!r}; the FLOP model needs an explicit list of names")
+        raise DataFormatError(f"{path}: target_modules is {targets!r}; the FLOP model needs an explicit list of names")
+    if not isinstance(data.get("r"), int):
+        raise DataFormatError(f"{path}: 'r' is {data.get('r')!r}; expected the LoRA rank (an integer)")
     return int(data["r"]), [str(t) for t in targets]
 
 

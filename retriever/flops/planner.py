@@ -8,7 +8,7 @@ from fractions import Fraction
 from typing import Any
 
 from retriever.config import ExperimentConfig, cell_settings
-from retriever.errors import UserError
+from retriever.errors import DataFormatError, UserError
 from retriever.flops.counter import (
     LOSS_COSTS,
     PARADIGM_COSTS,
@@ -230,7 +230,7 @@ def plan_from_json(rows: Iterable[Mapping[str, Any]]) -> list[PlanCell]:
     for index, row in enumerate(rows):
         missing, extra = names - optional - set(row), set(row) - names
         if missing or extra:
-            raise ValueError(f"plan row {index}: missing keys {sorted(missing)}, unknown keys {sorted(extra)}")
+            raise DataFormatError(f"plan row {index}: missing keys {sorted(missing)}, unknown keys {sorted(extra)}")
         cells.append(PlanCell(**row))
     return cells
 

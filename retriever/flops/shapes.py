@@ -8,6 +8,8 @@ from typing import Literal
 
 from transformers import PretrainedConfig
 
+from retriever.config import ConfigError
+
 AttentionKernel = Literal["eager", "fused"]
 COMPONENTS = ("linear", "lora", "attention", "lm_head", "scoring")
 # Model types whose decoder layers are q/k/v/o attention + gate/up/down MLP with standard attention.
@@ -45,9 +47,10 @@ class ModelShape:
     def from_config(cls, config: PretrainedConfig) -> ModelShape:
         model_type = getattr(config, "model_type", None)
         if model_type not in SUPPORTED_MODEL_TYPES:
-            raise ValueError(
+            raise ConfigError(
                 f"the FLOP model covers Llama-style decoders (model types {', '.join(sorted(SUPPORTED_MODEL_TYPES))}) "
-                f"with q/k/v/o and gate/up/down linears; got model type {model_type!r}"
+                f"with q/k/v/o and gate/up/down linears; got model type {model_type!r} (set backbone.name to a "
+                "Llama-style model)"
             )
         heads = int(config.num_attention_heads)
         return cls(
@@ -94,7 +97,7 @@ class ModelShape:
 def check_lora_targets(targets: Sequence[str]) -> None:
     unknown = sorted(set(targets) - set(LAYER_LINEARS))
     if unknown:
-        raise ValueError(
+        raise ConfigError(
             f"LoRA targets {unknown} are not decoder-layer linears of a Llama-style model; the FLOP model knows "
             f"{', '.join(LAYER_LINEARS)} (set backbone.lora.target_modules to names among them)"
         )

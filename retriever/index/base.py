@@ -15,7 +15,8 @@ from typing import Any, ClassVar, Literal, TypedDict
 
 import numpy as np
 
-from retriever.encoding.batches import Batch, DenseBatch, Paradigm, SparseBatch
+from retriever.encoding.batches import Batch, DenseBatch, EncodingFormatError, Paradigm, SparseBatch
+from retriever.errors import SettingError
 from retriever.index.manifest import (
     DOC_IDS_FILE,
     IndexFormatError,
@@ -74,7 +75,7 @@ class IndexShard(ABC):
         merged = {**cls.build_defaults, **cls.search_defaults}
         for name, value in (params or {}).items():
             if name not in merged:
-                raise ValueError(
+                raise SettingError(
                     f"unknown parameter {name!r} for index kind {cls.kind!r}; known: {', '.join(sorted(merged))}"
                 )
             merged[name] = value
@@ -84,7 +85,7 @@ class IndexShard(ABC):
         """Override search-time parameters (e.g. HNSW ``ef_search``, seismic ``heap_factor``) for this process."""
         for name, value in (params or {}).items():
             if name not in self.search_defaults:
-                raise ValueError(
+                raise SettingError(
                     f"{name!r} is not a search parameter of index kind {self.kind!r}; known: "
                     f"{', '.join(sorted(self.search_defaults)) or 'none'}"
                 )
@@ -118,7 +119,7 @@ class IndexShard(ABC):
     def search(self, queries: Batch, k: int) -> list[Hits]:
         """Top-``k`` ``(doc id, score)`` per query, in query order, best first (ties: smaller doc id first)."""
         if k <= 0:
-            raise ValueError(f"k must be positive, got {k}")
+            raise SettingError(f"k must be positive, got {k}")
         queries = self.check_queries(queries)
         if len(queries) == 0 or self.doc_count == 0:
             return [[] for _ in range(len(queries))]
@@ -145,7 +146,7 @@ def kind_class(kind: str, paradigm: Paradigm | None = None) -> type[IndexShard]:
     cls = SHARD_KINDS.get(kind)
     if paradigm is not None and cls.paradigm != paradigm:
         options = ", ".join(sorted(name for name, c in SHARD_KINDS.items() if c.paradigm == paradigm))
-        raise ValueError(
+        raise SettingError(
             f"index kind {kind!r} indexes {cls.paradigm} vectors, but these are {paradigm}; use {options}"
         )
     return cls
@@ -156,7 +157,9 @@ def sort_by_doc_id(batch: Batch) -> Batch:
     order = sorted(range(len(batch)), key=batch.ids.__getitem__)
     for a, b in zip(order, order[1:]):
         if batch.ids[a] == batch.ids[b]:
-            raise ValueError(f"document id {batch.ids[a]!r} occurs more than once; document ids must be unique")
+            raise EncodingFormatError(
+                f"document id {batch.ids[a]!r} occurs more than once; document ids must be unique"
+            )
     if order == list(range(len(batch))):
         return batch
     return batch.take(np.asarray(order, dtype=np.int64))
@@ -192,10 +195,12 @@ def build_shard(
     cls = kind_class(kind or default_kind(batch.paradigm), batch.paradigm)
     resolved = cls.resolve_params(params)
     if batch.paradigm == "dense" and (prune_doc_top_k or prune_query_top_k):
-        raise ValueError("term pruning applies to sparse vectors only; leave prune_doc_top_k/prune_query_top_k unset")
+        raise SettingError(
+            "term pruning applies to sparse vectors only; leave prune_doc_top_k/prune_query_top_k unset"
+        )
     for name, value in (("prune_doc_top_k", prune_doc_top_k), ("prune_query_top_k", prune_query_top_k)):
         if value is not None and value <= 0:
-            raise ValueError(f"{name} must be a positive number of terms, got {value}")
+            raise SettingError(f"{name} must be a positive number of terms, got {value}")
     directory = Path(directory)
     nnz = batch.nnz if isinstance(batch, SparseBatch) else 0
     if isinstance(batch, SparseBatch) and prune_doc_top_k is not None:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from retriever.checksums import sha256_file
-from retriever.errors import UserError
+from retriever.errors import DataFormatError, UserError
 
 FORMAT = "retriever-index-shard"
 FORMAT_VERSION = 1
@@ -71,7 +71,7 @@ def write_doc_ids(path: str | Path, doc_ids: Sequence[str]) -> None:
     """One id per line, UTF-8; ids may not be empty or contain line breaks (the file could not be read back)."""
     for doc_id in doc_ids:
         if not doc_id or "\n" in doc_id or "\r" in doc_id:
-            raise ValueError(f"document id {doc_id!r} is empty or contains a line break; use ids without them")
+            raise DataFormatError(f"document id {doc_id!r} is empty or contains a line break; use ids without them")
     with open(path, "w", encoding="utf-8", newline="\n") as f:
         f.write("\n".join(doc_ids))
         if doc_ids:

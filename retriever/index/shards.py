@@ -23,8 +23,9 @@ from typing import Any, Literal, Unpack
 
 import numpy as np
 
-from retriever.encoding.batches import Batch
+from retriever.encoding.batches import Batch, EncodingFormatError
 from retriever.encoding.store import EncodingInfo, estimate_encodings_bytes, read_encoding_info, read_encodings
+from retriever.errors import SettingError
 from retriever.index.base import (
     Device,
     Hits,
@@ -84,7 +85,7 @@ def shard_assignment(doc_ids: Sequence[str], num_shards: int, partition: Partiti
         digests = [hashlib.blake2b(d.encode("utf-8"), digest_size=8).digest() for d in doc_ids]
         values = np.frombuffer(b"".join(digests), dtype="<u8") if digests else np.zeros(0, dtype="<u8")
         return (values % np.uint64(num_shards)).astype(np.int64)
-    raise ValueError(f"unknown partition {partition!r}; use 'contiguous' or 'hash'")
+    raise SettingError(f"unknown partition {partition!r}; use 'contiguous' or 'hash'")
 
 
 def _shard_name(i: int) -> str:
@@ -176,9 +177,9 @@ def build_shards(
     cls = kind_class(kind, info.paradigm)
     resolved = cls.resolve_params(params)
     if num_shards < 1:
-        raise ValueError(f"num_shards must be at least 1, got {num_shards}")
+        raise SettingError(f"num_shards must be at least 1, got {num_shards}")
     if info.count < num_shards:
-        raise ValueError(f"{encodings_dir} holds {info.count} documents, fewer than num_shards={num_shards}")
+        raise SettingError(f"{encodings_dir} holds {info.count} documents, fewer than num_shards={num_shards}")
 
     _check_build_memory(encodings_dir, info, num_shards, kind, resolved, prune_doc_top_k, memory_budget_bytes)
     with atomic_directory(out_dir, overwrite=overwrite, what="an index folder", ours=_is_index_folder) as work:
@@ -186,7 +187,7 @@ def build_shards(
         assignment = shard_assignment(batch.ids, num_shards, partition)
         counts = np.bincount(assignment, minlength=num_shards)
         if (counts == 0).any():
-            raise ValueError(
+            raise SettingError(
                 f"shard(s) {np.flatnonzero(counts == 0).tolist()} would be empty ({partition} partition of "
                 f"{len(batch)} documents); use fewer shards"
             )
@@ -311,12 +312,12 @@ def search_shards(
     """Global top-``k`` of every query over all shards: ``{query id: {doc id: score}}``, each inner dict in rank
     order (score descending, ties by doc id ascending). Queries go to the shards ``batch_size`` at a time."""
     if k <= 0:
-        raise ValueError(f"k must be positive, got {k}")
+        raise SettingError(f"k must be positive, got {k}")
     if batch_size <= 0:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
+        raise SettingError(f"batch_size must be positive, got {batch_size}")
     check_compatible(shards)
     if len(set(queries.ids)) != len(queries.ids):
-        raise ValueError("query ids must be unique")
+        raise EncodingFormatError("query ids must be unique; encode each query once")
     run: dict[str, dict[str, float]] = {}
     for start in range(0, len(queries), batch_size):
         rows = np.arange(start, min(start + batch_size, len(queries)))

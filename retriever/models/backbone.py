@@ -7,14 +7,16 @@ config with random weights (seeded) for tests and the offline quickstart.
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, PretrainedConfig, PreTrainedModel
 
-from retriever.config import BackboneConfig
-from retriever.errors import UserError
+from retriever.config import BackboneConfig, ConfigError
+from retriever.errors import UnknownNameError, UserError
 from retriever.registry import Registry
 
 PresetKind = Literal["paper", "tiny"]
@@ -112,6 +114,31 @@ def find_preset(name: str) -> BackbonePreset | None:
     return BACKBONES.get(name) if name in BACKBONES else None
 
 
+def _is_bare_name(name: str) -> bool:
+    """A name that is neither a path nor a hub id of the `org/name` form: a preset, or a typo of one."""
+    return "/" not in name and not name.startswith((".", "~")) and not Path(name).expanduser().exists()
+
+
+def _unavailable(name: str, what: str, exc: Exception) -> UserError:
+    """The error for a reference that could not be loaded: a bare name that is neither a preset nor a folder is
+    most likely a mistyped preset (hub ids are `org/name`), so it gets the list of presets, not download advice."""
+    path = Path(name).expanduser()
+    if path.exists() or path.is_absolute() or name.startswith((".", "~")):
+        found = "no such folder" if not path.exists() else f"{exc.__class__.__name__}: {str(exc).splitlines()[0]}"
+        return BackboneUnavailable(
+            f"backbone {name!r}: cannot load its {what} from this local path ({found}); a model folder holds "
+            "config.json and *.safetensors (as written by save_pretrained)"
+        )
+    if _is_bare_name(name):
+        close = difflib.get_close_matches(name, BACKBONES.names(), n=1)
+        return UnknownNameError(
+            f"unknown backbone {name!r}; known: {', '.join(BACKBONES.names())}"
+            + (f" (did you mean {close[0]!r}?)" if close else "")
+            + "; or give a Hugging Face hub id (org/name) or a local model directory"
+        )
+    return BackboneUnavailable(_unavailable_message(name, what, exc))
+
+
 def _unavailable_message(name: str, what: str, exc: Exception) -> str:
     from huggingface_hub import constants
 
@@ -131,9 +158,10 @@ def backbone_config(name: str, vocab_size: int | None = None) -> PretrainedConfi
     if preset is not None:
         return preset.llama_config(vocab_size)
     try:
-        config = AutoConfig.from_pretrained(name)
+        # A bare name is only looked up in the local cache: a mistyped preset must not wait on the hub.
+        config = AutoConfig.from_pretrained(name, local_files_only=_is_bare_name(name))
     except (OSError, ValueError) as exc:
-        raise BackboneUnavailable(_unavailable_message(name, "config", exc)) from None
+        raise _unavailable(name, "config", exc) from None
     if vocab_size is not None:
         config.vocab_size = vocab_size
     return config
@@ -185,9 +213,11 @@ def load_backbone(
         return model.to(torch_dtype)
     source = preset.hub_id if preset is not None and preset.hub_id else name
     try:
-        return AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, attn_implementation=attn_implementation)
+        return AutoModelForCausalLM.from_pretrained(
+            source, dtype=torch_dtype, attn_implementation=attn_implementation, local_files_only=_is_bare_name(source)
+        )
     except (OSError, ValueError) as exc:
-        raise BackboneUnavailable(_unavailable_message(source, "weights", exc)) from None
+        raise _unavailable(source, "weights", exc) from None
 
 
 def load_configured_backbone(config: BackboneConfig, tokenizer_size: int) -> PreTrainedModel:
@@ -216,7 +246,7 @@ def tokenizer_reference(name: str, tokenizer: str | None) -> str:
     if preset is None:
         return name
     if preset.hub_id is None:
-        raise ValueError(
+        raise ConfigError(
             f"backbone {name!r} has random weights and no tokenizer of its own: set backbone.tokenizer to a "
             "tokenizer directory or file (or `synthetic` for one trained on the synthetic benchmark)"
         )

@@ -25,10 +25,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from peft import PeftModel
+from pydantic import ValidationError
 from torch import nn
 from transformers import PreTrainedModel
 
-from retriever.config import BackboneConfig, EncoderConfig
+from retriever.config import BackboneConfig, ConfigError, EncoderConfig, format_validation_error
+from retriever.errors import UserError
 from retriever.models.backbone import is_random_preset, load_backbone, load_configured_backbone, tokenizer_reference
 from retriever.models.bidirectional import check_supported, decoder_states, set_bidirectional
 from retriever.models.lora import apply_lora, base_model, load_adapter
@@ -37,6 +39,11 @@ from retriever.registry import Registry
 
 ENCODER_FORMAT_VERSION = 1
 TextKind = Literal["query", "passage"]
+RESAVE = "copy the encoder directory again, or re-save the encoder"
+
+
+class EncoderFormatError(UserError, ValueError):
+    """An encoder directory that is incomplete, edited or written by another format version."""
 
 
 class RetrievalEncoder(nn.Module):
@@ -273,7 +280,9 @@ class SparseEncoder(RetrievalEncoder):
         """relu(max over positions of the LM-head logits) * hidden_size^(-1/4): the representation before log1p."""
         head = self.lm.get_output_embeddings()
         if getattr(head, "bias", None) is not None:
-            raise ValueError("sparse encoders expect an LM head without bias")
+            raise ConfigError(
+                f"backbone {self.backbone.name!r}: its LM head has a bias; sparse encoders need one without"
+            )
         peak = sparse_max_logits(hidden, head.weight, attention_mask, self.settings.sparse_chunk_tokens)
         # max commutes with the positive scale and the monotone log1p(relu(.)).
         return peak * self.lm.config.hidden_size**-0.25
@@ -317,16 +326,53 @@ def build_encoder(
 
 
 def read_encoder_meta(directory: str | Path) -> dict[str, Any]:
-    """The `encoder.json` of an encoder directory, checked for format version."""
+    """The `encoder.json` of an encoder directory, checked for format version and the fields `load_encoder` uses."""
     meta_path = Path(directory) / "encoder.json"
     if not meta_path.is_file():
         raise FileNotFoundError(f"{directory}: not an encoder directory (encoder.json missing)")
-    meta = json.loads(meta_path.read_text())
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        where = f"{meta_path}:{exc.lineno}" if isinstance(exc, json.JSONDecodeError) else str(meta_path)
+        raise EncoderFormatError(f"{where}: not valid JSON ({exc}); {RESAVE}") from None
+    if not isinstance(meta, dict):
+        raise EncoderFormatError(f"{meta_path}: expected a JSON object, got {type(meta).__name__}; {RESAVE}")
     if meta.get("format_version") != ENCODER_FORMAT_VERSION:
-        raise ValueError(
+        raise EncoderFormatError(
             f"{meta_path}: encoder format version {meta.get('format_version')!r} is not supported "
             f"(this version reads {ENCODER_FORMAT_VERSION})"
         )
+    paradigm = meta.get("paradigm")
+    if paradigm not in ENCODERS:
+        got = "missing 'paradigm'" if paradigm is None else f"unknown paradigm {paradigm!r}"
+        raise EncoderFormatError(f"{meta_path}: {got} (expected one of {', '.join(ENCODERS.names())}); {RESAVE}")
+    size_key = "hidden_size" if paradigm == "dense" else "vocab_size"
+    for key, ok in (
+        (size_key, lambda v: isinstance(v, int) and v > 0),
+        ("has_adapter", lambda v: isinstance(v, bool)),
+        ("has_backbone_weights", lambda v: isinstance(v, bool)),
+    ):
+        if not ok(meta.get(key)):
+            raise EncoderFormatError(f"{meta_path}: {key!r} is {meta.get(key)!r}; {RESAVE}")
+    for key, model in (("encoder", EncoderConfig), ("backbone", BackboneConfig)):
+        try:
+            model.model_validate(meta.get(key))
+        except ValidationError as exc:
+            message = format_validation_error(exc, f"{meta_path}: {key!r}", model)
+            raise EncoderFormatError(
+                f"{message}\n  ({RESAVE})" if "\n" in message else f"{message}; {RESAVE}"
+            ) from None
+    # The parts load_encoder reads: a half-copied directory fails here, before any output is started.
+    for part, needed, holds in (
+        ("tokenizer", True, "a tokenizer"),
+        ("backbone", meta["has_backbone_weights"], "its backbone weights"),
+        ("adapter", meta["has_adapter"], "a LoRA adapter"),
+    ):
+        if needed and not (Path(directory) / part).is_dir():
+            raise EncoderFormatError(
+                f"{Path(directory) / part}: missing; the encoder directory is incomplete (encoder.json says it has "
+                f"{holds}); {RESAVE}"
+            )
     return meta
 
 

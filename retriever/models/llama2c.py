@@ -26,6 +26,7 @@ from tokenizers.models import BPE
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from transformers.tokenization_utils_base import generate_merges
 
+from retriever.errors import DataFormatError
 from retriever.models.backbone import llama_shape
 from retriever.models.tokenizers import fast_tokenizer
 
@@ -108,14 +109,14 @@ def read_llama2c_header(path: Path) -> Llama2cHeader:
         raise FileNotFoundError(f"llama2.c checkpoint {path} does not exist")
     size = path.stat().st_size
     if size < HEADER_BYTES:
-        raise ValueError(
+        raise DataFormatError(
             f"{path}: {size} bytes is too short for a llama2.c checkpoint (the header alone is {HEADER_BYTES} bytes)"
         )
     with path.open("rb") as handle:
         raw = handle.read(HEADER_BYTES)
     fields = struct.unpack(HEADER_FORMAT, raw)
     if fields[0] == _VERSIONED_MAGIC:
-        raise ValueError(
+        raise DataFormatError(
             f"{path}: this is a versioned llama2.c checkpoint (magic 'ak42'); only the legacy format (version 0, "
             "written by llama2.c export.py --version 0 / legacy_export) is supported. Re-export it with "
             "`python export.py out.bin --version 0 --checkpoint ckpt.pt`."
@@ -126,7 +127,7 @@ def read_llama2c_header(path: Path) -> Llama2cHeader:
     values = (dim, hidden_dim, n_layers, n_heads, n_kv_heads, abs(vocab_size), seq_len)
     bad = [f"{name}={value}" for name, value in zip(names, values) if not 0 < value <= _MAX_FIELD]
     if bad:
-        raise ValueError(
+        raise DataFormatError(
             f"{path}: header fields out of range ({', '.join(bad)}); the file is not a legacy llama2.c checkpoint "
             f"or is corrupt (header read: {fields})"
         )
@@ -138,7 +139,7 @@ def read_llama2c_header(path: Path) -> Llama2cHeader:
     if n_heads % n_kv_heads:
         problems.append(f"n_heads {n_heads} is not a multiple of n_kv_heads {n_kv_heads}")
     if problems:
-        raise ValueError(f"{path}: inconsistent llama2.c header {fields}: {'; '.join(problems)}")
+        raise DataFormatError(f"{path}: inconsistent llama2.c header {fields}: {'; '.join(problems)}")
     header = Llama2cHeader(*values, shared_classifier=vocab_size > 0)
     expected = header.expected_file_size()
     if size != expected:
@@ -146,7 +147,7 @@ def read_llama2c_header(path: Path) -> Llama2cHeader:
             hint = "the file is truncated (an interrupted download or copy?)"
         else:
             hint = "the file has trailing data (not a legacy llama2.c checkpoint, or a different export version?)"
-        raise ValueError(
+        raise DataFormatError(
             f"{path}: size {size} bytes does not match its header ({header.describe()}), which implies "
             f"{expected} bytes: {hint}"
         )
@@ -164,7 +165,7 @@ def read_llama2c_weights(path: Path) -> tuple[Llama2cHeader, dict[str, np.ndarra
         tensors[name] = data[offset : offset + count].reshape(shape)
         offset += count
     if not all(np.isfinite(tensors[name]).all() for name in ("tok_embeddings", "norm")):
-        raise ValueError(f"{path}: non-finite values in the embeddings or final norm; the checkpoint is corrupt")
+        raise DataFormatError(f"{path}: non-finite values in the embeddings or final norm; the checkpoint is corrupt")
     return header, tensors
 
 
@@ -279,20 +280,20 @@ def read_llama2c_tokenizer(path: Path, vocab_size: int | None = None) -> Llama2c
         raise FileNotFoundError(f"llama2.c tokenizer {path} does not exist")
     data = path.read_bytes()
     if len(data) < 4:
-        raise ValueError(f"{path}: {len(data)} bytes is too short for a llama2.c tokenizer file")
+        raise DataFormatError(f"{path}: {len(data)} bytes is too short for a llama2.c tokenizer file")
     (max_len,) = struct.unpack_from("<i", data, 0)
     if not 0 < max_len <= 1 << 16:
-        raise ValueError(f"{path}: max_token_length {max_len} is out of range; not a llama2.c tokenizer file")
+        raise DataFormatError(f"{path}: max_token_length {max_len} is out of range; not a llama2.c tokenizer file")
     pieces: list[bytes] = []
     scores: list[float] = []
     offset = 4
     while offset < len(data) and (vocab_size is None or len(pieces) < vocab_size):
         if offset + 8 > len(data):
-            raise ValueError(f"{path}: truncated record for token {len(pieces)} at byte {offset}")
+            raise DataFormatError(f"{path}: truncated record for token {len(pieces)} at byte {offset}")
         score, length = struct.unpack_from("<fi", data, offset)
         offset += 8
         if not 0 <= length <= max_len or offset + length > len(data):
-            raise ValueError(
+            raise DataFormatError(
                 f"{path}: token {len(pieces)} at byte {offset - 8} has length {length} (max_token_length {max_len}, "
                 f"{len(data) - offset} bytes left); the file is truncated or not a llama2.c tokenizer"
             )
@@ -300,17 +301,17 @@ def read_llama2c_tokenizer(path: Path, vocab_size: int | None = None) -> Llama2c
         scores.append(score)
         offset += length
     if vocab_size is not None and len(pieces) != vocab_size:
-        raise ValueError(
+        raise DataFormatError(
             f"{path}: holds {len(pieces)} tokens but the checkpoint's vocab_size is {vocab_size}; "
             "the tokenizer does not belong to this checkpoint"
         )
     if offset != len(data):
-        raise ValueError(
+        raise DataFormatError(
             f"{path}: {len(data) - offset} trailing bytes after {len(pieces)} tokens; the tokenizer does not match "
             "the checkpoint's vocab_size or the file is corrupt"
         )
     if len(pieces) < len(SPECIAL_TOKENS) + N_BYTE_TOKENS:
-        raise ValueError(
+        raise DataFormatError(
             f"{path}: only {len(pieces)} tokens; a llama2.c tokenizer has <unk>, <s>, </s> and 256 byte tokens first"
         )
     return Llama2cVocab(max_token_length=max_len, pieces=pieces, scores=scores)
@@ -341,15 +342,15 @@ def llama2c_tokenizer(
             try:
                 piece = raw.decode("utf-8").replace(" ", SPACE)
             except UnicodeDecodeError as error:
-                raise ValueError(f"{path}: token {token_id} ({raw!r}) is not valid UTF-8") from error
+                raise DataFormatError(f"{path}: token {token_id} ({raw!r}) is not valid UTF-8") from error
         if piece in vocab:
-            raise ValueError(f"{path}: token {token_id} {piece!r} duplicates token {vocab[piece]}")
+            raise DataFormatError(f"{path}: token {token_id} {piece!r} duplicates token {vocab[piece]}")
         vocab[piece] = token_id
         if token_id >= len(SPECIAL_TOKENS) and piece not in byte_tokens:
             scores[piece] = score
     missing = sorted(byte_tokens - vocab.keys())
     if missing:
-        raise ValueError(f"{path}: byte-fallback tokens missing from the vocabulary, e.g. {missing[:3]}")
+        raise DataFormatError(f"{path}: byte-fallback tokens missing from the vocabulary, e.g. {missing[:3]}")
     # Only normal pieces take part in merges, ranked by the merged piece's score (best first).
     merges = generate_merges(vocab, scores, skip_tokens=[*SPECIAL_TOKENS, *byte_tokens])
     model = BPE(vocab=vocab, merges=merges, unk_token="<unk>", fuse_unk=True, byte_fallback=True, dropout=None)

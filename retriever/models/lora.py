@@ -8,7 +8,7 @@ from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model
 from transformers import PreTrainedModel
 
-from retriever.config import LoraConfig
+from retriever.config import ConfigError, LoraConfig
 
 
 def apply_lora(model: PreTrainedModel, settings: LoraConfig) -> PeftModel:
@@ -16,7 +16,7 @@ def apply_lora(model: PreTrainedModel, settings: LoraConfig) -> PeftModel:
     present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     missing = [target for target in settings.target_modules if target not in present]
     if missing:
-        raise ValueError(
+        raise ConfigError(
             f"LoRA target modules {missing} do not exist in {type(model).__name__}; "
             f"set backbone.lora.target_modules to names among its linear layers"
         )

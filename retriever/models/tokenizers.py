@@ -26,6 +26,9 @@ from tokenizers.models import BPE
 from tokenizers.trainers import BpeTrainer
 from transformers import AutoTokenizer, GPT2Tokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from retriever.config import ConfigError
+from retriever.errors import DataFormatError, SettingError, UserError
+
 # Meta's llama3 tokenizer.py: the pre-tokenizer split pattern and the special tokens that follow the 128,000 ranks.
 LLAMA3_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
@@ -88,7 +91,7 @@ def llama3_tokenizer(ranks_file: Path) -> PreTrainedTokenizerFast:
 
     ranks_file = Path(ranks_file)
     if not is_tiktoken_ranks_file(ranks_file):
-        raise ValueError(
+        raise DataFormatError(
             f"{ranks_file} is not a tiktoken ranks file (lines of '<base64 token> <rank>'); Llama 3's "
             "original tokenizer.model is one"
         )
@@ -108,9 +111,9 @@ def llama2_tokenizer(model_file: Path) -> PreTrainedTokenizerFast:
     try:
         proto = SentencePieceExtractor(str(model_file)).proto
     except Exception as error:  # protobuf raises its own DecodeError type
-        raise ValueError(f"{model_file} is not a SentencePiece model: {error}") from error
+        raise DataFormatError(f"{model_file} is not a SentencePiece model: {error}") from error
     if proto.trainer_spec.model_type != 2:
-        raise ValueError(f"{model_file}: SentencePiece model type {proto.trainer_spec.model_type} is not BPE (2)")
+        raise DataFormatError(f"{model_file}: SentencePiece model type {proto.trainer_spec.model_type} is not BPE (2)")
     vocab = {piece.piece: index for index, piece in enumerate(proto.pieces)}
     # Follows the model's own normalizer spec (dummy prefix, whitespace escaping), merges ranked by piece score.
     backend = SpmConverter.build_tokenizer_from_spm_proto(proto=proto, vocab=vocab, legacy=True)
@@ -128,9 +131,9 @@ def gpt2_tokenizer(vocab_json: Path, merges_txt: Path) -> PreTrainedTokenizerFas
         # tokenizers' reader skips a leading "#version" line and checks that every merge is two symbols.
         vocab, merges = BPE.read_file(str(vocab_json), str(merges_txt))
     except Exception as error:
-        raise ValueError(f"cannot read GPT-2 BPE files {vocab_json} / {merges_txt}: {error}") from error
+        raise DataFormatError(f"cannot read GPT-2 BPE files {vocab_json} / {merges_txt}: {error}") from error
     if GPT2_EOS not in vocab:
-        raise ValueError(f"{vocab_json} has no {GPT2_EOS!r} token; it is not a GPT-2 vocabulary")
+        raise DataFormatError(f"{vocab_json} has no {GPT2_EOS!r} token; it is not a GPT-2 vocabulary")
     return GPT2Tokenizer(vocab=vocab, merges=merges, add_prefix_space=False)
 
 
@@ -145,7 +148,7 @@ def train_bpe_tokenizer(
     n_specials = len(TRAINED_SPECIAL_TOKENS)
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     if vocab_size < len(alphabet) + n_specials:
-        raise ValueError(
+        raise SettingError(
             f"vocab_size {vocab_size} is too small: a byte-level BPE needs at least {len(alphabet) + n_specials} "
             f"ids ({len(alphabet)} bytes + {n_specials} special tokens)"
         )
@@ -171,7 +174,7 @@ def train_bpe_tokenizer(
 
     backend.train_from_iterator(counted(), trainer=trainer)
     if seen == 0:
-        raise ValueError("train_bpe_tokenizer: no texts to train on")
+        raise DataFormatError("train_bpe_tokenizer: no texts to train on (the corpus is empty)")
     unk, bos, eos = TRAINED_SPECIAL_TOKENS
     tokenizer = fast_tokenizer(backend, bos, eos, unk=unk, pad_with_eos=True)
     if out_dir is not None:
@@ -191,7 +194,7 @@ def train_word_tokenizer(
     from tokenizers.models import WordLevel
 
     if max_words is not None and max_words < 1:
-        raise ValueError(f"train_word_tokenizer: max_words must be >= 1 or None, got {max_words}")
+        raise SettingError(f"train_word_tokenizer: max_words must be >= 1 or None, got {max_words}")
     pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
     counts: Counter[str] = Counter()
     for seen, text in enumerate(texts):
@@ -199,7 +202,7 @@ def train_word_tokenizer(
             raise TypeError(f"train_word_tokenizer: text {seen} is {type(text).__name__}, expected str")
         counts.update(word for word, _ in pre_tokenizer.pre_tokenize_str(text))
     if not counts:
-        raise ValueError("train_word_tokenizer: no words to build a vocabulary from")
+        raise DataFormatError("train_word_tokenizer: no words to build a vocabulary from (the corpus is empty)")
     unk, bos, eos = TRAINED_SPECIAL_TOKENS
     vocab = {token: index for index, token in enumerate(TRAINED_SPECIAL_TOKENS)}
     for word, _ in sorted(counts.items(), key=lambda item: (-item[1], item[0]))[:max_words]:
@@ -249,6 +252,10 @@ def is_sentencepiece_model(path: Path) -> bool:
     return len(proto.pieces) > 0
 
 
+class TokenizerUnavailable(UserError, OSError):
+    """A hub tokenizer that cannot be loaded (offline and not cached, or not on the hub)."""
+
+
 def _is_hub_id(ref: str) -> bool:
     # "name" or "org/name" made of the characters the Hub allows; local-looking strings are never hub ids.
     return bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?", ref)) and not ref.endswith((".model", ".json", ".txt"))
@@ -263,7 +270,7 @@ def _load_file(path: Path) -> PreTrainedTokenizerBase:
         return llama3_tokenizer(path)
     if is_sentencepiece_model(path):
         return llama2_tokenizer(path)
-    raise ValueError(
+    raise DataFormatError(
         f"{path}: not a tokenizer file this project reads (a tiktoken ranks file such as Llama 3's tokenizer.model, "
         "or a SentencePiece .model); pass a directory with tokenizer.json / tokenizer_config.json, or with "
         "vocab.json + merges.txt"
@@ -293,7 +300,7 @@ def _load_hub(ref: str) -> PreTrainedTokenizerBase:
             "and tokenizer_config.json in a directory and pass its path"
         )
         mode = "HF_HUB_OFFLINE=1 and it is not in the local Hugging Face cache" if _offline() else str(error)
-        raise OSError(f"cannot load tokenizer {ref!r}: {mode}; {how}") from error
+        raise TokenizerUnavailable(f"cannot load tokenizer {ref!r}: {mode}; {how}") from error
 
 
 def load_tokenizer(ref: str | Path) -> PreTrainedTokenizerBase:
@@ -326,9 +333,12 @@ def prepare_for_retrieval(tokenizer: PreTrainedTokenizerBase, add_bos: bool) -> 
     choice is saved with the tokenizer (tokenizer.json).
     """
     if add_bos and tokenizer.bos_token is None:
-        raise ValueError(f"add_bos=True but tokenizer {type(tokenizer).__name__} has no BOS token; use add_bos=False")
+        raise ConfigError(
+            f"encoder.add_bos is true but tokenizer {type(tokenizer).__name__} has no BOS token; set "
+            "encoder.add_bos=false"
+        )
     if tokenizer.pad_token is None and tokenizer.eos_token is None:
-        raise ValueError(
+        raise ConfigError(
             f"tokenizer {type(tokenizer).__name__} has neither a pad nor an eos token; set tokenizer.pad_token"
         )
     # A copy, so that a tokenizer shared elsewhere (a cache, a fixture) does not change behaviour behind its back.
@@ -367,10 +377,13 @@ def tokenize(
         raise ValueError("tokenize: no texts")
     room = max_length - int(add_bos)
     if room < 1:
-        raise ValueError(f"max_length {max_length} leaves no room for text (add_bos={add_bos})")
+        raise SettingError(f"max_length {max_length} leaves no room for text (add_bos={add_bos}); use at least 2")
     bos_id = tokenizer.bos_token_id
     if add_bos and bos_id is None:
-        raise ValueError(f"add_bos=True but tokenizer {type(tokenizer).__name__} has no BOS token; use add_bos=False")
+        raise ConfigError(
+            f"encoder.add_bos is true but tokenizer {type(tokenizer).__name__} has no BOS token; set "
+            "encoder.add_bos=false"
+        )
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad_id is None:
         raise ValueError(f"tokenizer {type(tokenizer).__name__} has no pad or eos token; call prepare_for_retrieval")
@@ -386,7 +399,10 @@ def tokenize(
     rows = [([bos_id] if add_bos else []) + list(ids) for ids in encoded]
     for index, row in enumerate(rows):
         if not row:
-            raise ValueError(f"tokenize: text {index} encodes to no tokens and add_bos=False: nothing to encode")
+            raise DataFormatError(
+                f"tokenize: text {index} encodes to no tokens (an empty text?) and add_bos is false: nothing to "
+                "encode; drop empty texts or set encoder.add_bos=true"
+            )
     width = max_length if pad_to_max_length else max(len(row) for row in rows)
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(rows), width), dtype=torch.long)

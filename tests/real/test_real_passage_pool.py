@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -56,3 +57,14 @@ def test_registered_pool_serves_docs_topics_qrels(
     some = sorted(pool)[:3]
     assert source.doc_texts(some) == {pid: pool[pid].strip() for pid in some}
     assert sum(1 for _ in ir_datasets.load(dataset_id).docs_iter()) == 14_581
+
+
+def test_the_default_pattern_takes_files_of_any_trec_dl_year(results_dir: Path, tmp_path: Path) -> None:
+    # A real DL19 file under the name of another year: rank_llm names its files retrieve_results_<year>.json.gz.
+    copy = tmp_path / "results" / "BM25" / "retrieve_results_dl20.json.gz"
+    copy.parent.mkdir(parents=True)
+    shutil.copyfile(results_dir / "BM25" / "retrieve_results_dl19.json.gz", copy)
+    one_file = load_passage_pool(results_dir, "BM25/retrieve_results_dl19.json.gz")
+    assert len(one_file) > 1000
+    assert load_passage_pool(tmp_path / "results") == one_file
+    assert load_passage_pool(tmp_path / "results", "*/retrieve_results_dl20.json.gz") == one_file

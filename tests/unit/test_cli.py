@@ -79,3 +79,46 @@ def test_encode_index_search_and_evaluate_from_the_command_line(tiny_tokenizer_d
     # The finished encoding is never overwritten by accident.
     assert main(["encode", encoder, "--dataset", dataset, "--out", str(tmp_path / "docs")]) == 2
     assert "an encodings folder already exists; pass --overwrite" in capsys.readouterr().err
+
+
+def _results_file(path, hits):
+    """A rank_llm retrieve-results file (gzip JSON) with one query and `hits` as (docid, text)."""
+    import gzip
+
+    entry = {
+        "query": {"text": "q", "qid": "q1"},
+        "hits": [
+            {"qid": "q1", "docid": d, "rank": i + 1, "score": 1.0, "content": t} for i, (d, t) in enumerate(hits)
+        ],
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(gzip.compress(json.dumps([entry]).encode()))
+
+
+def test_register_pool_takes_every_trec_dl_year_or_the_given_pattern(tmp_path, monkeypatch, capsys):
+    from retriever.data.sources import load_source
+
+    monkeypatch.setenv("IR_DATASETS_HOME", str(tmp_path / "home"))
+    results = tmp_path / "results"
+    _results_file(results / "BM25" / "retrieve_results_dl20.json.gz", [("p1", "first"), ("p2", "second")])
+    _results_file(results / "SPLADE" / "retrieve_results_dl21.json.gz", [("p2", "other"), ("p3", "third")])
+    _results_file(results / "retrieve_results_covid.json.gz", [("p4", "top level")])
+    (results / "BM25" / "trec_results_dl20.txt.gz").write_bytes(b"not a results file")
+    topics = tmp_path / "topics.tsv"
+    topics.write_text("q1\tq\n")
+    qrels = tmp_path / "qrels.txt"
+    qrels.write_text("q1 0 p1 1\n")
+    common = ["--topics", str(topics), "--qrels", str(qrels)]
+
+    assert main(["data", "register-pool", "all-years", str(results), *common]) == 0
+    assert capsys.readouterr().out.strip() == "local/all-years"
+    assert dict(load_source("local/all-years").docs()) == {
+        "p1": "first",
+        "p2": "second",
+        "p3": "third",
+        "p4": "top level",
+    }
+
+    pattern = "*/retrieve_results_dl21.json.gz"
+    assert main(["data", "register-pool", "dl21", str(results), "--pattern", pattern, *common]) == 0
+    assert dict(load_source("local/dl21").docs()) == {"p2": "other", "p3": "third"}

@@ -91,6 +91,26 @@ def test_missing_file_and_bad_yaml(tmp_path):
         load_config(write(tmp_path, "train: [\n"))
     with pytest.raises(ConfigError, match="top level must be a mapping"):
         load_config(write(tmp_path, "- a\n- b\n"))
+    with pytest.raises(ConfigError, match=r"exp.yaml:2:8: not valid YAML \(mapping values are not allowed here\)"):
+        load_config(write(tmp_path, "train:\n  lr: a: b\n"))
+
+
+def test_an_empty_file_a_folder_or_non_utf8_text_is_not_a_config(tmp_path):
+    for text in ("", "\n", "# nothing set yet\n"):
+        with pytest.raises(ConfigError, match=r"exp.yaml: the config file is empty"):
+            load_config(write(tmp_path, text))
+    folder = tmp_path / "configs"
+    folder.mkdir()
+    (folder / "a.yaml").write_text("name: a\n")
+    with pytest.raises(
+        ConfigError, match=r"configs: is a folder, not a config file; pass a YAML file \(one of: a.yaml\)"
+    ):
+        load_config(folder)
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes("name: caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match="latin1.yaml: not UTF-8 text"):
+        load_config(latin1)
+    assert load_config(None).name == "retriever"  # defaults in code stay available
 
 
 def test_flatten_for_tracking():

@@ -155,6 +155,45 @@ def test_missing_lora_target_is_a_clear_error(tiny_tokenizer_dir):
         build_encoder(backbone, EncoderConfig())
 
 
+def test_a_backbone_reference_that_cannot_load_says_why():
+    from retriever.errors import UnknownNameError
+    from retriever.models.backbone import BackboneUnavailable, backbone_config, load_backbone
+
+    # A bare name that is no preset is a typo of one (hub ids are org/name): the presets are listed.
+    with pytest.raises(UnknownNameError, match=r"unknown backbone 'tiny-xl'; known: .*tiny-s, tiny-m, tiny-l"):
+        backbone_config("tiny-xl")
+    with pytest.raises(UnknownNameError, match=r"did you mean 'tiny-m'"):
+        load_backbone("tiny-mm")
+    # A path says it is a path, not that it should be downloaded from the hub.
+    with pytest.raises(BackboneUnavailable, match=r"from this local path \(no such folder\)"):
+        backbone_config("/no/such/model")
+    # A hub id offline (the tests run with HF_HUB_OFFLINE=1) says how to get it.
+    with pytest.raises(BackboneUnavailable, match="huggingface-cli download retriever-tests/no-such-model"):
+        backbone_config("retriever-tests/no-such-model")
+
+
+def test_an_incomplete_encoder_directory_fails_before_loading(tiny_tokenizer_dir, tmp_path):
+    import shutil
+
+    from retriever.models.encoders import EncoderFormatError, read_encoder_meta
+
+    directory = make("sparse", tiny_tokenizer_dir).save(tmp_path / "encoder")
+    meta = json.loads((directory / "encoder.json").read_text())
+    assert meta["has_adapter"] and meta["has_backbone_weights"]
+    shutil.rmtree(directory / "adapter")
+    with pytest.raises(EncoderFormatError, match=r"encoder/adapter: missing; the encoder directory is incomplete"):
+        load_encoder(directory)
+    (directory / "encoder.json").write_text(json.dumps({**meta, "encoder": {**meta["encoder"], "pooling": "max"}}))
+    with pytest.raises(
+        EncoderFormatError,
+        match=r"encoder.json: 'encoder': invalid configuration: pooling: Input should be 'mean' or 'last'",
+    ):
+        read_encoder_meta(directory)
+    (directory / "encoder.json").write_text("{")
+    with pytest.raises(EncoderFormatError, match=r"encoder.json:1: not valid JSON"):
+        read_encoder_meta(directory)
+
+
 @pytest.mark.parametrize("paradigm", ["dense", "sparse"])
 def test_save_load_round_trip_gives_identical_outputs(tiny_tokenizer_dir, tmp_path, paradigm):
     encoder = make(paradigm, tiny_tokenizer_dir, add_bos=False, passage_max_length=40)

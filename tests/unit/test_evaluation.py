@@ -181,8 +181,25 @@ def test_qrels_from_ir_datasets(tmp_path: Path, caplog: pytest.LogCaptureFixture
     qrels_file = tmp_path / "qrels.txt"
     qrels_file.write_text("q1 0 d1 2\nq1 Q0 d2 0\n", encoding="utf-8")
     assert load_qrels(qrels_file) == {"q1": {"d1": 2, "d2": 0}}
-    with pytest.raises(KeyError, match="neither an existing qrels file nor a known ir_datasets id"):
+    with pytest.raises(KeyError, match="neither an existing qrels file nor a known dataset id"):
         load_qrels(str(tmp_path / "absent-qrels.txt"))
+
+
+def test_qrels_of_a_dataset_id_offline_name_the_file_to_place(monkeypatch: pytest.MonkeyPatch) -> None:
+    import socket
+
+    from retriever.data.sources import SourceUnavailableError
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("tried to reach the network")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_network)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(SourceUnavailableError) as info:
+        load_qrels("msmarco-passage/dev/small")
+    message = str(info.value)
+    assert message.startswith("msmarco-passage/dev/small: the qrels cannot be read: downloads are disabled (")
+    assert "HF_HUB_OFFLINE=1" in message and "Place this file" in message
 
 
 def test_evaluate_command(tmp_path: Path) -> None:

@@ -12,7 +12,7 @@ from typing import Any, NamedTuple
 
 from ir_datasets.formats import GenericQuery, TrecQrel
 
-from retriever.errors import UserError
+from retriever.errors import DataFormatError
 from retriever.registry import Registry
 
 # Ids of local datasets start with one of these; they never shadow ir_datasets' own ids.
@@ -24,10 +24,6 @@ DOC_TEXT_KEYS = ("text", "contents", "body", "passage")
 QUERY_ID_KEYS = ("_id", "query_id", "qid", "id")
 QUERY_TEXT_KEYS = ("text", "query", "title")
 BEIR_QRELS_HEADER = ["query-id", "corpus-id", "score"]
-
-
-class DataFormatError(UserError, ValueError):
-    """A local data file (or the registry file) does not have the expected format."""
 
 
 class LocalDoc(NamedTuple):

@@ -23,6 +23,7 @@ from ir_datasets.datasets.base import Dataset
 
 from retriever.data.local.readers import ENTITIES, LOCAL_PREFIXES, DataFormatError, require_file, sniff_format
 from retriever.data.local.specs import build_dataset, check_dataset_id, check_name, validate_dataset
+from retriever.errors import SettingError, UnknownNameError
 
 REGISTRY_FILE = "retriever_local.json"
 REGISTRY_FORMAT = 1
@@ -183,7 +184,7 @@ def _lazy_initializer(key: str, groups: tuple[str, ...]) -> Dataset:
     """Resolve a local id persisted by another process after this one started."""
     specs = persisted_datasets()
     if key not in specs:
-        raise KeyError(
+        raise UnknownNameError(
             f"{key} is not registered (looked in {registry_file()}); register it first, e.g. with "
             "retriever.data.local.register_trec / register_beir_folder, or import-classic for classic/*"
         )
@@ -215,7 +216,8 @@ def register_beir_folder(
     check_name(name)
     folder = Path(path)
     if not folder.is_dir():
-        raise FileNotFoundError(f"{folder}: BEIR folder not found (expected corpus.jsonl, queries.jsonl, qrels/)")
+        what = "is a file, not a folder" if folder.exists() else "not found"
+        raise FileNotFoundError(f"{folder}: BEIR folder {what} (expected corpus.jsonl, queries.jsonl, qrels/)")
 
     def find(rel: str) -> Path:
         for candidate in (folder / rel, folder / (rel + ".gz")):
@@ -262,5 +264,8 @@ def register_trec(
             path = require_file(Path(value), "topics" if entity == "queries" else entity)
             spec[entity] = {"format": fmt or sniff_format(entity, path), "paths": [str(path)]}
     if not spec:
-        raise ValueError("register_trec needs at least one of docs, topics, qrels")
+        raise SettingError(
+            "register_trec needs at least one of docs, topics, qrels (`retriever data register-trec NAME --docs FILE "
+            "[--topics FILE] [--qrels FILE]`)"
+        )
     return register_local_dataset(f"local/{name}", spec, home=home, validate=validate)

@@ -11,8 +11,10 @@ from ir_datasets.datasets.base import Dataset
 
 from retriever.data.local.handlers import LocalDocs, LocalQrels, LocalQueries
 from retriever.data.local.readers import ENTITIES, FORMATS, LOCAL_PREFIXES, DataFormatError, require_file
+from retriever.errors import SettingError
 
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)*$")
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # one path segment: the <name> of local/<name>
 
 
 # --------------------------------------------------------------------------------------------------------- specs
@@ -21,7 +23,7 @@ _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)*$
 def check_dataset_id(dataset_id: str) -> str:
     prefix = dataset_id.split("/", 1)[0]
     if not _ID_RE.match(dataset_id) or prefix not in LOCAL_PREFIXES or "/" not in dataset_id:
-        raise ValueError(
+        raise SettingError(
             f"invalid local dataset id {dataset_id!r}: use '<prefix>/<name>' with prefix one of "
             f"{', '.join(LOCAL_PREFIXES)} and a name of letters, digits, '.', '_', '-' (e.g. 'local/my-corpus')"
         )
@@ -29,8 +31,11 @@ def check_dataset_id(dataset_id: str) -> str:
 
 
 def check_name(name: str) -> str:
-    if not _ID_RE.match(name):
-        raise ValueError(f"invalid dataset name {name!r}: use letters, digits, '.', '_', '-' (e.g. 'my-corpus')")
+    if not _NAME_RE.match(name):
+        raise SettingError(
+            f"invalid dataset name {name!r}: use letters, digits, '.', '_', '-' and no '/' (e.g. 'my-corpus'); it is "
+            "registered as local/<name>"
+        )
     return name
 
 
