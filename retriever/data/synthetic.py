@@ -41,7 +41,6 @@ results do not depend on SIMD paths or thread counts.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from dataclasses import dataclass
@@ -50,6 +49,7 @@ from typing import Any
 
 import numpy as np
 
+from retriever.checksums import sha256_file
 from retriever.errors import IntegrityError, SettingError
 
 GENERATOR_VERSION = 1
@@ -140,7 +140,7 @@ class SyntheticBenchmark:
             path = self.root / rel
             if not path.is_file():
                 raise IntegrityError(f"{path}: listed in {self.manifest} but missing; regenerate the folder")
-            actual = _sha256(path)
+            actual = sha256_file(path)
             if actual != expected:
                 raise IntegrityError(
                     f"{path}: sha256 {actual} differs from {expected} in {self.manifest}; the file was changed, "
@@ -288,7 +288,7 @@ def _write_manifest(bench: SyntheticBenchmark, params: dict[str, int], counts: d
         **params,
         "counts": counts,
         "parameters": _generator_parameters(),
-        "sha256": {rel: _sha256(bench.root / rel) for rel in sorted(_FILES.values())},
+        "sha256": {rel: sha256_file(bench.root / rel) for rel in sorted(_FILES.values())},
     }
     bench.manifest.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
@@ -585,14 +585,6 @@ def _write_lines(path: Path, lines: Any) -> None:
         for line in lines:
             f.write(line)
             f.write("\n")
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 __all__ = ["SyntheticBenchmark", "ensure_synthetic", "generate_synthetic"]

@@ -355,13 +355,16 @@ def search_to_run(
             f"{queries_dir}: holds {info.kind} encodings, not queries; encode the queries with `--kind query` "
             "(queries and passages differ in length and, for some encoders, in how they are encoded)"
         )
-    shards = open_shards(
-        index_dir,
-        expected_encoder_sha256=info.encoder_sha256 if check_encoder else None,
-        verify_hashes=verify_hashes,
-        device=device,
-        search_params=search_params,
-    )
+    try:
+        shards = open_shards(
+            index_dir,
+            expected_encoder_sha256=info.encoder_sha256 if check_encoder else None,
+            verify_hashes=verify_hashes,
+            device=device,
+            search_params=search_params,
+        )
+    except IndexMismatchError as exc:
+        raise IndexMismatchError(f"queries {queries_dir} (encoder {info.encoder_path!r}) do not fit: {exc}") from None
     if output is None:
         return search_shards(shards, queries, k, batch_size=batch_size)
     with atomic_file(output, overwrite=overwrite, what="the run file") as tmp:
