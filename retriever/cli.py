@@ -118,13 +118,14 @@ def _convert_args(parser: argparse.ArgumentParser) -> None:
     llama2c.add_argument("checkpoint", type=Path, help="llama2.c model .bin (legacy format)")
     llama2c.add_argument("tokenizer", type=Path, help="llama2.c tokenizer .bin (e.g. tok512.bin)")
     llama2c.add_argument("out_dir", type=Path, help="output directory (HF format)")
+    llama2c.add_argument("--overwrite", action="store_true", help="replace an existing model folder")
 
 
 @command("convert", "import external model formats as Hugging Face models", _convert_args)
 def _convert(args: argparse.Namespace) -> int:
     from retriever.models.llama2c import convert_llama2c
 
-    out = convert_llama2c(args.checkpoint, args.tokenizer, args.out_dir)
+    out = convert_llama2c(args.checkpoint, args.tokenizer, args.out_dir, overwrite=args.overwrite)
     print(f"wrote {out}")
     return 0
 

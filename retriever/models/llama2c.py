@@ -29,6 +29,7 @@ from transformers.tokenization_utils_base import generate_merges
 from retriever.errors import DataFormatError
 from retriever.models.backbone import llama_shape
 from retriever.models.tokenizers import fast_tokenizer
+from retriever.outputs import atomic_directory
 
 logger = logging.getLogger(__name__)
 
@@ -367,18 +368,21 @@ def llama2c_tokenizer(
     return fast_tokenizer(backend, bos, eos, unk=unk, pad_with_eos=True, **extra)
 
 
-def convert_llama2c(checkpoint: Path, tokenizer: Path, out_dir: Path) -> Path:
+def convert_llama2c(checkpoint: Path, tokenizer: Path, out_dir: Path, *, overwrite: bool = False) -> Path:
     """Convert a legacy llama2.c checkpoint and its tokenizer into an HF ``LlamaForCausalLM`` + tokenizer directory.
 
-    Returns ``out_dir``, loadable with ``AutoModelForCausalLM.from_pretrained`` / ``AutoTokenizer.from_pretrained``.
+    Returns ``out_dir``, loadable with ``AutoModelForCausalLM.from_pretrained`` / ``AutoTokenizer.from_pretrained``;
+    it is written whole (an existing model folder is replaced only with ``overwrite``).
     """
     checkpoint, tokenizer, out_dir = Path(checkpoint), Path(tokenizer), Path(out_dir)
     header = read_llama2c_header(checkpoint)
     # Read the tokenizer before the weights: a mismatched pair fails before any heavy work.
     hf_tokenizer = llama2c_tokenizer(tokenizer, vocab_size=header.vocab_size, model_max_length=header.seq_len)
     model = load_llama2c_model(checkpoint)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir)
-    hf_tokenizer.save_pretrained(out_dir)
+    with atomic_directory(
+        out_dir, overwrite=overwrite, what="a model folder", ours=lambda d: (d / "config.json").is_file()
+    ) as work:
+        model.save_pretrained(work)
+        hf_tokenizer.save_pretrained(work)
     logger.info("converted %s (%s) to %s", checkpoint, header.describe(), out_dir)
     return out_dir
