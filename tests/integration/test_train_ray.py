@@ -1,6 +1,9 @@
-"""Ray Train: 2 workers, FSDP2 + LoRA on CPU/gloo, budget stop, fault tolerance and job-level resume."""
+"""Ray Train: 2 workers, FSDP2 + LoRA on CPU/gloo, budget stop, fault tolerance, job-level resume, and a resume
+that skips a corrupt checkpoint."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
@@ -8,6 +11,8 @@ from conftest import make_config
 
 from retriever.flops import plan_cell
 from retriever.models.encoders import load_encoder
+from retriever.train.checkpoint import MANIFEST_FILE, verify_checkpoint
+from retriever.train.errors import NoValidCheckpointError
 from retriever.train.trainer import run_training
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(420)]
@@ -56,3 +61,43 @@ def test_rerunning_the_same_name_continues_the_run(ray_cluster, tmp_path):
     second = run_training(cfg)
     assert second["steps"] == 9
     assert second["flops"] == 9 * plan_cell(cfg).flops_per_step
+
+
+def flip(path, count: int) -> None:
+    """Invert `count` bytes in the middle of the file."""
+    data = bytearray(path.read_bytes())
+    start = len(data) // 2 - count // 2
+    data[start : start + count] = bytes(b ^ 0xFF for b in data[start : start + count])
+    path.write_bytes(bytes(data))
+
+
+def checkpoints(experiment):
+    """Ray 2.60's layout: `<storage_path>/<name>/checkpoint_<timestamp>/`, the rank folders merged into each."""
+    return sorted(p for p in experiment.glob("checkpoint_*") if p.is_dir())
+
+
+@pytest.mark.slow  # three Ray runs: about 45 s on 2 cores
+def test_a_corrupt_latest_checkpoint_resumes_from_the_previous_one(ray_cluster, tmp_path):
+    cfg = ray_config(tmp_path, "corrupt")
+    run_training(cfg)  # checkpoints at steps 3 and 6, both kept (num_to_keep=2)
+    older, latest = checkpoints(tmp_path / "ray" / "corrupt-retrieval")
+    files = json.loads((latest / MANIFEST_FILE).read_text())["files"]
+    assert {files[f"__{r}_0.distcp"]["rank"] for r in (0, 1)} == {0, 1} and files["rng-rank1.pt"]["rank"] == 1
+    assert verify_checkpoint(latest) is None
+    flip(latest / "__1_0.distcp", 24)
+
+    cfg.budget.max_steps = 9
+    result = run_training(cfg)
+    assert result["resumed_from"] == str(older) and result["resumed_from_step"] == 3
+    assert result["skipped_checkpoints"] == [
+        f"{latest}: {latest / '__1_0.distcp'}: does not match its checksum in {MANIFEST_FILE} (corrupt or changed)"
+    ]
+    # Steps 4-6 trained again from step 3 count once.
+    assert result["steps"] == 9 and result["flops"] == 9 * plan_cell(cfg).flops_per_step
+
+    kept = checkpoints(tmp_path / "ray" / "corrupt-retrieval")
+    for directory in kept:
+        flip(directory / ".metadata", 8)
+    with pytest.raises(NoValidCheckpointError, match="no valid checkpoint to resume 'corrupt'") as raised:
+        run_training(cfg)
+    assert all(str(d) in str(raised.value) for d in kept)
