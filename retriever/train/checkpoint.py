@@ -25,7 +25,6 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
-from retriever.errors import IntegrityError
 from retriever.train.collective import all_gather_objects
 from retriever.train.errors import InvalidCheckpointError
 
@@ -52,7 +51,7 @@ class Progress:
         try:
             return cls(**json.loads(path.read_text()))
         except (ValueError, TypeError) as exc:  # bad UTF-8 or JSON, unknown or missing fields
-            raise InvalidCheckpointError(f"{path}: unreadable ({exc})") from None
+            raise InvalidCheckpointError(f"{path}: unreadable ({exc})") from exc
 
     def write(self, directory: Path) -> None:
         (directory / PROGRESS_FILE).write_text(json.dumps(asdict(self), indent=2) + "\n")
@@ -95,19 +94,21 @@ def write_manifest(directory: Path, rank: int, world_size: int) -> None:
     os.replace(tmp, directory / MANIFEST_FILE)
 
 
+class _Invalid(Exception):
+    """Why a checkpoint cannot be trusted, relative to its folder."""
+
+
 def _read_manifest(directory: Path) -> dict[str, dict[str, Any]]:
     path = directory / MANIFEST_FILE
     if not path.is_file():
-        raise InvalidCheckpointError(
-            f"{directory}: no {MANIFEST_FILE} (written last: the checkpoint is incomplete, or older than checksums)"
-        )
+        raise _Invalid(f"no {MANIFEST_FILE} (written last: the checkpoint is incomplete, or older than checksums)")
     try:
         files = json.loads(path.read_text())["files"]
         if not all(isinstance(e["sha256"], str) and isinstance(e["bytes"], int) for e in files.values()):
             raise TypeError("bad entry")
         return files
     except (ValueError, TypeError, KeyError, AttributeError) as exc:
-        raise InvalidCheckpointError(f"{path}: unreadable ({exc})") from None
+        raise _Invalid(f"{MANIFEST_FILE} is unreadable ({exc})") from None
 
 
 def _check_local(directory: Path, rank: int, world_size: int) -> str | None:
@@ -118,27 +119,33 @@ def _check_local(directory: Path, rank: int, world_size: int) -> str | None:
         if rank == 0:
             present, listed = set(_files(directory)), set(files)
             if missing := sorted(listed - present):
-                raise IntegrityError(f"{directory}: missing {', '.join(missing)} (listed in {MANIFEST_FILE})")
+                raise _Invalid(f"{', '.join(missing)} missing (listed in {MANIFEST_FILE})")
             if extra := sorted(present - listed):
-                raise IntegrityError(f"{directory}: {', '.join(extra)} not in {MANIFEST_FILE}")
+                raise _Invalid(f"{', '.join(extra)} not in {MANIFEST_FILE}")
         for name, entry in sorted(files.items()):
             if entry.get("rank", 0) % world_size != rank:
                 continue
             path = directory / name
             if not path.is_file():
-                raise IntegrityError(f"{path}: missing (listed in {MANIFEST_FILE})")
+                raise _Invalid(f"{name} missing (listed in {MANIFEST_FILE})")
             if path.stat().st_size != entry["bytes"] or sha256_file(path) != entry["sha256"]:
-                raise IntegrityError(f"{path}: does not match its checksum in {MANIFEST_FILE} (corrupt or changed)")
-        Progress.read(directory)
-    except (InvalidCheckpointError, IntegrityError) as exc:
+                raise _Invalid(f"{name} does not match its checksum in {MANIFEST_FILE} (corrupt or changed)")
+        if not (directory / PROGRESS_FILE).is_file():
+            raise _Invalid(f"no {PROGRESS_FILE}")
+        try:
+            Progress.read(directory)
+        except InvalidCheckpointError as exc:
+            raise _Invalid(f"{PROGRESS_FILE} is unreadable ({exc.__cause__})") from None
+    except _Invalid as exc:
         return str(exc)
     except OSError as exc:
-        return f"{directory}: unreadable ({exc})"
+        return f"unreadable ({exc})"
     return None
 
 
 def verify_checkpoint(directory: Path, rank: int = 0, world_size: int = 1) -> str | None:
-    """Collective: None when the checkpoint can be trusted, else why not (the same answer on every rank)."""
+    """Collective: None when the checkpoint can be trusted, else why not, relative to its folder (the same answer
+    on every rank)."""
     problems = all_gather_objects(_check_local(directory, rank, world_size), world_size)
     return next((p for p in problems if p is not None), None)
 

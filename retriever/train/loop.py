@@ -246,8 +246,8 @@ class _Training:
             self._say(f"checkpoint {ref.name} skipped: {problem}")
         if refs:
             raise NoValidCheckpointError(
-                f"no valid checkpoint to resume {self.cfg.name!r} from ({'; '.join(self.skipped_checkpoints)}); "
-                f"delete {self.ctx.checkpoint_home()} to train from scratch, or use another run name"
+                f"no valid checkpoint to resume {self.cfg.name!r} from: {'; '.join(self.skipped_checkpoints)}. "
+                f"Delete {self.ctx.checkpoint_home()} to train from scratch, or use another run name"
             )
 
     def checkpoint(self, metrics: dict[str, float]) -> None:

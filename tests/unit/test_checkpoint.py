@@ -17,8 +17,8 @@ import torch
 from conftest import REPO_ROOT, make_config
 
 from retriever.errors import UserError
-from retriever.train.checkpoint import MANIFEST_FILE, PROGRESS_FILE, verify_checkpoint
-from retriever.train.errors import NoValidCheckpointError
+from retriever.train.checkpoint import MANIFEST_FILE, PROGRESS_FILE, Progress, sha256_file, verify_checkpoint
+from retriever.train.errors import InvalidCheckpointError, NoValidCheckpointError
 from retriever.train.loop import check_finite_files
 from retriever.train.trainer import run_dir_for, run_training
 
@@ -68,16 +68,22 @@ def test_every_file_is_in_the_manifest_and_it_verifies(trained):
         assert verify_checkpoint(directory) is None
 
 
+def garble(path: Path) -> None:
+    path.write_bytes(b"\xff\xfe{garbled")
+
+
 @pytest.mark.parametrize(
     ("change", "why"),
     [
-        (lambda d: (d / MANIFEST_FILE).unlink(), "no checksums.json"),
-        (lambda d: flip(d / MANIFEST_FILE, 8, 0.2), "checksums.json: unreadable"),
-        (lambda d: (d / "rng-rank0.pt").unlink(), "missing rng-rank0.pt"),
+        (lambda d: (d / MANIFEST_FILE).unlink(), "no checksums.json (written last"),
+        (lambda d: flip(d / MANIFEST_FILE, 8, 0.2), "checksums.json is unreadable"),
+        (lambda d: (d / "rng-rank0.pt").unlink(), "rng-rank0.pt missing (listed in checksums.json)"),
         (lambda d: (d / "notes.txt").write_text("x"), "notes.txt not in checksums.json"),
-        (lambda d: flip(d / ".metadata", 8), ".metadata: does not match its checksum"),
-        (lambda d: flip(d / "__0_0.distcp", 24), "__0_0.distcp: does not match its checksum"),
+        (lambda d: flip(d / ".metadata", 8), ".metadata does not match its checksum in checksums.json"),
+        (lambda d: flip(d / "__0_0.distcp", 24), "__0_0.distcp does not match its checksum in checksums.json"),
+        (lambda d: garble(d / PROGRESS_FILE), "progress.json does not match its checksum"),
     ],
+    ids=["no-manifest", "bad-manifest", "missing", "extra", "metadata", "shard", "progress"],
 )
 def test_a_checkpoint_without_its_manifest_or_with_a_missing_extra_or_changed_file_is_invalid(
     trained, tmp_path, change, why
@@ -86,7 +92,21 @@ def test_a_checkpoint_without_its_manifest_or_with_a_missing_extra_or_changed_fi
     shutil.copytree(checkpoint_dirs(trained[0])[0], directory)
     change(directory)
     problem = verify_checkpoint(directory)
-    assert problem is not None and why in problem and str(directory) in problem
+    assert problem is not None and problem.startswith(why)
+
+
+def test_an_unreadable_progress_file_is_reported_with_its_path(trained, tmp_path):
+    directory = tmp_path / "step"
+    shutil.copytree(checkpoint_dirs(trained[0])[0], directory)
+    garble(directory / PROGRESS_FILE)
+    with pytest.raises(InvalidCheckpointError, match=f"{directory / PROGRESS_FILE}: unreadable .*utf-8"):
+        Progress.read(directory)
+    # Rewritten with its manifest (as if both were garbled together), the file itself is what fails.
+    manifest = json.loads((directory / MANIFEST_FILE).read_text())
+    garbled = directory / PROGRESS_FILE
+    manifest["files"][PROGRESS_FILE] = {"sha256": sha256_file(garbled), "bytes": garbled.stat().st_size, "rank": 0}
+    (directory / MANIFEST_FILE).write_text(json.dumps(manifest))
+    assert verify_checkpoint(directory).startswith("progress.json is unreadable ('utf-8' codec can't decode")
 
 
 def test_a_corrupt_latest_shard_falls_back_to_the_previous_checkpoint(trained, capfd):
@@ -97,7 +117,7 @@ def test_a_corrupt_latest_shard_falls_back_to_the_previous_checkpoint(trained, c
     capfd.readouterr()
     result = run_training(cfg, probe_texts=PROBES)
     err = capfd.readouterr().err
-    assert f"checkpoint {latest} skipped: {latest / '__0_0.distcp'}: does not match its checksum" in err
+    assert f"checkpoint {latest} skipped: __0_0.distcp does not match its checksum" in err
     assert f"resumed from step 3 (checkpoint {older})" in err
     assert result["resumed_from"] == str(older) and result["resumed_from_step"] == 3
     assert len(result["skipped_checkpoints"]) == 1 and result["skipped_checkpoints"][0].startswith(str(latest))
@@ -110,7 +130,7 @@ def test_a_corrupt_latest_shard_falls_back_to_the_previous_checkpoint(trained, c
 
 @pytest.mark.parametrize(
     "damage",
-    [lambda d: flip(d / ".metadata", 8), lambda d: (d / PROGRESS_FILE).write_bytes(b"\xff\xfe{garbled")],
+    [lambda d: flip(d / ".metadata", 8), lambda d: garble(d / PROGRESS_FILE)],
     ids=["metadata", "progress"],
 )
 def test_no_valid_checkpoint_is_a_clear_error_and_nothing_is_trained_or_exported(trained, request, damage):
@@ -122,7 +142,7 @@ def test_no_valid_checkpoint_is_a_clear_error_and_nothing_is_trained_or_exported
     message = str(raised.value)
     assert isinstance(raised.value, UserError) and "\n" not in message
     assert all(str(d) in message for d in checkpoint_dirs(cfg))
-    assert f"delete {run_dir_for(cfg) / 'checkpoints'}" in message
+    assert f"Delete {run_dir_for(cfg) / 'checkpoints'} to train from scratch" in message
     assert not (run_dir_for(cfg) / "encoder").exists()
 
 
