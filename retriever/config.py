@@ -112,6 +112,11 @@ class TrainConfig(StrictModel):
     log_every: int = Field(1, gt=0)
     max_failures: int = Field(0, ge=0)
     output_dir: str = "runs"
+    on_nonfinite: Literal["stop", "skip"] = Field(
+        "stop",
+        description="a NaN/inf loss or gradient: `stop` with an error naming the step, or `skip` that optimizer "
+        "step (logged as skipped_steps; it still counts toward the budget, its FLOPs were spent)",
+    )
 
 
 class MntpConfig(StrictModel):

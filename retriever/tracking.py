@@ -87,6 +87,11 @@ def open_experiment(settings: TrackingConfig, output_dir: str | Path) -> Trackin
     return TrackingTarget(uri, experiment_id)
 
 
+# A failed or killed run's error message; when the run is resumed it moves to the second tag.
+ERROR_TAG = "error"
+PREVIOUS_ERROR_TAG = "previous_error"
+
+
 class RunTracker:
     """One MLflow run, created or resumed by id; every call is a no-op when tracking is disabled."""
 
@@ -122,9 +127,15 @@ class RunTracker:
         parent_run_id: str | None = None,
         tags: Mapping[str, str] | None = None,
     ) -> RunTracker:
-        """Resume `run_id` when given (after a restart), else create a run (nested under `parent_run_id`)."""
+        """Resume `run_id` when given (after a restart), else create a run (nested under `parent_run_id`).
+
+        A resumed run's `error` tag (why the previous attempt stopped) becomes `previous_error`."""
         client = _client(uri)
         if run_id is not None:
+            error = client.get_run(run_id).data.tags.get(ERROR_TAG)
+            if error is not None:
+                client.set_tag(run_id, PREVIOUS_ERROR_TAG, error)
+                client.delete_tag(run_id, ERROR_TAG)
             client.update_run(run_id, status="RUNNING")
             return cls(uri, experiment_id, run_id)
         all_tags = dict(tags or {})
@@ -167,6 +178,51 @@ class RunTracker:
         else:
             self._client.log_artifact(self.run_id, str(path), artifact_path)
 
+    def last_step(self, metric: str) -> int:
+        """The highest step logged for `metric` in this run (0: none): a resumed run logs only later steps, since
+        MLflow keeps every point it is sent, also a second one for the same step."""
+        if not self.enabled:
+            return 0
+        history = self._client.get_metric_history(self.run_id, safe_metric_name(metric))
+        return max((m.step for m in history), default=0)
+
     def end(self, status: str = "FINISHED") -> None:
         if self.enabled:
             self._client.set_terminated(self.run_id, status=status)
+
+    def fail(self, error: BaseException) -> None:
+        """End the run as `status_for(error)`, with the error's message as the tag `error`."""
+        if self.enabled:
+            self._client.set_tag(self.run_id, ERROR_TAG, error_message(error))
+            self.end(status_for(error))
+
+
+def status_for(error: BaseException) -> str:
+    """KILLED for an interrupt (Ctrl-C, or a signal turned into SystemExit), FAILED for anything else."""
+    return "KILLED" if isinstance(error, KeyboardInterrupt | SystemExit) else "FAILED"
+
+
+def error_message(error: BaseException) -> str:
+    text = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+    return text if len(text) <= 5000 else text[:4997] + "..."
+
+
+def end_running_runs(
+    target: TrackingTarget, run_name: str, parent_run_id: str | None, error: BaseException
+) -> list[str]:
+    """End the RUNNING runs named `run_name` (under `parent_run_id`) as `status_for(error)`: runs whose process was
+    killed before it could end them (a Ray worker torn down after another rank failed). Returns their ids."""
+    client = _client(target.uri)
+    name = run_name.replace("'", "\\'")
+    query = f"attributes.run_name = '{name}' AND attributes.status = 'RUNNING'"
+    if parent_run_id:
+        query += f" AND tags.mlflow.parentRunId = '{parent_run_id}'"
+    runs = client.search_runs([target.experiment_id], filter_string=query, max_results=100)
+    ended = []
+    for run in runs:
+        if not parent_run_id and "mlflow.parentRunId" in run.data.tags:
+            continue
+        tracker = RunTracker(target.uri, target.experiment_id, run.info.run_id)
+        tracker.fail(error)
+        ended.append(run.info.run_id)
+    return ended

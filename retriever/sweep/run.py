@@ -15,6 +15,7 @@ Layout of a sweep directory (`<train.output_dir>/sweeps/<name>/`):
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 from dataclasses import dataclass
@@ -25,6 +26,8 @@ from retriever.config import ExperimentConfig, flatten
 from retriever.records import collect_cells
 from retriever.sweep.grid import STATE_FILE, backbone_paradigms, cell_config, prepare, sweep_dir
 from retriever.tracking import RunTracker, TrackingTarget, open_experiment
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -166,20 +169,29 @@ def run_sweep(cfg: ExperimentConfig, *, resume: bool = False, verbose: bool = Fa
 
         state["plan"] = plan_to_json(plan_grid(cfg))
     tracking = _start_parent_run(cfg, state)
-    stages_log = root / "stages.log"
-    if (cfg.mntp.enabled or cfg.bow.enabled) and "pretrain" not in state:
-        cfg = _pretrain(cfg, state, tracking, stages_log, verbose)
-    (root / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
-    if cfg.sweep.baselines:
-        _baselines(cfg, root, stages_log, verbose)
-    _run_grid(cfg, root, state, tracking, resume, verbose)
-    cells = collect_cells(root)
-    report = None
-    if cells:
-        from retriever.report.sweep_report import write_sweep_report
+    parent = RunTracker.of(tracking, state.get("parent_run_id"))
+    try:
+        stages_log = root / "stages.log"
+        if (cfg.mntp.enabled or cfg.bow.enabled) and "pretrain" not in state:
+            cfg = _pretrain(cfg, state, tracking, stages_log, verbose)
+        (root / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
+        if cfg.sweep.baselines:
+            _baselines(cfg, root, stages_log, verbose)
+        _run_grid(cfg, root, state, tracking, resume, verbose)
+        cells = collect_cells(root)
+        report = None
+        if cells:
+            from retriever.report.sweep_report import write_sweep_report
 
-        report = write_sweep_report(root, cfg, state.get("parent_run_id"), tracking)
-    RunTracker.of(tracking, state.get("parent_run_id")).end()
+            report = write_sweep_report(root, cfg, state.get("parent_run_id"), tracking)
+    except BaseException as exc:
+        # FAILED (KILLED on an interrupt) with the error as a tag, not RUNNING forever; --resume reopens it.
+        try:
+            parent.fail(exc)
+        except Exception:
+            log.exception("could not mark the sweep's MLflow run %s as failed", parent.run_id)
+        raise
+    parent.end()
     return SweepResult(root, state.get("parent_run_id"), cells, report)
 
 

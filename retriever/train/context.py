@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import shutil
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -24,8 +25,17 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from retriever.data.collate import rows_from_table
+from retriever.outputs import PARTIAL, atomic_directory
+from retriever.train.collective import all_gather_objects
 
-COMPLETE_MARKER = "COMPLETE"
+
+@dataclass(frozen=True)
+class CheckpointRef:
+    """A checkpoint of the run: `name` (its path or URI, for messages) and `open()`, a context manager giving it as
+    a local directory."""
+
+    name: str
+    open: Callable[[], contextlib.AbstractContextManager[Path]]
 
 
 class TrainContext(Protocol):
@@ -38,11 +48,14 @@ class TrainContext(Protocol):
     def report(self, metrics: dict[str, float], checkpoint_dir: Path | None = None) -> None:
         """Record metrics (and a checkpoint written by this rank into `checkpoint_dir`)."""
 
-    def latest_checkpoint(self) -> contextlib.AbstractContextManager[Path | None]:
-        """The newest complete checkpoint of this run, as a local directory (None: start fresh)."""
+    def checkpoints(self) -> list[CheckpointRef]:
+        """This run's checkpoints, newest first, the same list on every rank (empty: start fresh)."""
+
+    def checkpoint_home(self) -> str:
+        """Where the run's checkpoints live, for messages (the folder to delete to start over)."""
 
     def new_checkpoint_dir(self, step: int) -> contextlib.AbstractContextManager[Path]:
-        """A directory for this rank to write checkpoint files into before `report`."""
+        """A fresh directory that only this rank writes checkpoint files into before `report`."""
 
 
 def epoch_batches(table: pa.Table, batch_size: int, seed: int, epoch: int) -> np.ndarray:
@@ -77,7 +90,8 @@ def epoch_batches(table: pa.Table, batch_size: int, seed: int, epoch: int) -> np
 
 class LocalContext:
     """Single process: the whole table (in `canonical_order`, as Ray workers see it), checkpoints under
-    `run_dir/<checkpoints>/step-000123`."""
+    `run_dir/<checkpoints>/step-000123`, each written into a temporary sibling and renamed into place when complete
+    (a killed run leaves only complete checkpoints); the newest `keep` are kept."""
 
     rank = 0
     world_size = 1
@@ -104,32 +118,39 @@ class LocalContext:
         self.history.append(dict(metrics))
         if self.on_report is not None:
             self.on_report(metrics)
-        if checkpoint_dir is not None:
-            (checkpoint_dir / COMPLETE_MARKER).write_text("ok\n")
-            self._prune()
 
     def _checkpoints(self) -> list[Path]:
+        """The checkpoint folders in place, oldest first (whether valid is for `verify_checkpoint` to say)."""
         root = self.checkpoint_root
         if not root.is_dir():
             return []
-        return sorted(p for p in root.iterdir() if p.is_dir() and (p / COMPLETE_MARKER).is_file())
+        return sorted(p for p in root.glob("step-*") if p.is_dir())
 
     def _prune(self) -> None:
         for stale in self._checkpoints()[: -self.keep]:
             shutil.rmtree(stale, ignore_errors=True)
+        # Temporary folders of checkpoints whose writer was killed (one writer per run folder).
+        for partial in self.checkpoint_root.glob(f".step-*{PARTIAL}*"):
+            shutil.rmtree(partial, ignore_errors=True)
+
+    def checkpoints(self) -> list[CheckpointRef]:
+        return [CheckpointRef(str(p), lambda p=p: contextlib.nullcontext(p)) for p in reversed(self._checkpoints())]
+
+    def checkpoint_home(self) -> str:
+        return str(self.checkpoint_root)
 
     @contextlib.contextmanager
     def latest_checkpoint(self) -> Iterator[Path | None]:
+        """The newest checkpoint folder, valid or not (None: there is none)."""
         found = self._checkpoints()
         yield found[-1] if found else None
 
     @contextlib.contextmanager
     def new_checkpoint_dir(self, step: int) -> Iterator[Path]:
-        path = self.checkpoint_root / f"step-{step:08d}"
-        if path.exists():
-            shutil.rmtree(path)
-        path.mkdir(parents=True)
-        yield path
+        target = self.checkpoint_root / f"step-{step:08d}"
+        with atomic_directory(target, overwrite=True, what="the checkpoint") as tmp:
+            yield tmp
+        self._prune()
 
 
 def _rows_of(table: pa.Table, batches: np.ndarray) -> Iterator[dict[str, Any]]:
@@ -179,14 +200,29 @@ class RayTrainContext:
         checkpoint = self._train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
         self._train.report(metrics, checkpoint=checkpoint)
 
-    @contextlib.contextmanager
-    def latest_checkpoint(self) -> Iterator[Path | None]:
-        checkpoint = self._train.get_checkpoint()
-        if checkpoint is None:
-            yield None
-            return
-        with checkpoint.as_directory() as directory:
-            yield Path(directory)
+    def checkpoints(self) -> list[CheckpointRef]:
+        """The latest reported checkpoint (`get_checkpoint`), then the run's other kept checkpoints, newest first.
+
+        Ray 2.60 keeps a run's checkpoints as `<storage_path>/<name>/checkpoint_<YYYY-MM-DD_HH-MM-SS.ffffff>` and
+        lists the ones it kept (`CheckpointConfig.num_to_keep`, restored from its snapshot on a re-run) in
+        `get_all_reported_checkpoints`; the timestamped names sort by age. A folder a killed rank was still
+        uploading into was never reported, so it is not listed.
+        """
+        latest = self._train.get_checkpoint()
+        if latest is None:
+            return []
+        from ray.train import CheckpointConsistencyMode
+
+        reported = self._train.get_all_reported_checkpoints(consistency_mode=CheckpointConsistencyMode.COMMITTED)
+        older = sorted(
+            (r.checkpoint for r in reported if r.checkpoint.path != latest.path),
+            key=lambda c: Path(c.path).name,
+            reverse=True,
+        )
+        return [CheckpointRef(c.path, c.as_directory) for c in [latest, *older]]
+
+    def checkpoint_home(self) -> str:
+        return self._train.get_context().get_storage().experiment_fs_path
 
     @contextlib.contextmanager
     def new_checkpoint_dir(self, step: int) -> Iterator[Path]:
@@ -207,15 +243,7 @@ def canonical_order(table: pa.Table) -> pa.Table:
 
 def _all_gather_tables(local: pa.Table | None, world_size: int) -> pa.Table:
     """Every rank's rows on every rank, in rank order."""
-    import torch.distributed as dist
-
-    if world_size == 1 or not dist.is_initialized():
-        parts = [local]
-    else:
-        group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
-        parts = [None] * world_size
-        dist.all_gather_object(parts, local, group=group)
-    tables = [t for t in parts if t is not None]
+    tables = [t for t in all_gather_objects(local, world_size) if t is not None]
     if not tables:
         raise ValueError("the training dataset is empty: no worker received any rows")
     return pa.concat_tables(tables, promote_options="default").combine_chunks()

@@ -3,7 +3,9 @@
     result = run_training(load_config("configs/quickstart.yaml"))
 
 Ray is imported only when workers are requested. Re-running with the same `name` and `train.output_dir` resumes
-from the latest checkpoint (Ray Train's job-level resume, or the local checkpoint folder).
+from the newest checkpoint that verifies (Ray Train's job-level resume, or the local checkpoint folder; see
+`retriever.train.loop`). A `UserError` a Ray worker raised (no valid checkpoint, a non-finite loss) reaches the
+caller as itself, not wrapped in Ray's error.
 """
 
 from __future__ import annotations
@@ -16,8 +18,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from retriever.config import ExperimentConfig
+from retriever.errors import UserError
 from retriever.registry import Registry
-from retriever.tracking import RunTracker, open_experiment
+from retriever.tracking import RunTracker, TrackingTarget, end_running_runs, open_experiment
 
 if TYPE_CHECKING:
     from retriever.data.examples import DocTexts
@@ -247,6 +250,7 @@ def _run_local(cfg, task, planned, path, run_dir, tracking, probe_texts, on_repo
         run_dir,
         planned_steps=planned,
         make_tracker=_tracker_factory(tracking),
+        probe_texts=probe_texts,
     )
     return result.to_dict()
 
@@ -287,5 +291,40 @@ def _run_ray(cfg, task, planned, path, run_dir, tracking, callbacks, probe_texts
         ),
         datasets={"train": dataset},
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except BaseException as exc:
+        _end_orphaned_runs(tracking, exc)
+        user_error = _user_error_in(exc)
+        if user_error is not None:  # a bad state the workers found (e.g. no valid checkpoint): one line, not a trace
+            raise user_error from exc
+        raise
     return dict(result.return_value)
+
+
+def _end_orphaned_runs(tracking: dict[str, Any] | None, error: BaseException) -> None:
+    """Rank 0 ends its MLflow run when it fails; when Ray tore it down because another rank failed, the run would
+    stay RUNNING: end it here."""
+    if tracking is None:
+        return
+    try:
+        target = TrackingTarget(tracking["uri"], tracking["experiment_id"])
+        end_running_runs(target, tracking["run_name"], tracking.get("parent_run_id"), error)
+    except Exception:  # never hide the training error behind a tracking one
+        log.exception("could not end the tracking run of %s", tracking["run_name"])
+
+
+def _user_error_in(error: BaseException, depth: int = 0) -> UserError | None:
+    """The `UserError` a worker raised, found in Ray's wrapping of it (`worker_failures`, causes)."""
+    if isinstance(error, UserError):
+        return error
+    if depth > 5:
+        return None
+    inner: list[Any] = list(getattr(error, "worker_failures", {}).values())
+    inner += [getattr(error, "controller_failure", None), getattr(error, "cause", None), error.__cause__]
+    for candidate in inner:
+        if isinstance(candidate, BaseException):
+            found = _user_error_in(candidate, depth + 1)
+            if found is not None:
+                return found
+    return None

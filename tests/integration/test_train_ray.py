@@ -1,6 +1,10 @@
-"""Ray Train: 2 workers, FSDP2 + LoRA on CPU/gloo, budget stop, fault tolerance and job-level resume."""
+"""Ray Train: 2 workers, FSDP2 + LoRA on CPU/gloo, budget stop, fault tolerance, job-level resume (also past a
+corrupt latest checkpoint)."""
 
 from __future__ import annotations
+
+import json
+import shutil
 
 import pytest
 import torch
@@ -8,6 +12,7 @@ from conftest import make_config
 
 from retriever.flops import plan_cell
 from retriever.models.encoders import load_encoder
+from retriever.train.checkpoint import MANIFEST_FILE, verify_checkpoint
 from retriever.train.trainer import run_training
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(420)]
@@ -48,11 +53,57 @@ def test_worker_failure_resumes_from_the_last_checkpoint(ray_cluster, tmp_path):
     assert result["flops"] == 7 * per_step
 
 
-def test_rerunning_the_same_name_continues_the_run(ray_cluster, tmp_path):
+def flip(path, count: int) -> None:
+    """Invert `count` bytes in the middle of the file."""
+    data = bytearray(path.read_bytes())
+    start = len(data) // 2 - count // 2
+    data[start : start + count] = bytes(b ^ 0xFF for b in data[start : start + count])
+    path.write_bytes(bytes(data))
+
+
+def checkpoints(experiment):
+    """Ray 2.60's layout: `<storage_path>/<name>/checkpoint_<timestamp>/`, the rank folders merged into each."""
+    return sorted(p for p in experiment.glob("checkpoint_*") if p.is_dir())
+
+
+@pytest.fixture(scope="module")
+def six_steps(ray_cluster, tmp_path_factory):
+    """The Ray folder of a 6-step DDP run (checkpoints at steps 3 and 6, both kept: num_to_keep=2), run once."""
+    root = tmp_path_factory.mktemp("six-steps")
+    assert run_training(ray_config(root, "again", strategy="ddp"))["steps"] == 6
+    return root / "ray" / "again-retrieval"
+
+
+def continued(six_steps, tmp_path):
+    """The config of the 6-step run, with a copy of its Ray folder under `tmp_path`: a re-run continues it."""
     cfg = ray_config(tmp_path, "again", strategy="ddp")
-    first = run_training(cfg)
-    assert first["steps"] == 6
+    shutil.copytree(six_steps, tmp_path / "ray" / "again-retrieval")
+    return cfg
+
+
+def test_rerunning_the_same_name_continues_the_run(six_steps, tmp_path):
+    cfg = continued(six_steps, tmp_path)
     cfg.budget.max_steps = 9
     second = run_training(cfg)
-    assert second["steps"] == 9
+    assert second["steps"] == 9 and second["resumed_from_step"] == 6 and not second["skipped_checkpoints"]
     assert second["flops"] == 9 * plan_cell(cfg).flops_per_step
+
+
+@pytest.mark.slow  # a Ray run (~30 s on 2 cores) on top of the module's 6-step one
+def test_a_corrupt_latest_checkpoint_resumes_from_the_previous_one(six_steps, tmp_path):
+    cfg = continued(six_steps, tmp_path)
+    older, latest = checkpoints(tmp_path / "ray" / "again-retrieval")
+    # One manifest covers both ranks' files, merged by Ray into one folder.
+    files = json.loads((latest / MANIFEST_FILE).read_text())["files"]
+    assert files["rng-rank0.pt"]["rank"] == 0 and files["rng-rank1.pt"]["rank"] == 1
+    assert verify_checkpoint(latest) is None
+    shard = max(latest.glob("__*.distcp"), key=lambda p: p.stat().st_size)
+    flip(shard, 24)
+    cfg.budget.max_steps = 9
+    result = run_training(cfg)
+    assert result["resumed_from"] == str(older) and result["resumed_from_step"] == 3
+    assert result["skipped_checkpoints"] == [
+        f"{latest}: {shard.name} does not match its checksum in {MANIFEST_FILE} (corrupt or changed)"
+    ]
+    # Steps 4-6 trained again from step 3 count once.
+    assert result["steps"] == 9 and result["flops"] == 9 * plan_cell(cfg).flops_per_step

@@ -1,5 +1,6 @@
 """MLflow tracking (`retriever.tracking`) on a local SQLite store: the one experiment set-up every stage uses (URI,
-artifact location, the experiment-kind tag), runs nested under a parent, and MLflow-safe metric names."""
+artifact location, the experiment-kind tag), runs nested under a parent, MLflow-safe metric names, and runs that
+end FAILED or KILLED with their error."""
 
 from __future__ import annotations
 
@@ -10,12 +11,15 @@ from mlflow.tracking import MlflowClient
 
 from retriever.config import TrackingConfig
 from retriever.tracking import (
+    ERROR_TAG,
     EXPERIMENT_KIND,
     EXPERIMENT_KIND_TAG,
     RunTracker,
     TrackingTarget,
+    end_running_runs,
     open_experiment,
     safe_metric_name,
+    status_for,
 )
 
 
@@ -64,3 +68,57 @@ def test_the_experiment_is_created_once_in_sqlite_with_its_artifacts_and_kind(tm
 )
 def test_metric_names_are_mlflow_safe(name: str, safe: str) -> None:
     assert safe_metric_name(name) == safe
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> Path:
+    """One SQLite store for the tests below (creating one takes a second): each uses its own experiment."""
+    return tmp_path_factory.mktemp("mlflow")
+
+
+def test_a_failed_or_interrupted_run_ends_with_its_status_and_error(store: Path) -> None:
+    target = open_experiment(TrackingConfig(experiment="status"), store)
+    client = MlflowClient(tracking_uri=target.uri)
+    failed = RunTracker.start(target.uri, target.experiment_id, run_name="failed")
+    failed.fail(ValueError("bad batch"))
+    killed = RunTracker.start(target.uri, target.experiment_id, run_name="killed")
+    killed.fail(KeyboardInterrupt())
+    assert client.get_run(failed.run_id).info.status == "FAILED"
+    assert client.get_run(failed.run_id).data.tags[ERROR_TAG] == "ValueError: bad batch"
+    assert client.get_run(killed.run_id).info.status == "KILLED"
+    assert status_for(SystemExit(143)) == "KILLED" and status_for(RuntimeError()) == "FAILED"
+    # Resumed, the run is RUNNING again and the error is kept as the previous attempt's.
+    again = RunTracker.start(target.uri, target.experiment_id, run_name="failed", run_id=failed.run_id)
+    run = client.get_run(again.run_id)
+    assert run.info.status == "RUNNING" and ERROR_TAG not in run.data.tags
+    assert run.data.tags["previous_error"] == "ValueError: bad batch"
+    RunTracker.disabled().fail(RuntimeError("nothing to end"))  # a no-op without tracking
+
+
+def test_the_last_logged_step_of_a_metric(store: Path) -> None:
+    target = open_experiment(TrackingConfig(experiment="steps"), store)
+    run = RunTracker.start(target.uri, target.experiment_id, run_name="steps")
+    assert run.last_step("loss/total") == 0
+    for step in (1, 2, 3):
+        run.log_metrics({"loss/total": 1.0 / step, "ndcg@10": 0.1}, step=step)
+    assert run.last_step("loss/total") == 3 and run.last_step("ndcg@10") == 3
+    assert RunTracker.disabled().last_step("loss/total") == 0
+
+
+def test_runs_left_running_by_a_killed_process_are_ended_by_name_and_parent(store: Path) -> None:
+    target = open_experiment(TrackingConfig(experiment="orphans"), store)
+    client = MlflowClient(tracking_uri=target.uri)
+    parent = RunTracker.start(target.uri, target.experiment_id, run_name="sweep")
+    orphan = RunTracker.start(target.uri, target.experiment_id, run_name="cell", parent_run_id=parent.run_id)
+    other_name = RunTracker.start(target.uri, target.experiment_id, run_name="cell-2", parent_run_id=parent.run_id)
+    no_parent = RunTracker.start(target.uri, target.experiment_id, run_name="cell")
+    done = RunTracker.start(target.uri, target.experiment_id, run_name="cell", parent_run_id=parent.run_id)
+    done.end()
+    ended = end_running_runs(target, "cell", parent.run_id, RuntimeError("rank 1 died"))
+    assert ended == [orphan.run_id]
+    assert client.get_run(orphan.run_id).info.status == "FAILED"
+    assert client.get_run(orphan.run_id).data.tags[ERROR_TAG] == "RuntimeError: rank 1 died"
+    for untouched, status in ((other_name, "RUNNING"), (no_parent, "RUNNING"), (done, "FINISHED")):
+        assert client.get_run(untouched.run_id).info.status == status
+    assert end_running_runs(target, "cell", None, KeyboardInterrupt()) == [no_parent.run_id]
+    assert client.get_run(no_parent.run_id).info.status == "KILLED"

@@ -1,21 +1,34 @@
-"""The training loop in a single process (no Ray): budget stop, checkpoints, resume, export, learning."""
+"""The training loop in a single process (no Ray): budget stop, checkpoints, resume, export, learning, non-finite
+losses, and the MLflow run's status and metric points across a crash and a resume."""
 
 from __future__ import annotations
 
 import math
+import os
+import signal
 
 import pytest
 import torch
 from conftest import make_config
+from mlflow.tracking import MlflowClient
 
 from retriever.config import ExperimentConfig
 from retriever.data.examples import read_training_examples
+from retriever.errors import UserError
 from retriever.flops import plan_cell
 from retriever.models.encoders import load_encoder
 from retriever.train.checkpoint import Progress
 from retriever.train.context import LocalContext
-from retriever.train.loop import FAIL_ONCE_ENV, lr_factor, run_loop
-from retriever.train.trainer import TASKS, prepare_training_data, run_dir_for, run_training
+from retriever.train.errors import NonFiniteLossError
+from retriever.train.loop import FAIL_ONCE_ENV, check_finite_files, lr_factor, run_loop
+from retriever.train.trainer import (
+    TASKS,
+    _tracker_factory,
+    prepare_training_data,
+    run_dir_for,
+    run_training,
+    tracker_settings,
+)
 
 
 @pytest.fixture(scope="module")
@@ -23,13 +36,52 @@ def output_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("train-runs")
 
 
-def local_run(cfg: ExperimentConfig, planned: int | None = None, probe=None):
+def local_run(cfg: ExperimentConfig, planned: int | None = None, probe=None, wrap_task=None):
+    """Train `cfg` in this process (tracked when `cfg.tracking.enabled`); `wrap_task` may wrap the task."""
     table = read_training_examples(prepare_training_data(cfg))
     planned = planned or plan_cell(cfg).steps if cfg.budget.flops else cfg.budget.max_steps
     task = TASKS.get("retrieval").make(cfg, planned)
+    if wrap_task is not None:
+        task = wrap_task(task)
     ctx = LocalContext(table, run_dir_for(cfg))
-    result = run_loop(cfg, task, ctx, run_dir_for(cfg), planned_steps=planned, probe_texts=probe)
+    make_tracker = _tracker_factory(tracker_settings(cfg))
+    result = run_loop(
+        cfg, task, ctx, run_dir_for(cfg), planned_steps=planned, probe_texts=probe, make_tracker=make_tracker
+    )
     return result, ctx
+
+
+def tracked(output_dir, name: str, **sections) -> ExperimentConfig:
+    return make_config(output_dir, name, tracking={"enabled": True}, **sections)
+
+
+def mlflow_run(cfg: ExperimentConfig):
+    """The one MLflow run of `cfg` (by name) and a client of its store."""
+    settings = tracker_settings(cfg)
+    client = MlflowClient(tracking_uri=settings["uri"])
+    runs = client.search_runs([settings["experiment_id"]], f"attributes.run_name = '{cfg.name}'")
+    assert len(runs) == 1, [r.info.run_id for r in runs]
+    return runs[0], client
+
+
+class LossAt:
+    """The retrieval task, with `at(out)` applied to the loss of the given (1-based) steps."""
+
+    def __init__(self, task, steps: set[int], at) -> None:
+        self.task, self.steps, self.at = task, steps, at
+
+    def __getattr__(self, name: str):
+        return getattr(self.task, name)
+
+    def loss(self, module, batch, step):
+        out = self.task.loss(module, batch, step)
+        if step + 1 in self.steps:
+            self.at(out)
+        return out
+
+
+def nan_loss(out) -> None:
+    out.total = out.total * float("nan")
 
 
 def test_lr_schedule_warms_up_then_decays_to_zero():
@@ -72,19 +124,62 @@ def test_checkpoints_export_and_reload(output_dir):
     assert torch.allclose(again, torch.tensor(result.probe_encodings), atol=1e-5)
 
 
-def test_fault_injection_resumes_from_the_last_checkpoint_without_double_counting(output_dir, monkeypatch):
-    cfg = make_config(output_dir, "resume", budget={"max_steps": 7})
+def test_fault_injection_resumes_from_the_last_checkpoint_without_double_counting(output_dir, monkeypatch, capfd):
+    cfg = tracked(output_dir, "resume", budget={"max_steps": 7})
     per_step = plan_cell(cfg).flops_per_step
     monkeypatch.setenv(FAIL_ONCE_ENV, f"5:{output_dir}/resume-fault")
     with pytest.raises(RuntimeError, match="injected failure at step 5"):
         local_run(cfg)
+    run, client = mlflow_run(cfg)
+    assert run.info.status == "FAILED"
+    assert run.data.tags["error"] == "RuntimeError: injected failure at step 5 (rank 0)"
     with LocalContext(None, run_dir_for(cfg)).latest_checkpoint() as last:
         assert Progress.read(last).step == 3
+    capfd.readouterr()
     result, ctx = local_run(cfg)  # the same run name resumes
+    assert f"resumed from step 3 (checkpoint {last})" in capfd.readouterr().err
     assert result.steps == 7
     assert result.flops == 7 * per_step
     steps_after_resume = [m["step"] for m in ctx.history if "loss/total" in m]
     assert steps_after_resume == [4, 5, 6, 7]
+    # One MLflow run, FINISHED, and one point per step: steps 4 and 5 ran twice but were logged once.
+    run, client = mlflow_run(cfg)
+    assert run.info.status == "FINISHED" and run.data.tags["resumed_from"] == str(last)
+    assert "error" not in run.data.tags and "injected failure at step 5" in run.data.tags["previous_error"]
+    for metric in ("step", "loss/total"):
+        assert sorted(m.step for m in client.get_metric_history(run.info.run_id, metric)) == list(range(1, 8))
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "final/steps")] == [7]
+
+
+def test_a_nan_loss_stops_the_run_naming_the_step_and_fails_its_mlflow_run(output_dir):
+    cfg = tracked(output_dir, "nan-stop", budget={"max_steps": 4})
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss at step 3 \(loss nan\)") as raised:
+        local_run(cfg, wrap_task=lambda task: LossAt(task, {3}, nan_loss))
+    assert isinstance(raised.value, UserError) and "train.on_nonfinite: skip" in str(raised.value)
+    run, _ = mlflow_run(cfg)
+    assert run.info.status == "FAILED" and run.data.tags["error"].startswith("NonFiniteLossError: nan-stop:")
+    assert not (run_dir_for(cfg) / "encoder").exists()
+
+
+def test_skip_drops_the_optimizer_step_of_a_nan_loss_and_exports_a_finite_encoder(output_dir):
+    cfg = tracked(output_dir, "nan-skip", budget={"max_steps": 4}, train={"on_nonfinite": "skip"})
+    result, ctx = local_run(cfg, wrap_task=lambda task: LossAt(task, {2}, nan_loss))
+    # The skipped step spent its FLOPs: it counts toward the budget.
+    assert result.steps == 4 and result.skipped_steps == 1
+    assert [m["skipped_steps"] for m in ctx.history if "loss/total" in m] == [0, 1, 1, 1]
+    check_finite_files(run_dir_for(cfg) / "encoder")
+    run, client = mlflow_run(cfg)
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics["skipped_steps"] == 1 and run.data.metrics["final/skipped_steps"] == 1
+
+
+def test_a_sigterm_mid_training_ends_the_mlflow_run_killed(output_dir):
+    cfg = tracked(output_dir, "terminated", budget={"max_steps": 4})
+    with pytest.raises(SystemExit):
+        local_run(cfg, wrap_task=lambda task: LossAt(task, {2}, lambda out: os.kill(os.getpid(), signal.SIGTERM)))
+    run, _ = mlflow_run(cfg)
+    assert run.info.status == "KILLED" and run.data.tags["error"] == "SystemExit: 143"
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the handler was only there while training
 
 
 def test_run_training_entry_point_in_process(output_dir):

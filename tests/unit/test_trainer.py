@@ -1,5 +1,5 @@
-"""The training entry point's data: examples that hold passage ids train with the texts of `data.docs`, and ids
-without docs fail before training."""
+"""The training entry point: examples that hold passage ids train with the texts of `data.docs`, ids without docs
+fail before training, and a worker's UserError is found inside Ray's errors."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from conftest import make_config
 
 from retriever.data.catalog import synthetic_benchmark
 from retriever.data.examples import build_synthetic_examples
-from retriever.train.trainer import run_dir_for, run_training
+from retriever.train.errors import NoValidCheckpointError
+from retriever.train.trainer import _user_error_in, run_dir_for, run_training
 
 
 def ids_only_examples(cfg, out):
@@ -46,3 +47,19 @@ def test_ids_without_data_docs_fail_before_training(tmp_path):
     with pytest.raises(ValueError, match=r"hold passage ids, not texts; set data\.docs"):
         run_training(cfg)
     assert not run_dir_for(cfg).exists()  # nothing was built or checkpointed
+
+
+class WorkerGroupError(Exception):
+    """Shaped as Ray Train's: the workers' exceptions by rank (Ray may wrap each again, as the cause)."""
+
+    def __init__(self, message: str, worker_failures: dict[int, BaseException]) -> None:
+        super().__init__(message)
+        self.worker_failures = worker_failures
+
+
+def test_a_workers_user_error_is_found_inside_rays_error():
+    bad_state = NoValidCheckpointError("no valid checkpoint to resume 'x' from")
+    wrapped = RuntimeError("task failed")
+    wrapped.__cause__ = bad_state
+    assert _user_error_in(WorkerGroupError("failed", {0: RuntimeError("peer"), 1: wrapped})) is bad_state
+    assert _user_error_in(WorkerGroupError("failed", {0: RuntimeError("a bug")})) is None
