@@ -28,6 +28,7 @@ from torch import nn
 
 from retriever.config import BudgetConfig, ExperimentConfig
 from retriever.data.catalog import corpus_texts
+from retriever.errors import SettingError
 from retriever.losses import LossOutput
 from retriever.models.encoders import RetrievalEncoder, SparseEncoder, build_encoder
 from retriever.registry import Registry
@@ -96,7 +97,7 @@ def bow_stage_config(cfg: ExperimentConfig) -> ExperimentConfig:
 def bow_table(cfg: ExperimentConfig) -> pa.Table:
     texts = list(corpus_texts(cfg.bow.corpus, cfg))
     if len(texts) < cfg.bow.batch_size:
-        raise ValueError(
+        raise SettingError(
             f"bow.corpus={cfg.bow.corpus!r} has {len(texts)} texts, fewer than bow.batch_size={cfg.bow.batch_size}; "
             "use a larger corpus or a smaller batch"
         )

@@ -13,9 +13,7 @@ there, lists exactly the files present and every file matches it, and `progress.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +23,8 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
+from retriever.checksums import sha256_file
+from retriever.outputs import write_text_atomic
 from retriever.train.collective import all_gather_objects
 from retriever.train.errors import InvalidCheckpointError
 
@@ -57,14 +57,6 @@ class Progress:
         (directory / PROGRESS_FILE).write_text(json.dumps(asdict(self), indent=2) + "\n")
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _files(directory: Path) -> list[str]:
     """Every file under `directory` but the manifest, as sorted POSIX paths relative to it."""
     return sorted(
@@ -89,9 +81,7 @@ def write_manifest(directory: Path, rank: int, world_size: int) -> None:
                 raise RuntimeError(f"checkpoint file {name} written by ranks {files[name]['rank']} and {writer}")
             files[name] = {**entry, "rank": writer}
     manifest = {"format": MANIFEST_FORMAT, "world_size": world_size, "files": files}
-    tmp = directory / f".{MANIFEST_FILE}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, directory / MANIFEST_FILE)
+    write_text_atomic(directory / MANIFEST_FILE, json.dumps(manifest, indent=1, sort_keys=True) + "\n")
 
 
 class _Invalid(Exception):

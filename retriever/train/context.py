@@ -25,6 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from retriever.data.collate import rows_from_table
+from retriever.errors import DataFormatError, SettingError
 from retriever.outputs import PARTIAL, atomic_directory
 from retriever.train.collective import all_gather_objects
 
@@ -75,7 +76,7 @@ def epoch_batches(table: pa.Table, batch_size: int, seed: int, epoch: int) -> np
     rows_per_query = np.bincount(codes)
     if rows_per_query.max() > count:
         worst = int(rows_per_query.argmax())
-        raise ValueError(
+        raise SettingError(
             f"query {queries.dictionary[worst].as_py()!r} has {rows_per_query[worst]} training rows, but an epoch of "
             f"{table.num_rows} rows has only {count} batches of {batch_size}, so a batch would hold it twice; lower "
             "train.batch_size or use more training queries"
@@ -130,7 +131,7 @@ class LocalContext:
         for stale in self._checkpoints()[: -self.keep]:
             shutil.rmtree(stale, ignore_errors=True)
         # Temporary folders of checkpoints whose writer was killed (one writer per run folder).
-        for partial in self.checkpoint_root.glob(f".step-*{PARTIAL}*"):
+        for partial in self.checkpoint_root.glob(f"{PARTIAL}*-step-*"):
             shutil.rmtree(partial, ignore_errors=True)
 
     def checkpoints(self) -> list[CheckpointRef]:
@@ -245,5 +246,5 @@ def _all_gather_tables(local: pa.Table | None, world_size: int) -> pa.Table:
     """Every rank's rows on every rank, in rank order."""
     tables = [t for t in all_gather_objects(local, world_size) if t is not None]
     if not tables:
-        raise ValueError("the training dataset is empty: no worker received any rows")
+        raise DataFormatError("the training dataset is empty: no worker received any rows")
     return pa.concat_tables(tables, promote_options="default").combine_chunks()

@@ -33,6 +33,7 @@ import torch.distributed as dist
 from torch import nn
 
 from retriever.config import ExperimentConfig, flatten
+from retriever.errors import SettingError
 from retriever.losses import LossOutput
 from retriever.outputs import atomic_directory
 from retriever.tracking import RunTracker
@@ -117,7 +118,7 @@ def _maybe_inject_failure(step: int, rank: int) -> None:
 def _device(cfg: ExperimentConfig) -> torch.device:
     if cfg.train.use_gpu:
         if not torch.cuda.is_available():
-            raise RuntimeError("train.use_gpu=true but CUDA is not available on this worker")
+            raise SettingError("train.use_gpu=true but CUDA is not available on this worker; set train.use_gpu=false")
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     return torch.device("cpu")
 
@@ -166,7 +167,7 @@ class _Training:
         self.device = _device(cfg)
         world = ctx.world_size
         if cfg.train.batch_size % world:
-            raise ValueError(
+            raise SettingError(
                 f"train.batch_size={cfg.train.batch_size} is not divisible by the {world} workers; "
                 f"use a multiple of {world}"
             )
@@ -202,7 +203,7 @@ class _Training:
     def _adamw(self) -> torch.optim.Optimizer:
         params = [p for p in self.wrapped.module.parameters() if p.requires_grad]
         if not params:
-            raise ValueError("nothing to train: every parameter is frozen (enable LoRA or full fine-tuning)")
+            raise SettingError("nothing to train: every parameter is frozen (enable LoRA or full fine-tuning)")
         return torch.optim.AdamW(params, lr=self.cfg.train.lr, weight_decay=self.cfg.train.weight_decay)
 
     def _say(self, message: str) -> None:
@@ -278,7 +279,7 @@ class _Training:
                     break
             else:
                 if not seen_any:
-                    raise ValueError(
+                    raise SettingError(
                         f"the training data gives this worker no full batch of {self.local_batch} rows; "
                         "add examples or lower train.batch_size"
                     )

@@ -21,6 +21,7 @@ from torch import nn
 
 from retriever.config import BudgetConfig, ExperimentConfig
 from retriever.data.catalog import corpus_texts
+from retriever.errors import SettingError
 from retriever.losses import LossOutput
 from retriever.models.backbone import load_configured_backbone, tokenizer_reference
 from retriever.models.bidirectional import check_supported, decoder_states, set_bidirectional
@@ -56,7 +57,7 @@ def pack_blocks(texts: Iterator[str], tokenizer: Any, block: int, add_bos: bool)
             blocks.append(head + stream[:body])
             stream = stream[body:]
     if not blocks:
-        raise ValueError(
+        raise SettingError(
             f"the MNTP corpus yields fewer than {block} tokens; use more text or a smaller mntp.max_length"
         )
     return blocks

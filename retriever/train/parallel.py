@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from retriever.errors import SettingError
 from retriever.registry import Registry
 
 
@@ -81,7 +82,7 @@ def _deepspeed(
     try:
         import deepspeed
     except ImportError as exc:
-        raise RuntimeError(
+        raise SettingError(
             "train.strategy=deepspeed needs the `deepspeed` extra: pip install 'retriever[deepspeed]'"
         ) from exc
     deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from retriever.config import ExperimentConfig
+from retriever.config import ConfigError, ExperimentConfig
 from retriever.errors import UserError
 from retriever.registry import Registry
 from retriever.tracking import RunTracker, TrackingTarget, end_running_runs, open_experiment
@@ -132,7 +132,7 @@ def check_examples_have_texts(path: Path, cfg: ExperimentConfig) -> None:
 
     has_docs = cfg.data.docs is not None or cfg.data.train == "synthetic"
     if not has_docs and "positive" not in pq.read_schema(path).names:
-        raise ValueError(
+        raise ConfigError(
             f"{path}: the training examples hold passage ids, not texts; set data.docs to the dataset whose "
             "documents they name (e.g. data.docs=msmarco-passage)"
         )

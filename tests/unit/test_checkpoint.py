@@ -16,8 +16,10 @@ import pytest
 import torch
 from conftest import REPO_ROOT, make_config
 
+from retriever.checksums import sha256_file
 from retriever.errors import UserError
-from retriever.train.checkpoint import MANIFEST_FILE, PROGRESS_FILE, Progress, sha256_file, verify_checkpoint
+from retriever.outputs import PARTIAL
+from retriever.train.checkpoint import MANIFEST_FILE, PROGRESS_FILE, Progress, verify_checkpoint
 from retriever.train.errors import InvalidCheckpointError, NoValidCheckpointError
 from retriever.train.loop import check_finite_files
 from retriever.train.trainer import run_dir_for, run_training
@@ -159,7 +161,7 @@ def test_an_interrupted_export_leaves_the_previous_export_in_place(trained, monk
     with pytest.raises(KeyboardInterrupt):
         run_training(cfg)  # the budget is spent: resume at step 6, export again
     assert {p.relative_to(export): p.read_bytes() for p in export.rglob("*") if p.is_file()} == before
-    assert not list(run_dir_for(cfg).glob(".encoder*"))
+    assert not list(run_dir_for(cfg).glob(f"{PARTIAL}*"))
 
 
 # A training subprocess that SIGKILLs itself in the middle of its second checkpoint: the shards are written, the
@@ -199,10 +201,10 @@ def test_kill_9_in_the_middle_leaves_only_complete_checkpoints_and_the_rerun_suc
     assert not (run_dir / "encoder").exists()
     assert [p.name for p in checkpoint_dirs(cfg)] == ["step-00000002"]
     assert verify_checkpoint(run_dir / "checkpoints" / "step-00000002") is None
-    assert list((run_dir / "checkpoints").glob(".step-00000004.partial-*"))  # the killed write, out of the way
+    assert list((run_dir / "checkpoints").glob(f"{PARTIAL}*-step-00000004"))  # the killed write, out of the way
 
     result = run_training(cfg)
     assert result["steps"] == 6 and result["resumed_from_step"] == 2
     check_finite_files(Path(result["export_dir"]))
     assert [p.name for p in checkpoint_dirs(cfg)] == ["step-00000004", "step-00000006"]
-    assert not list(run_dir.rglob(".*partial-*"))  # removed by the next writers
+    assert not list(run_dir.rglob(f"{PARTIAL}*"))  # removed by the next writers
