@@ -63,6 +63,7 @@ CASES: list[tuple[str, str, int, str]] = [
     ("train-config-empty", "train {fx}/configs/empty.yaml", 2, "empty.yaml: the config file is empty"),
     ("sweep-config-is-a-folder", "sweep {fx}/configs", 2, "configs: is a folder, not a config file"),
     ("quickstart-config-missing", "quickstart --config {fx}/configs/absent.yaml", 2, "absent.yaml: config file not found"),
+    ("train-on-nonfinite-unknown", "train {fx}/configs/good.yaml train.on_nonfinite=ignore", 2, "train.on_nonfinite: Input should be 'stop' or 'skip'"),
     ("train-unknown-stage", "train {fx}/configs/good.yaml --stage pretrain", 2, "invalid choice: 'pretrain'"),
     # ---------------------------------------------------------------- evaluate: runs, qrels, protocols
     ("evaluate-run-missing", "evaluate --run {fx}/absent.trec --qrels {fx}/qrels.txt --protocol synthetic", 2, "absent.trec: no such file"),
