@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from retriever.errors import UserError
+from retriever.outputs import write_text_atomic
 
 RESULT_FILE = "result.json"
 CELLS_DIR = "cells"
@@ -50,9 +51,7 @@ def write_record(directory: Path, record: dict[str, Any]) -> dict[str, Any]:
     """Write `record` as `directory/result.json` through a temporary file and a rename; returns it."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    partial = directory / f"{RESULT_FILE}.partial"
-    partial.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-    partial.replace(directory / RESULT_FILE)
+    write_text_atomic(directory / RESULT_FILE, json.dumps(record, indent=2, sort_keys=True) + "\n")
     return record
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from retriever.config import ExperimentConfig, flatten
+from retriever.outputs import write_text_atomic
 from retriever.records import collect_cells
 from retriever.sweep.grid import STATE_FILE, backbone_paradigms, cell_config, prepare, sweep_dir
 from retriever.tracking import RunTracker, TrackingTarget, open_experiment
@@ -174,7 +175,7 @@ def run_sweep(cfg: ExperimentConfig, *, resume: bool = False, verbose: bool = Fa
         stages_log = root / "stages.log"
         if (cfg.mntp.enabled or cfg.bow.enabled) and "pretrain" not in state:
             cfg = _pretrain(cfg, state, tracking, stages_log, verbose)
-        (root / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
+        write_text_atomic(root / STATE_FILE, json.dumps(state, indent=2) + "\n")
         if cfg.sweep.baselines:
             _baselines(cfg, root, stages_log, verbose)
         _run_grid(cfg, root, state, tracking, resume, verbose)
