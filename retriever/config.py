@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, Literal, TypeVar, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -290,8 +290,87 @@ class ExperimentConfig(StrictModel):
     sweep: SweepConfig = Field(default_factory=SweepConfig)
 
 
+# --------------------------------------------------------------------------------------------------------------
+# Serving (`retriever serve`): what is served and how the Ray Serve deployments are sized.
+
+MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+
+
+class ServedModelConfig(StrictModel):
+    name: str = Field(pattern=MODEL_NAME_PATTERN, description="the name clients pass as `model`")
+    encoder: str = Field(description="an encoder folder, or an MLflow model URI (models:/<name>@<alias>)")
+    index: str = Field(description="the index folder built from this encoder's passage encodings")
+    corpus: str | None = Field(None, description="dataset id whose passage texts are returned with the hits")
+    query_max_length: int | None = Field(None, gt=0, description="default: the encoder's query length")
+
+
+class AutoscalingConfig(StrictModel):
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(1, ge=1)
+    target_ongoing_requests: float = Field(2.0, gt=0)
+
+    @model_validator(mode="after")
+    def _check_range(self) -> AutoscalingConfig:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) exceeds max_replicas ({self.max_replicas})")
+        return self
+
+
+class DeploymentConfig(StrictModel):
+    num_cpus: float = Field(0.25, gt=0, description="CPUs per replica (fractional on small machines)")
+    num_gpus: float | None = Field(
+        None, ge=0, description="GPUs per replica; default: 1 for the encoder when the cluster has a GPU, else 0"
+    )
+    max_ongoing_requests: int = Field(64, gt=0)
+    autoscaling: AutoscalingConfig = Field(default_factory=AutoscalingConfig)
+    max_batch_size: int = Field(32, gt=0, description="dynamic batching: most requests per batch")
+    batch_wait_timeout_s: float = Field(0.005, ge=0, description="dynamic batching: longest wait to fill a batch")
+
+
+class ServeLimits(StrictModel):
+    max_query_chars: int = Field(2000, gt=0)
+    max_passage_chars: int = Field(20000, gt=0, description="per passage sent to /encode")
+    max_texts: int = Field(64, gt=0, description="texts per /encode call")
+    max_body_bytes: int = Field(1_000_000, gt=0)
+
+
+class ServeConfig(StrictModel):
+    models: list[ServedModelConfig] = Field(min_length=1)
+    host: str = Field("127.0.0.1", description="interface the HTTP proxy binds; 0.0.0.0 exposes it")
+    port: int = Field(8000, gt=0, lt=65536)
+    app_name: str = "retriever"
+    auth_token_env: str | None = Field(
+        None, description="environment variable holding the bearer token; unset = no authentication"
+    )
+    limits: ServeLimits = Field(default_factory=ServeLimits)
+    shard_timeout_s: float = Field(5.0, gt=0, description="how long a search waits for each shard")
+    on_shard_timeout: Literal["error", "partial"] = Field(
+        "error",
+        description="error: 503 with Retry-After; partial: the hits of the shards that answered, "
+        "flagged `partial` with the missing shards named",
+    )
+    retry_after_s: int = Field(2, gt=0)
+    request_timeout_s: float = Field(30.0, gt=0, description="end-to-end HTTP timeout of the proxy")
+    encoder: DeploymentConfig = Field(default_factory=lambda: DeploymentConfig(num_cpus=0.5))
+    shards: DeploymentConfig = Field(default_factory=DeploymentConfig)
+    router: DeploymentConfig = Field(default_factory=DeploymentConfig)
+    max_models_per_replica: int = Field(4, gt=0, description="encoders one QueryEncoder replica keeps loaded")
+
+    @field_validator("models")
+    @classmethod
+    def _unique_names(cls, models: list[ServedModelConfig]) -> list[ServedModelConfig]:
+        names = [m.name for m in models]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"model names must be unique; repeated: {', '.join(repeated)}")
+        return models
+
+
 class ConfigError(UserError, ValueError):
     """A configuration problem, with where it was found and how to fix it."""
+
+
+AnyConfig = TypeVar("AnyConfig", bound=BaseModel)
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -427,22 +506,30 @@ def format_validation_error(exc: ValidationError, source: str, model: type[BaseM
 
 
 def config_from_dict(
-    data: dict[str, Any], source: str = "<config>", overrides: list[str] | None = None
-) -> ExperimentConfig:
+    data: dict[str, Any],
+    source: str = "<config>",
+    overrides: list[str] | None = None,
+    model: type[AnyConfig] = ExperimentConfig,  # type: ignore[assignment]
+) -> AnyConfig:
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: the top level must be a mapping of sections, got {type(data).__name__}")
     merged = apply_overrides(data, overrides or [])
     where = source if not overrides else f"{source} (with overrides {' '.join(overrides)})"
     try:
-        return ExperimentConfig.model_validate(merged)
+        return model.model_validate(merged)
     except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc, where)) from None
+        raise ConfigError(format_validation_error(exc, where, model)) from None
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
-    """Load an experiment config from YAML (or defaults when `path` is None) and apply overrides."""
+def load_config(
+    path: str | Path | None = None,
+    overrides: list[str] | None = None,
+    model: type[AnyConfig] = ExperimentConfig,  # type: ignore[assignment]
+) -> AnyConfig:
+    """Load a config (an experiment's by default, or `model`'s) from YAML, or the defaults when `path` is None,
+    and apply overrides."""
     if path is None:
-        return config_from_dict({}, "<defaults>", overrides)
+        return config_from_dict({}, "<defaults>", overrides, model)
     path = Path(path)
     if path.is_dir():
         inside = sorted(p.name for p in path.glob("*.y*ml"))
@@ -462,7 +549,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             f"{path}: the config file is empty (no settings); start from configs/quickstart.yaml, or set at least "
             "one section (e.g. `backbone: {name: tiny-s}`)"
         )
-    return config_from_dict(data, str(path), overrides)
+    return config_from_dict(data, str(path), overrides, model)
 
 
 def _yaml_location(path: Path, exc: yaml.YAMLError) -> str:

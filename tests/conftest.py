@@ -164,3 +164,71 @@ def check_stage_run(cfg, task: str, *, steps: int, lr: float, tokens: int) -> di
     assert result["tokens"] == tokens
     assert all(math.isfinite(m[f"loss/{task}"]) for m in logged)
     return result
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Serving: two tiny encoders, a small registered corpus, their indexes (1 and 3 shards) and encoded queries.
+
+SERVE_QUERIES = [
+    "sparse vectors of the language model",
+    "contrastive learning with negatives",
+    "ray workers on the cluster",
+    "the lazy dog",
+    "train low rank adapters",
+    "flop budget",
+]
+
+
+def serve_docs() -> list[tuple[str, str]]:
+    """60 passages (two sentences of TINY_CORPUS each), ids d00..d59."""
+    base = TINY_CORPUS[:10]
+    return [(f"d{i:02d}", f"{base[i % 10]}. {base[(i * 7 + 3) % 10]} {i}") for i in range(60)]
+
+
+def save_tiny_encoder(tokenizer_dir: Path, directory: Path, paradigm: str, seed: int = 1) -> Path:
+    """A tiny encoder with non-zero LoRA weights (fresh B matrices are zero), saved like a trained one."""
+    import torch
+
+    from retriever.config import BackboneConfig, EncoderConfig
+    from retriever.models.encoders import build_encoder
+
+    backbone = BackboneConfig(name="tiny-s", tokenizer=str(tokenizer_dir), seed=3)
+    encoder = build_encoder(backbone, EncoderConfig(paradigm=paradigm, passage_max_length=48, query_max_length=24))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in encoder.named_parameters():
+            if "lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
+    encoder.save(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def serving_world(tmp_path_factory, tiny_tokenizer_dir) -> dict:
+    """Paths of everything a serve config needs, for a sparse and a dense model: ``{paradigm: {"encoder",
+    "index" (1 shard), "index3" (3 shards), "queries" (encoded with `encode_corpus`)}}`` and ``"corpus"`` (a
+    registered dataset id holding the passages' texts)."""
+    from retriever.data.local import register_trec
+    from retriever.encoding import encode_corpus
+    from retriever.index import build_shards
+
+    root = tmp_path_factory.mktemp("serving")
+    docs = serve_docs()
+    docs_file = root / "docs.tsv"
+    docs_file.write_text("".join(f"{docid}\t{text}\n" for docid, text in docs), encoding="utf-8")
+    corpus = register_trec("serve-docs", docs=docs_file)
+    world: dict = {"corpus": corpus, "docs": dict(docs), "root": root}
+    for paradigm, seed in (("sparse", 1), ("dense", 2)):
+        encoder = save_tiny_encoder(tiny_tokenizer_dir, root / paradigm / "encoder", paradigm, seed)
+        encode_corpus(encoder, docs, root / paradigm / "encodings", progress=False)
+        queries = [(f"q{i}", text) for i, text in enumerate(SERVE_QUERIES)]
+        encode_corpus(encoder, queries, root / paradigm / "queries", kind="query", progress=False)
+        build_shards(root / paradigm / "encodings", root / paradigm / "index", 1)
+        build_shards(root / paradigm / "encodings", root / paradigm / "index3", 3, partition="hash")
+        world[paradigm] = {
+            "encoder": encoder,
+            "index": root / paradigm / "index",
+            "index3": root / paradigm / "index3",
+            "queries": root / paradigm / "queries",
+        }
+    return world
