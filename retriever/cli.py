@@ -527,39 +527,17 @@ def _report_args(parser: argparse.ArgumentParser) -> None:
 
 @command("report", "write the scaling report of a sweep (table, plots, power-law fits)", _report_args)
 def _report(args: argparse.Namespace) -> int:
-    from pydantic import ValidationError
-
-    from retriever.config import ExperimentConfig, format_validation_error
-    from retriever.records import RecordError
+    from retriever.config import config_from_dict
+    from retriever.records import SWEEP_STATE_FILE, read_sweep_state
     from retriever.report.sweep_report import write_sweep_report
     from retriever.tracking import open_experiment
 
-    state_path = args.sweep / "sweep.json"
-    if not state_path.is_file():
-        raise FileNotFoundError(f"{args.sweep}: not a sweep directory (sweep.json missing)")
-    state = _sweep_state(state_path)
-    try:
-        cfg = ExperimentConfig.model_validate(state["config"])
-    except ValidationError as exc:
-        raise RecordError(format_validation_error(exc, f"{state_path}: 'config'")) from None
+    state = read_sweep_state(args.sweep)
+    cfg = config_from_dict(state["config"], f"{args.sweep / SWEEP_STATE_FILE}: 'config'")
     tracking = open_experiment(cfg.tracking, cfg.train.output_dir) if state.get("parent_run_id") else None
     for key, path in sorted(write_sweep_report(args.sweep, cfg, state.get("parent_run_id"), tracking).items()):
         print(f"{key}: {path}")
     return 0
-
-
-def _sweep_state(path: Path) -> dict:
-    """The content of a sweep's `sweep.json`, which must hold its `config`."""
-    from retriever.records import RecordError
-
-    try:
-        state = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        where = f"{path}:{exc.lineno}" if isinstance(exc, json.JSONDecodeError) else str(path)
-        raise RecordError(f"{where}: not valid JSON ({exc}); the sweep's state file is damaged") from None
-    if not isinstance(state, dict) or not isinstance(state.get("config"), dict):
-        raise RecordError(f"{path}: no 'config' object; not the state file of a sweep (`retriever sweep` writes it)")
-    return state
 
 
 def _quickstart_args(parser: argparse.ArgumentParser) -> None:
@@ -589,6 +567,98 @@ def _quickstart(args: argparse.Namespace) -> int:
         print(f"MLflow UI: mlflow ui --backend-store-uri {uri} --port 5000   (then open http://127.0.0.1:5000)")
     print(f"quickstart finished in {time.perf_counter() - start:.0f} s")
     return 0 if all(cell.get("status") == "ok" for cell in result.cells) else 1
+
+
+# --------------------------------------------------------------------------------------------------- serving
+def _serve_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", type=Path, nargs="?", help="serve config YAML (models: name, encoder, index)")
+    parser.add_argument("--sweep", type=Path, help="serve this sweep's champion encoders (MLflow registry)")
+    parser.add_argument("--corpus", help="with --sweep: dataset id to search (default: the sweep's eval corpus)")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="e.g. port=8080"
+    )
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--local", action="store_true", help="one process under uvicorn, without Ray")
+    mode.add_argument("--deploy-config", type=Path, metavar="OUT", help="write the `serve deploy` YAML and stop")
+    parser.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+
+
+@command("serve", "serve encoders and their indexes over HTTP (Ray Serve, or --local)", _serve_args)
+def _serve(args: argparse.Namespace) -> int:
+    import yaml
+
+    from retriever.config import ServeConfig
+    from retriever.serving.catalog import build_catalog
+    from retriever.serving.launch import (
+        base_url,
+        block_until_interrupted,
+        serve_deploy_config,
+        serve_in_process,
+        serve_on_ray,
+    )
+
+    if (args.config is None) == (args.sweep is None):
+        raise UserError("serve: give either a serve config YAML or --sweep DIR (one of the two)")
+    if args.corpus and args.sweep is None:
+        raise UserError("serve: --corpus goes with --sweep; in a serve config, set each model's index and corpus")
+    if args.sweep is not None:
+        from retriever.serving.champions import SERVE_DIR, champion_config
+
+        settings, tracking = champion_config(args.sweep, args.corpus, args.overrides)
+        cache = args.sweep / SERVE_DIR / "models"
+    else:
+        settings = load_config(args.config, args.overrides, ServeConfig)
+        tracking, cache = os.environ.get("MLFLOW_TRACKING_URI"), args.config.parent / "models"
+    models = build_catalog(settings, tracking_uri=tracking, cache_dir=cache)
+    if args.deploy_config is not None:
+        from retriever.outputs import write_text_atomic
+
+        config = serve_deploy_config(settings, models, tracking_uri=tracking, cache_dir=cache)
+        write_text_atomic(args.deploy_config, yaml.safe_dump(config, sort_keys=False))
+        print(f"serve deploy config -> {args.deploy_config}  (deploy: serve deploy {args.deploy_config})")
+        return 0
+    names = ", ".join(f"{m.name} ({m.paradigm}, {m.documents} docs, {len(m.shards)} shards)" for m in models)
+    url = base_url(settings)
+    if args.local:
+        print(f"serving {names} at {url}  (search page {url}/, API {url}/docs); Ctrl-C stops", flush=True)
+        serve_in_process(settings, models)
+        return 0
+    started_here = serve_on_ray(settings, models, address=args.address)
+    print(f"serving {names} at {url}  (search page {url}/, API {url}/docs)", flush=True)
+    if started_here:
+        print("Ctrl-C stops the service", flush=True)
+        block_until_interrupted()
+    else:
+        print(f"deployed as Serve application {settings.app_name!r}; `serve status` shows it", flush=True)
+    return 0
+
+
+def _query_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("text", help="the query")
+    parser.add_argument("--url", default="http://127.0.0.1:8000", help="the service (default: %(default)s)")
+    parser.add_argument(
+        "--model", action="append", default=None, help="served model; repeat for hybrid (default: all served)"
+    )
+    parser.add_argument("-k", type=_at_least(1), default=10, help="hits (default: %(default)s)")
+    parser.add_argument("--explain", action="store_true", help="sparse models: the matched terms of each hit")
+    parser.add_argument("--text", action="store_true", help="print each hit's passage text")
+    parser.add_argument("--token-env", metavar="VAR", help="environment variable holding the bearer token")
+
+
+@command("query", "search a running service and print a ranked table", _query_args)
+def _query(args: argparse.Namespace) -> int:
+    from retriever.serving.client import format_hits, query_service, served_models
+
+    token = os.environ.get(args.token_env) if args.token_env else None
+    if args.token_env and not token:
+        raise UserError(f"--token-env {args.token_env}: that environment variable is not set")
+    models = args.model or served_models(args.url, token)
+    print(
+        format_hits(
+            query_service(args.url, args.text, models, args.k, token=token, explain=args.explain, with_text=args.text)
+        )
+    )
+    return 0
 
 
 # --------------------------------------------------------------------------------------------------- main

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -106,6 +106,52 @@ class _Encoder:
         )
 
 
+def corpus_folder(out_dir: Path, source_id: str, passage_length: int, fingerprint: str) -> Path:
+    """Where the passages of `source_id`, encoded by the encoder with this fingerprint, and their index live."""
+    return out_dir / "corpus" / f"{safe_name(_corpus_key(source_id))}-p{passage_length}-{fingerprint[:16]}"
+
+
+def _corpus_index(
+    encoder: _Encoder, source: Any, source_id: str, cfg: ExperimentConfig, out_dir: Path, passage_length: int
+) -> Path:
+    """The corpus folder of `source_id` under `out_dir` with its encodings and index, each made when missing."""
+    from retriever.index import build_shards, index_complete
+
+    corpus = corpus_folder(out_dir, source_id, passage_length, encoder.info.fingerprint)
+    encoder.encode(source.docs(), corpus / "encodings", kind="passage", max_length=passage_length)
+    if not index_complete(corpus / "index"):  # absent, or a build that was interrupted
+        index_kind = cfg.eval.sparse_index if encoder.info.paradigm == "sparse" else cfg.eval.dense_index
+        build_shards(corpus / "encodings", corpus / "index", cfg.eval.num_shards, index_kind, overwrite=True)
+    return corpus
+
+
+def passage_tokens(dataset: str, cfg: ExperimentConfig) -> int:
+    """Passage tokens encoded for `dataset`: `eval.passage_max_length`, else its protocol's."""
+    from retriever.evaluation import protocol_for_dataset
+
+    return cfg.eval.passage_max_length or protocol_for_dataset(dataset).passage_max_length
+
+
+def corpus_index(
+    encoder_dir: str | Path, dataset: str, cfg: ExperimentConfig, out_dir: str | Path, *, reuse: Sequence[Path] = ()
+) -> Path:
+    """The index of `dataset`'s passages encoded by the encoder in `encoder_dir`: found complete under one of the
+    `reuse` folders or `out_dir` (e.g. the folder of an earlier evaluation), else encoded and built under `out_dir`.
+    The index is checked against the encoder's fingerprint when it is opened."""
+    from retriever.data.catalog import resolve_dataset
+    from retriever.data.sources import load_source
+    from retriever.index import index_complete
+
+    encoder = _Encoder(Path(encoder_dir), cfg)
+    source_id = resolve_dataset(dataset, cfg)
+    length = passage_tokens(dataset, cfg)
+    for folder in [*reuse, Path(out_dir)]:
+        found = corpus_folder(Path(folder), source_id, length, encoder.info.fingerprint) / "index"
+        if index_complete(found):
+            return found
+    return _corpus_index(encoder, load_source(source_id), source_id, cfg, Path(out_dir), length) / "index"
+
+
 def evaluate_encoder(
     encoder_dir: str | Path,
     datasets: list[str],
@@ -119,7 +165,7 @@ def evaluate_encoder(
     from retriever.data.catalog import resolve_dataset
     from retriever.data.sources import load_source
     from retriever.evaluation import evaluate_detailed, get_protocol, protocol_for_dataset
-    from retriever.index import build_shards, index_complete, search_to_run
+    from retriever.index import search_to_run
 
     protocols = {d: get_protocol(protocol) if protocol else protocol_for_dataset(d) for d in datasets}
     depths = {d: search_depth(proto, cfg.eval.top_k, d) for d, proto in protocols.items()}
@@ -127,7 +173,6 @@ def evaluate_encoder(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     encoder = _Encoder(encoder_dir, cfg)
-    index_kind = cfg.eval.sparse_index if encoder.info.paradigm == "sparse" else cfg.eval.dense_index
     fingerprint = encoder.info.fingerprint[:16]
     results: dict[str, dict[str, float]] = {}
     summary: dict[str, Any] = {"encoder": str(encoder_dir), "fingerprint": fingerprint, "datasets": {}}
@@ -138,10 +183,7 @@ def evaluate_encoder(
         qrels = source.qrels()
         query_length = cfg.eval.query_max_length or proto.query_max_length
         passage_length = cfg.eval.passage_max_length or proto.passage_max_length
-        corpus = out_dir / "corpus" / f"{safe_name(_corpus_key(source_id))}-p{passage_length}-{fingerprint}"
-        encoder.encode(source.docs(), corpus / "encodings", kind="passage", max_length=passage_length)
-        if not index_complete(corpus / "index"):  # absent, or a build that was interrupted
-            build_shards(corpus / "encodings", corpus / "index", cfg.eval.num_shards, index_kind, overwrite=True)
+        corpus = _corpus_index(encoder, source, source_id, cfg, out_dir, passage_length)
         where = out_dir / safe_name(dataset)
         queries = where / f"queries-q{query_length}-{fingerprint}"
         encoder.encode(_judged_queries(source, qrels), queries, kind="query", max_length=query_length)

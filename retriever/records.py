@@ -20,6 +20,7 @@ CELLS_DIR = "cells"
 BASELINES_DIR = "baselines"
 EVAL_DIR = "eval"
 RUN_FILE = "run.trec"
+SWEEP_STATE_FILE = "sweep.json"
 
 
 class RecordError(UserError, ValueError):
@@ -99,3 +100,18 @@ __all__ = [
     "safe_name",
     "write_record",
 ]
+
+
+def read_sweep_state(sweep_dir: str | Path) -> dict[str, Any]:
+    """A sweep folder's state (`sweep.json`), which holds the sweep's experiment config under ``config``."""
+    path = Path(sweep_dir) / SWEEP_STATE_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{sweep_dir}: not a sweep directory ({SWEEP_STATE_FILE} missing)")
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        where = f"{path}:{exc.lineno}" if isinstance(exc, json.JSONDecodeError) else str(path)
+        raise RecordError(f"{where}: not valid JSON ({exc}); the sweep's state file is damaged") from None
+    if not isinstance(state, dict) or not isinstance(state.get("config"), dict):
+        raise RecordError(f"{path}: no 'config' object; not the state file of a sweep (`retriever sweep` writes it)")
+    return state

@@ -3,6 +3,7 @@ URI fetched once into a local folder), its index shards and their agreement."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -119,3 +120,16 @@ def build_catalog(
             )
         )
     return models
+
+
+def read_token(settings: ServeConfig) -> str | None:
+    """The bearer token from the environment variable `auth_token_env` names (None: no authentication)."""
+    if settings.auth_token_env is None:
+        return None
+    token = os.environ.get(settings.auth_token_env, "")
+    if not token:
+        raise SettingError(
+            f"auth_token_env is {settings.auth_token_env!r} but that environment variable is not set; export it "
+            "(the token clients must send as `Authorization: Bearer <token>`) or leave auth_token_env unset"
+        )
+    return token

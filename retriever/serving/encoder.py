@@ -6,15 +6,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from retriever.encoding.batches import Batch, Paradigm, make_batch
-from retriever.encoding.engine import Terms, encode_texts
-from retriever.models.encoders import TextKind
 
-Encoded = np.ndarray | Terms  # dense: float32 [n, dimension]; sparse: (term ids, weights) per text
+if TYPE_CHECKING:  # index shards import this module too: torch is imported only where an encoder is loaded
+    from retriever.models.encoders import TextKind
+
+Encoded = np.ndarray | list[tuple[np.ndarray, np.ndarray]]  # dense: float32 [n, dim]; sparse: (ids, weights) per text
 
 
 @dataclass
@@ -40,6 +41,8 @@ class ServedEncoder:
 
     def encode(self, texts: Sequence[str], kind: TextKind = "query") -> Encoded:
         """Texts in input order, batched by length (see `encode_texts`); queries at the configured length."""
+        from retriever.encoding.engine import encode_texts
+
         max_length = self.query_max_length if kind == "query" else None
         # One stream: a server runs many requests at once, each already a batch; splitting threads per batch
         # would only add contention.

@@ -21,6 +21,7 @@ from retriever.errors import UserError
 from retriever.serving.schema import (
     EncodeRequest,
     EncodeResponse,
+    ErrorResponse,
     Health,
     ModelsResponse,
     SearchRequest,
@@ -29,6 +30,10 @@ from retriever.serving.schema import (
 from retriever.serving.service import SearchService, ServiceUnavailableError, UnknownModelError
 
 Search = Callable[[SearchRequest], Awaitable[SearchResponse]]
+_ERROR = {"model": ErrorResponse}
+# What each route may answer besides 200, documented in the OpenAPI schema (FastAPI's own 422 body is replaced).
+AUTH_ERRORS: dict[int | str, dict[str, Any]] = {401: _ERROR, 413: _ERROR}
+REQUEST_ERRORS: dict[int | str, dict[str, Any]] = {**AUTH_ERRORS, 400: _ERROR, 404: _ERROR, 422: _ERROR, 503: _ERROR}
 BEARER = HTTPBearer(auto_error=False)
 Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)]
 
@@ -69,6 +74,31 @@ class _BodyTooLarge(Exception):
     pass
 
 
+ROUTES = ("/", "/healthz", "/models", "/search", "/encode", "/docs", "/openapi.json")
+
+
+class StatusCounter:
+    """ASGI middleware: reports (route, status) of every response; unknown paths count as "other"."""
+
+    def __init__(self, app: Any, on_response: Callable[[str, int], None]) -> None:
+        self.app = app
+        self.on_response = on_response
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        route = scope.get("path", "")
+        route = route if route in ROUTES else "other"
+
+        async def counting_send(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                self.on_response(route, int(message["status"]))
+            await send(message)
+
+        await self.app(scope, receive, counting_send)
+
+
 async def _send_json(send: Any, status: int, detail: str) -> None:
     body = json.dumps({"detail": detail}).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
@@ -80,9 +110,15 @@ def page_html() -> str:
     return files("retriever.serving").joinpath("page.html").read_text(encoding="utf-8")
 
 
-def create_app(service: SearchService, token: str | None = None, search: Search | None = None) -> FastAPI:
+def create_app(
+    service: SearchService,
+    token: str | None = None,
+    search: Search | None = None,
+    on_response: Callable[[str, int], None] | None = None,
+) -> FastAPI:
     """The API over ``service``; ``token`` (when set) is required as `Authorization: Bearer <token>` on every route
-    but `/`, `/healthz` and the docs; ``search`` replaces the service's own search (the Serve router batches)."""
+    but `/`, `/healthz` and the docs; ``search`` replaces the service's own search (the Serve router batches);
+    ``on_response`` receives (route, status) of every response (request metrics)."""
     app = FastAPI(
         title="retriever",
         description="Sparse and dense retrieval with decoder-only LLM encoders: search, hybrid fusion, "
@@ -130,7 +166,7 @@ def create_app(service: SearchService, token: str | None = None, search: Search 
     async def healthz() -> Health:
         return Health(status="ok", models=sorted(service.models))
 
-    @app.get("/models", response_model=ModelsResponse, dependencies=[Depends(authorize)])
+    @app.get("/models", response_model=ModelsResponse, dependencies=[Depends(authorize)], responses=AUTH_ERRORS)
     async def models() -> ModelsResponse:
         return ModelsResponse(models=service.catalog())
 
@@ -139,7 +175,7 @@ def create_app(service: SearchService, token: str | None = None, search: Search 
         response_model=SearchResponse,
         response_model_exclude_none=True,
         dependencies=[Depends(authorize)],
-        responses={400: {}, 401: {}, 404: {}, 413: {}, 503: {}},
+        responses=REQUEST_ERRORS,
     )
     async def search_route(request: SearchRequest) -> SearchResponse:
         started = time.perf_counter()
@@ -152,10 +188,12 @@ def create_app(service: SearchService, token: str | None = None, search: Search 
         response_model=EncodeResponse,
         response_model_exclude_none=True,
         dependencies=[Depends(authorize)],
-        responses={400: {}, 401: {}, 404: {}, 413: {}, 503: {}},
+        responses=REQUEST_ERRORS,
     )
     async def encode_route(request: EncodeRequest) -> EncodeResponse:
         return await service.encode(request)
 
     app.add_middleware(BodyLimit, max_bytes=service.settings.limits.max_body_bytes)
+    if on_response is not None:
+        app.add_middleware(StatusCounter, on_response=on_response)  # added last: outermost, sees the 413s too
     return app

@@ -72,6 +72,12 @@ class ModelsResponse(BaseModel):
     models: list[ModelInfo]
 
 
+class ErrorResponse(BaseModel):
+    """Every 4xx and 5xx answer: what was wrong and how to fix it."""
+
+    detail: str
+
+
 class Health(BaseModel):
     status: Literal["ok"]
     models: list[str]

@@ -8,12 +8,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from retriever.config import ExperimentConfig
-from retriever.records import cell_id
+from retriever.records import SWEEP_STATE_FILE, cell_id
 
 if TYPE_CHECKING:
     from retriever.flops import PlanCell
 
-STATE_FILE = "sweep.json"
+STATE_FILE = SWEEP_STATE_FILE
 
 
 def cell_config(cfg: ExperimentConfig, backbone: str, paradigm: str, loss: str) -> ExperimentConfig:

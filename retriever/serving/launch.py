@@ -1,0 +1,105 @@
+"""Starting a service from a serve config: on Ray Serve (local Ray or a cluster), in one process under uvicorn, or
+as the config YAML that `serve deploy` takes."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from retriever.config import ServeConfig
+from retriever.serving.catalog import ServedModel, read_token
+
+
+def serve_deploy_config(
+    settings: ServeConfig, models: Sequence[ServedModel], *, tracking_uri: str | None, cache_dir: str | Path
+) -> dict[str, Any]:
+    """The `serve deploy` config of this service: one application built by `deployments.app_builder` from the serve
+    config (its ``args``), with the options of every deployment spelled out so that they can be edited in place."""
+    from retriever.serving.deployments import (
+        ENCODER_NAME,
+        ROUTER_NAME,
+        deployment_options,
+        shard_deployment_name,
+    )
+
+    args: dict[str, Any] = settings.model_dump(mode="json", exclude_defaults=False)
+    args["tracking_uri"] = tracking_uri
+    args["cache_dir"] = str(Path(cache_dir).resolve())
+    deployments = [{"name": ENCODER_NAME, **deployment_options(settings.encoder)}]
+    for model in models:
+        for shard in model.shards:
+            deployments.append(
+                {"name": shard_deployment_name(model.name, shard), **deployment_options(settings.shards)}
+            )
+    deployments.append({"name": ROUTER_NAME, **deployment_options(settings.router)})
+    return {
+        "proxy_location": "EveryNode",
+        "http_options": {
+            "host": settings.host,
+            "port": settings.port,
+            "request_timeout_s": settings.request_timeout_s,
+        },
+        "applications": [
+            {
+                "name": settings.app_name,
+                "route_prefix": "/",
+                "import_path": "retriever.serving.deployments:app_builder",
+                "args": args,
+                "deployments": deployments,
+            }
+        ],
+    }
+
+
+def base_url(settings: ServeConfig) -> str:
+    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
+    return f"http://{host}:{settings.port}"
+
+
+def serve_in_process(settings: ServeConfig, models: Sequence[ServedModel]) -> None:
+    """The API in this process (uvicorn, no Ray): every model and shard loaded here; blocks until interrupted."""
+    import uvicorn
+
+    from retriever.serving.http import create_app
+    from retriever.serving.local import LocalBackend
+    from retriever.serving.service import SearchService
+
+    token = read_token(settings)
+    app = create_app(SearchService(LocalBackend(models), settings), token)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning")
+
+
+def serve_on_ray(
+    settings: ServeConfig, models: Sequence[ServedModel], *, address: str | None, startup_timeout_s: float = 600
+) -> bool:
+    """Deploy on Ray Serve and wait until the application runs. Returns whether this process started Ray itself
+    (then the caller keeps it alive; on a cluster the application outlives this process)."""
+    import ray
+    from ray import serve
+
+    from retriever.serving.deployments import build_app, wait_until_running
+
+    read_token(settings)  # fail here, not in a replica, when the token is missing
+    address = address or os.environ.get("RAY_ADDRESS")
+    started_here = address is None
+    if not ray.is_initialized():
+        ray.init(address=address, configure_logging=False, log_to_driver=False)
+    serve.start(
+        http_options={"host": settings.host, "port": settings.port, "request_timeout_s": settings.request_timeout_s}
+    )
+    serve.run(build_app(settings, models), name=settings.app_name, route_prefix="/", blocking=False)
+    wait_until_running(settings.app_name, startup_timeout_s)
+    return started_here
+
+
+def block_until_interrupted() -> None:
+    from ray import serve
+
+    try:
+        while True:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        serve.shutdown()
