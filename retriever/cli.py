@@ -588,7 +588,7 @@ def _serve(args: argparse.Namespace) -> int:
     import yaml
 
     from retriever.config import ServeConfig
-    from retriever.serving.catalog import build_catalog
+    from retriever.serving.catalog import build_catalog, read_token
     from retriever.serving.launch import (
         base_url,
         block_until_interrupted,
@@ -617,6 +617,7 @@ def _serve(args: argparse.Namespace) -> int:
         write_text_atomic(args.deploy_config, yaml.safe_dump(config, sort_keys=False))
         print(f"serve deploy config -> {args.deploy_config}  (deploy: serve deploy {args.deploy_config})")
         return 0
+    read_token(settings)  # a missing token variable fails here, before anything starts
     names = ", ".join(f"{m.name} ({m.paradigm}, {m.documents} docs, {len(m.shards)} shards)" for m in models)
     url = base_url(settings)
     if args.local:
@@ -641,7 +642,7 @@ def _query_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("-k", type=_at_least(1), default=10, help="hits (default: %(default)s)")
     parser.add_argument("--explain", action="store_true", help="sparse models: the matched terms of each hit")
-    parser.add_argument("--text", action="store_true", help="print each hit's passage text")
+    parser.add_argument("--text", dest="with_text", action="store_true", help="print each hit's passage text")
     parser.add_argument("--token-env", metavar="VAR", help="environment variable holding the bearer token")
 
 

@@ -327,6 +327,14 @@ class DeploymentConfig(StrictModel):
     batch_wait_timeout_s: float = Field(0.005, ge=0, description="dynamic batching: longest wait to fill a batch")
 
 
+class RouterDeploymentConfig(DeploymentConfig):
+    max_batch_size: int = Field(64, gt=0, description="searches answered together (one call per model and shard)")
+    batch_wait_timeout_s: float = Field(
+        0.0, ge=0, description="wait for more searches before a batch starts while a slot is free (0: none)"
+    )
+    max_concurrent_batches: int = Field(2, gt=0, description="batches in flight at once (encode one, search one)")
+
+
 class ServeLimits(StrictModel):
     max_query_chars: int = Field(2000, gt=0)
     max_passage_chars: int = Field(20000, gt=0, description="per passage sent to /encode")
@@ -351,10 +359,16 @@ class ServeConfig(StrictModel):
     )
     retry_after_s: int = Field(2, gt=0)
     request_timeout_s: float = Field(30.0, gt=0, description="end-to-end HTTP timeout of the proxy")
-    encoder: DeploymentConfig = Field(default_factory=lambda: DeploymentConfig(num_cpus=0.5))
-    shards: DeploymentConfig = Field(default_factory=DeploymentConfig)
-    router: DeploymentConfig = Field(default_factory=DeploymentConfig)
+    # The router sends each of them one call per batch; their own batching gathers calls of several routers.
+    encoder: DeploymentConfig = Field(
+        default_factory=lambda: DeploymentConfig(num_cpus=0.5, batch_wait_timeout_s=0.001)
+    )
+    shards: DeploymentConfig = Field(default_factory=lambda: DeploymentConfig(batch_wait_timeout_s=0.001))
+    router: RouterDeploymentConfig = Field(default_factory=RouterDeploymentConfig)
     max_models_per_replica: int = Field(4, gt=0, description="encoders one QueryEncoder replica keeps loaded")
+    access_log: bool = Field(
+        False, description="a log line per request in every replica (costs CPU on every hop; errors are logged anyway)"
+    )
 
     @field_validator("models")
     @classmethod

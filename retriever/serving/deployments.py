@@ -19,6 +19,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from retriever.config import DeploymentConfig, ServeConfig
+from retriever.serving.batching import Coalescer
 from retriever.serving.catalog import ServedModel, build_catalog, read_token
 from retriever.serving.encoder import Encoded, ServedEncoder
 from retriever.serving.http import create_app
@@ -182,15 +183,16 @@ class RayBackend:
     def __init__(
         self, encoder: DeploymentHandle, shards: dict[str, dict[str, DeploymentHandle]], models: Sequence[ServedModel]
     ) -> None:
-        self.encoder = encoder
         self.shards = shards
         self.models = {model.name: model for model in models}
+        # One handle per model, made once: the multiplexed model id routes each call to a replica holding it.
+        self.encoders = {model.name: encoder.options(multiplexed_model_id=model.name) for model in models}
 
     def catalog(self) -> dict[str, ModelInfo]:
         return {name: model.info() for name, model in self.models.items()}
 
     async def encode(self, model: str, texts: list[str], kind: str) -> Encoded:
-        return await self.encoder.options(multiplexed_model_id=model).encode.remote(texts, kind)
+        return await self.encoders[model].encode.remote(texts, kind)
 
     async def search_shard(
         self, model: str, shard: str, encoded: Encoded, k: int, explain: bool, text: bool
@@ -198,14 +200,14 @@ class RayBackend:
         return await self.shards[model][shard].search.remote(encoded, k, explain, text)
 
     async def term_texts(self, model: str, term_ids: list[int]) -> list[str]:
-        return await self.encoder.options(multiplexed_model_id=model).term_texts.remote(term_ids)
+        return await self.encoders[model].term_texts.remote(term_ids)
 
 
 @serve.deployment(name=ROUTER_NAME)
 @serve.ingress()
 class Router:
     """The HTTP ingress: the API of `retriever.serving.http` over a `SearchService` on Ray handles; concurrent
-    searches are answered together (`search_many`)."""
+    searches are answered together (`search_many`, batched by a `Coalescer`)."""
 
     def __init__(
         self,
@@ -216,9 +218,15 @@ class Router:
     ) -> None:
         self.settings = ServeConfig.model_validate(settings)
         self.service = SearchService(RayBackend(encoder, shards, models), self.settings, RayObserver())
-        self._search_batch.set_max_batch_size(self.settings.router.max_batch_size)
-        self._search_batch.set_batch_wait_timeout_s(self.settings.router.batch_wait_timeout_s)
         self.batch_stats = BatchStats(ROUTER_NAME)
+        batching = self.settings.router
+        self.batcher = Coalescer(
+            self.service.search_many,
+            max_batch_size=batching.max_batch_size,
+            max_concurrent=batching.max_concurrent_batches,
+            wait_s=batching.batch_wait_timeout_s,
+            on_batch=self.batch_stats.observe,
+        )
         self.token = read_token(self.settings)
         from ray.util.metrics import Counter
 
@@ -234,15 +242,7 @@ class Router:
         self.requests.inc(tags={"route": route, "status": str(status)})
 
     async def search(self, request: SearchRequest) -> SearchResponse:
-        result = await self._search_batch(request)
-        if isinstance(result, BaseException):
-            raise result
-        return result
-
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
-    async def _search_batch(self, requests: list[SearchRequest]) -> list[SearchResponse | BaseException]:
-        self.batch_stats.observe(len(requests))
-        return await self.service.search_many(requests)
+        return await self.batcher.submit(request)
 
     def stats(self) -> dict[str, Any]:
         return self.batch_stats.summary()

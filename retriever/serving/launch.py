@@ -48,10 +48,15 @@ def serve_deploy_config(
                 "route_prefix": "/",
                 "import_path": "retriever.serving.deployments:app_builder",
                 "args": args,
+                "logging_config": logging_config(settings),
                 "deployments": deployments,
             }
         ],
     }
+
+
+def logging_config(settings: ServeConfig) -> dict[str, Any]:
+    return {"enable_access_log": settings.access_log}
 
 
 def base_url(settings: ServeConfig) -> str:
@@ -90,16 +95,31 @@ def serve_on_ray(
     serve.start(
         http_options={"host": settings.host, "port": settings.port, "request_timeout_s": settings.request_timeout_s}
     )
-    serve.run(build_app(settings, models), name=settings.app_name, route_prefix="/", blocking=False)
+    serve.run(
+        build_app(settings, models),
+        name=settings.app_name,
+        route_prefix="/",
+        blocking=False,
+        logging_config=logging_config(settings),
+    )
     wait_until_running(settings.app_name, startup_timeout_s)
     return started_here
 
 
 def block_until_interrupted() -> None:
+    """Keep the local service up until Ctrl-C or SIGTERM, then shut Serve and the local Ray down."""
+    import signal
+
+    import ray
     from ray import serve
 
+    def stop(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
     try:
         while True:
             time.sleep(1)
     except KeyboardInterrupt:
         serve.shutdown()
+        ray.shutdown()

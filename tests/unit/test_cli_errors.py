@@ -193,6 +193,17 @@ CASES: list[tuple[str, str, int, str]] = [
     ("report-not-a-sweep", "report {fx}", 2, "not a sweep directory (sweep.json missing)"),
     ("report-sweep-json-corrupt", "report {fx}/sweep-corrupt", 2, "sweep-corrupt/sweep.json:1: not valid JSON"),
     ("report-sweep-json-no-config", "report {fx}/sweep-no-config", 2, "sweep-no-config/sweep.json: no 'config'"),
+    # ---------------------------------------------------------------- serve, query
+    ("serve-nothing-to-serve", "serve", 2, "serve: give either a serve config YAML or --sweep DIR"),
+    ("serve-config-and-sweep", "serve {fx}/configs/good.yaml --sweep {fx}", 2, "serve: give either a serve config YAML or --sweep DIR"),
+    ("serve-corpus-without-sweep", "serve {fx}/configs/good.yaml --corpus local/x", 2, "--corpus goes with --sweep"),
+    ("serve-not-a-sweep", "serve --sweep {fx}", 2, "not a sweep directory (sweep.json missing)"),
+    ("serve-sweep-json-corrupt", "serve --sweep {fx}/sweep-corrupt", 2, "sweep-corrupt/sweep.json:1: not valid JSON"),
+    ("serve-config-missing", "serve {fx}/configs/absent.yaml", 2, "absent.yaml: config file not found"),
+    ("serve-experiment-config", "serve {fx}/configs/good.yaml", 2, "models: Field required"),
+    ("serve-bad-override", "serve {fx}/configs/good.yaml --set port=http", 2, "port: Input should be a valid integer"),
+    ("query-unreachable", "query hello --url http://127.0.0.1:9", 2, "http://127.0.0.1:9: cannot reach the service"),
+    ("query-token-env-unset", "query hello --token-env RETRIEVER_TEST_NO_SUCH_VARIABLE", 2, "--token-env RETRIEVER_TEST_NO_SUCH_VARIABLE: that environment variable is not set"),
     ("convert-checkpoint-missing", "convert llama2c {fx}/absent.bin {fx}/absent-tok.bin {tmp}/hf", 2, "absent.bin"),
     ("convert-checkpoint-too-short", "convert llama2c {fx}/bad/short.bin {fx}/bad/short.bin {tmp}/hf", 2, "short.bin: 8 bytes is too short for a llama2.c checkpoint"),
 ]

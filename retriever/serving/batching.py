@@ -1,0 +1,82 @@
+"""Adaptive batching for the router: a request waits only while every batch slot is busy, and a freed slot takes
+everything that queued up meanwhile (up to the batch size).
+
+Why not `@serve.batch` here: it forms a batch as soon as its wait ends, whether or not the previous one is done, so
+under load it builds many small batches that then queue behind each other; a router whose downstream calls take
+tens of milliseconds needs batches sized by what piled up while it was busy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Generic, TypeVar
+
+Item = TypeVar("Item")
+Result = TypeVar("Result")
+
+
+class Coalescer(Generic[Item, Result]):
+    """Runs ``handler`` on batches of submitted items, at most ``max_concurrent`` batches at a time. When a slot is
+    free and fewer than ``max_batch_size`` items wait, it waits ``wait_s`` for more (0: starts at once)."""
+
+    def __init__(
+        self,
+        handler: Callable[[list[Item]], Awaitable[Sequence[Result | BaseException]]],
+        *,
+        max_batch_size: int,
+        max_concurrent: int,
+        wait_s: float = 0.0,
+        on_batch: Callable[[int], None] | None = None,
+    ) -> None:
+        if max_batch_size < 1 or max_concurrent < 1 or wait_s < 0:
+            raise ValueError("max_batch_size and max_concurrent must be at least 1 and wait_s not negative")
+        self.handler = handler
+        self.max_batch_size = max_batch_size
+        self.max_concurrent = max_concurrent
+        self.wait_s = wait_s
+        self.on_batch = on_batch
+        self._queue: list[tuple[Item, asyncio.Future[Result]]] = []
+        self._running = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def submit(self, item: Item) -> Result:
+        future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
+        self._queue.append((item, future))
+        self._start_batches()
+        return await future
+
+    def _start_batches(self) -> None:
+        while self._queue and self._running < self.max_concurrent:
+            self._running += 1
+            task = asyncio.create_task(self._run())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _run(self) -> None:
+        try:
+            if self.wait_s and len(self._queue) < self.max_batch_size:
+                await asyncio.sleep(self.wait_s)
+            batch = self._queue[: self.max_batch_size]
+            del self._queue[: self.max_batch_size]
+            if not batch:
+                return
+            if self.on_batch is not None:
+                self.on_batch(len(batch))
+            try:
+                results = await self.handler([item for item, _ in batch])
+            except BaseException as exc:  # the whole batch failed: every caller gets the error
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(exc)
+                return
+            for (_, future), result in zip(batch, results, strict=True):
+                if future.done():
+                    continue
+                if isinstance(result, BaseException):
+                    future.set_exception(result)
+                else:
+                    future.set_result(result)
+        finally:
+            self._running -= 1
+            self._start_batches()

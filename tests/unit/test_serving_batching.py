@@ -1,0 +1,71 @@
+"""The router's adaptive batching: no wait when idle, everything that queued while busy in the next batch."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from retriever.serving.batching import Coalescer
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_requests_that_queue_while_a_batch_runs_form_the_next_batch() -> None:
+    sizes: list[int] = []
+
+    async def handler(items: list[int]) -> list[int]:
+        sizes.append(len(items))
+        await asyncio.sleep(0.05)
+        return [item * 10 for item in items]
+
+    async def main() -> list[int]:
+        batcher = Coalescer(handler, max_batch_size=4, max_concurrent=1)
+        first = asyncio.create_task(batcher.submit(0))
+        await asyncio.sleep(0.01)  # the first batch (one item) is running
+        rest = [asyncio.create_task(batcher.submit(i)) for i in range(1, 10)]
+        return [await first, *[await task for task in rest]]
+
+    assert run(main()) == [i * 10 for i in range(10)]
+    assert sizes == [1, 4, 4, 1]
+
+
+def test_errors_reach_their_own_callers_only() -> None:
+    async def handler(items: list[int]) -> list[int | BaseException]:
+        return [ValueError(f"bad {item}") if item % 2 else item for item in items]
+
+    async def main() -> list[object]:
+        batcher = Coalescer(handler, max_batch_size=8, max_concurrent=2)
+        return await asyncio.gather(*(batcher.submit(i) for i in range(4)), return_exceptions=True)
+
+    results = run(main())
+    assert results[0] == 0 and results[2] == 2
+    assert [str(results[1]), str(results[3])] == ["bad 1", "bad 3"]
+
+
+def test_a_failing_handler_fails_its_batch_and_the_next_batch_still_runs() -> None:
+    calls = {"n": 0}
+
+    async def handler(items: list[int]) -> list[int]:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("downstream lost")
+        return items
+
+    async def main() -> tuple[object, int]:
+        batcher = Coalescer(handler, max_batch_size=8, max_concurrent=1)
+        failed = await asyncio.gather(batcher.submit(1), return_exceptions=True)
+        return failed[0], await batcher.submit(2)
+
+    error, value = run(main())
+    assert isinstance(error, RuntimeError) and value == 2
+
+
+def test_settings_are_checked() -> None:
+    async def handler(items):
+        return items
+
+    with pytest.raises(ValueError, match="at least 1"):
+        Coalescer(handler, max_batch_size=0, max_concurrent=1)
