@@ -656,7 +656,9 @@ def _query(args: argparse.Namespace) -> int:
     models = args.model or served_models(args.url, token)
     print(
         format_hits(
-            query_service(args.url, args.text, models, args.k, token=token, explain=args.explain, with_text=args.text)
+            query_service(
+                args.url, args.text, models, args.k, token=token, explain=args.explain, with_text=args.with_text
+            )
         )
     )
     return 0

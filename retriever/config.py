@@ -352,6 +352,7 @@ class ServeConfig(StrictModel):
     )
     limits: ServeLimits = Field(default_factory=ServeLimits)
     shard_timeout_s: float = Field(5.0, gt=0, description="how long a search waits for each shard")
+    encoder_timeout_s: float = Field(10.0, gt=0, description="how long a request waits for the query encoder")
     on_shard_timeout: Literal["error", "partial"] = Field(
         "error",
         description="error: 503 with Retry-After; partial: the hits of the shards that answered, "

@@ -61,22 +61,21 @@ class Coalescer(Generic[Item, Result]):
             del self._queue[: self.max_batch_size]
             if not batch:
                 return
-            if self.on_batch is not None:
-                self.on_batch(len(batch))
             try:
+                if self.on_batch is not None:
+                    self.on_batch(len(batch))
                 results = await self.handler([item for item, _ in batch])
-            except BaseException as exc:  # the whole batch failed: every caller gets the error
+                for (_, future), result in zip(batch, results, strict=True):
+                    if future.done():
+                        continue
+                    if isinstance(result, BaseException):
+                        future.set_exception(result)
+                    else:
+                        future.set_result(result)
+            except BaseException as exc:  # the batch failed as a whole: every caller still waiting gets the error
                 for _, future in batch:
                     if not future.done():
                         future.set_exception(exc)
-                return
-            for (_, future), result in zip(batch, results, strict=True):
-                if future.done():
-                    continue
-                if isinstance(result, BaseException):
-                    future.set_exception(result)
-                else:
-                    future.set_result(result)
         finally:
             self._running -= 1
             self._start_batches()

@@ -83,10 +83,10 @@ class RayObserver:
 
 @serve.deployment(name=ENCODER_NAME)
 class QueryEncoder:
-    """Encoders by model name (`@serve.multiplexed`: loaded on first use, least recently used unloaded), requests
-    of one model batched together (`@serve.batch`)."""
+    """Encoders by model name (`@serve.multiplexed`: the first `max_models` loaded at start, others on first use, the
+    least recently used unloaded), requests of one model batched together (`@serve.batch`)."""
 
-    def __init__(self, encoders: dict[str, dict[str, Any]], batching: dict[str, Any], max_models: int) -> None:
+    async def __init__(self, encoders: dict[str, dict[str, Any]], batching: dict[str, Any], max_models: int) -> None:
         self.encoders = encoders
         self._encode_batch.set_max_batch_size(batching["max_batch_size"])
         self._encode_batch.set_batch_wait_timeout_s(batching["batch_wait_timeout_s"])
@@ -95,15 +95,20 @@ class QueryEncoder:
             return await self._load(model_id)
 
         self._model = serve.multiplexed(max_num_models_per_replica=max_models)(load)
+        self.loaded: list[str] = []  # most recently loaded last
+        self.loads = 0
+        # Load the first models now (the replica is ready only then), so no first query waits for a cold load.
+        for name in list(encoders)[:max_models]:
+            await self._model(name)
         self.batch_stats = BatchStats(ENCODER_NAME)
-        self.loaded: list[str] = []
 
     async def _load(self, model_id: str) -> ServedEncoder:
         spec = self.encoders.get(model_id)
         if spec is None:
             raise KeyError(f"QueryEncoder serves no model {model_id!r}; known: {', '.join(sorted(self.encoders))}")
         encoder = await asyncio.to_thread(ServedEncoder.load, model_id, spec["encoder_dir"], spec["query_max_length"])
-        self.loaded.append(model_id)
+        self.loads += 1
+        self.loaded = [*[m for m in self.loaded if m != model_id], model_id]
         return encoder
 
     async def encode(self, texts: list[str], kind: str) -> Encoded:
@@ -132,7 +137,7 @@ class QueryEncoder:
 
     def stats(self) -> dict[str, Any]:
         """Batches served and the models this replica has loaded (in load order)."""
-        return {**self.batch_stats.summary(), "models_loaded": list(self.loaded)}
+        return {**self.batch_stats.summary(), "models_loaded": list(self.loaded), "model_loads": self.loads}
 
 
 @serve.deployment

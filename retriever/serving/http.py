@@ -61,17 +61,13 @@ class BodyLimit:
             message = await receive()
             seen += len(message.get("body", b""))
             if seen > self.max_bytes:
-                raise _BodyTooLarge
+                # An HTTPException passes through FastAPI's body parsing (anything else there becomes a 400).
+                from fastapi import HTTPException
+
+                raise HTTPException(413, f"request body over the limit of {self.max_bytes} bytes")
             return message
 
-        try:
-            await self.app(scope, limited_receive, send)
-        except _BodyTooLarge:
-            await _send_json(send, 413, f"request body over the limit of {self.max_bytes} bytes")
-
-
-class _BodyTooLarge(Exception):
-    pass
+        await self.app(scope, limited_receive, send)
 
 
 ROUTES = ("/", "/healthz", "/models", "/search", "/encode", "/docs", "/openapi.json")
@@ -104,6 +100,14 @@ async def _send_json(send: Any, status: int, detail: str) -> None:
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
+
+
+def _message(exc: BaseException) -> str:
+    """The error's own message; an error raised in a Ray replica arrives wrapped (its text is the remote traceback)
+    with the original as ``cause``."""
+    cause = getattr(exc, "cause", None)
+    exc = cause if isinstance(cause, BaseException) else exc
+    return exc.args[0] if exc.args and isinstance(exc.args[0], str) else str(exc)
 
 
 def page_html() -> str:
@@ -140,11 +144,11 @@ def create_app(
 
     @app.exception_handler(UnknownModelError)
     async def _unknown_model(request: Request, exc: UnknownModelError) -> JSONResponse:
-        return JSONResponse({"detail": exc.args[0] if exc.args else str(exc)}, status_code=404)
+        return JSONResponse({"detail": _message(exc)}, status_code=404)
 
     @app.exception_handler(UserError)
     async def _user_error(request: Request, exc: UserError) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=400)
+        return JSONResponse({"detail": _message(exc)}, status_code=400)
 
     @app.exception_handler(ServiceUnavailableError)
     async def _unavailable(request: Request, exc: ServiceUnavailableError) -> JSONResponse:

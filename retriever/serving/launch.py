@@ -28,7 +28,16 @@ def serve_deploy_config(
     args: dict[str, Any] = settings.model_dump(mode="json", exclude_defaults=False)
     args["tracking_uri"] = tracking_uri
     args["cache_dir"] = str(Path(cache_dir).resolve())
-    deployments = [{"name": ENCODER_NAME, **deployment_options(settings.encoder)}]
+    for entry, model in zip(args["models"], models):  # the cluster builds the app elsewhere: no relative paths
+        if not entry["encoder"].startswith("models:/"):
+            entry["encoder"] = model.encoder_dir
+        entry["index"] = str(Path(entry["index"]).resolve())
+    encoder = {"name": ENCODER_NAME, **deployment_options(settings.encoder)}
+    if settings.encoder.num_gpus is None:
+        # Options in the YAML replace the code's: leave the encoder's resources to `build_app`, which gives it a GPU
+        # when the cluster has one.
+        del encoder["ray_actor_options"]
+    deployments = [encoder]
     for model in models:
         for shard in model.shards:
             deployments.append(

@@ -124,6 +124,12 @@ class SearchService:
             raise BadRequestError(
                 f"explain needs a sparse model (matched vocabulary terms); {', '.join(names)} is dense"
             )
+        unexplained = [i.name for i in infos if request.explain and i.paradigm == "sparse" and i.index_kind != "exact"]
+        if unexplained:
+            raise BadRequestError(
+                f"explain needs an exact sparse index; {', '.join(unexplained)} is served from an approximate one "
+                "(search without explain, or serve an index of kind 'exact')"
+            )
         if request.text and not all(info.texts for info in infos):
             raise BadRequestError(
                 "text was asked for, but some of these models are served without their corpus; set `corpus` for "
@@ -179,28 +185,22 @@ class SearchService:
         explain = info.paradigm == "sparse" and any(request.explain for request in requests)
         text = any(request.text for request in requests)
         clock = time.perf_counter()
-        try:
-            encoded = await asyncio.wait_for(
-                self.backend.encode(name, [request.query for request in requests], "query"),
-                self.settings.request_timeout_s,
-            )
-        except (TimeoutError, ConnectionError, RuntimeError) as exc:
-            raise ServiceUnavailableError(
-                f"the query encoder of {name!r} did not answer ({type(exc).__name__}); retry shortly",
-                self.settings.retry_after_s,
-            ) from None
+        encoded = await self._encode(name, [request.query for request in requests], "query")
         self.observer.stage("encode", time.perf_counter() - clock, name)
         clock = time.perf_counter()
         answers = await asyncio.gather(
             *(self._ask_shard(name, shard, encoded, depth, explain, text) for shard in info.shards)
         )
         self.observer.stage("shards", time.perf_counter() - clock, name)
-        answered = [(shard, hits) for shard, hits in zip(info.shards, answers) if hits is not None]
-        missing = [shard for shard, hits in zip(info.shards, answers) if hits is None]
+        answered = [(shard, hits) for shard, hits in zip(info.shards, answers) if not isinstance(hits, str)]
+        missing = [shard for shard, hits in zip(info.shards, answers) if isinstance(hits, str)]
         if missing and self.settings.on_shard_timeout == "error":
+            reasons = "; ".join(
+                f"{shard}: {hits}" for shard, hits in zip(info.shards, answers) if isinstance(hits, str)
+            )
             raise ServiceUnavailableError(
-                f"shard(s) {', '.join(missing)} of {name!r} did not answer within {self.settings.shard_timeout_s} s; "
-                "the top-k would be incomplete, retry shortly",
+                f"shard(s) {', '.join(missing)} of {name!r} did not answer ({reasons}); the top-k would be "
+                "incomplete, retry shortly",
                 self.settings.retry_after_s,
             )
         clock = time.perf_counter()
@@ -215,19 +215,36 @@ class SearchService:
         self.observer.stage("merge", time.perf_counter() - clock, name)
         return results
 
+    async def _encode(self, model: str, texts: list[str], kind: str) -> Encoded:
+        """The backend's encoding; an encoder that fails or does not answer in time is a 503, bad input stays 4xx."""
+        try:
+            return await asyncio.wait_for(self.backend.encode(model, texts, kind), self.settings.encoder_timeout_s)
+        except (UserError, ValueError):
+            raise
+        except TimeoutError:
+            reason = f"no answer within {self.settings.encoder_timeout_s} s"
+        except Exception as exc:  # a lost replica, a failed actor: the service, not the request
+            log.warning("the encoder of %s failed: %r", model, exc)
+            reason = f"failed: {type(exc).__name__}"
+        raise ServiceUnavailableError(
+            f"the query encoder of {model!r} is unavailable ({reason}); retry shortly", self.settings.retry_after_s
+        )
+
     async def _ask_shard(
         self, model: str, shard: str, encoded: Encoded, k: int, explain: bool, text: bool
-    ) -> list[list[ShardHit]] | None:
-        """The shard's hits, or None when it did not answer in time or its replica failed."""
+    ) -> list[list[ShardHit]] | str:
+        """The shard's hits, or why there are none: no answer in time, or its replica failed."""
         try:
             return await asyncio.wait_for(
                 self.backend.search_shard(model, shard, encoded, k, explain, text), self.settings.shard_timeout_s
             )
         except (UserError, ValueError):
             raise  # a request the shard refuses is the client's problem, not an outage
+        except TimeoutError:
+            return f"no answer within {self.settings.shard_timeout_s} s"
         except Exception as exc:
-            log.warning("shard %s of %s did not answer: %s", shard, model, type(exc).__name__)
-            return None
+            log.warning("shard %s of %s failed: %r", shard, model, exc)
+            return f"failed: {type(exc).__name__}"
 
     async def _name_terms(self, model: str, results: list[_ModelResult]) -> None:
         ids = sorted({term for r in results for docid, _ in r.ranked for term, _ in r.details[docid].get("terms", [])})
@@ -273,15 +290,7 @@ class SearchService:
         limit = limits.max_query_chars if request.kind == "query" else limits.max_passage_chars
         for position, text in enumerate(request.texts):
             self.check_text(text, limit, f"text {position}")
-        try:
-            encoded = await asyncio.wait_for(
-                self.backend.encode(request.model, list(request.texts), request.kind), self.settings.request_timeout_s
-            )
-        except (TimeoutError, ConnectionError, RuntimeError) as exc:
-            raise ServiceUnavailableError(
-                f"the encoder of {request.model!r} did not answer ({type(exc).__name__}); retry shortly",
-                self.settings.retry_after_s,
-            ) from None
+        encoded = await self._encode(request.model, list(request.texts), request.kind)
         if info.paradigm == "dense":
             vectors = np.asarray(encoded, dtype=np.float32)
             return EncodeResponse(model=request.model, paradigm="dense", vectors=vectors.tolist())

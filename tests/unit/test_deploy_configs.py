@@ -103,3 +103,6 @@ def test_serve_deploy_config_is_accepted_by_serve(serving_world, tmp_path):
         "Router",
     ]
     assert all(d["autoscaling_config"]["max_replicas"] >= 1 for d in app["deployments"])
+    # The encoder's resources are left to the application (a GPU when the cluster has one): YAML options replace them.
+    assert "ray_actor_options" not in app["deployments"][0]
+    assert all(Path(m["index"]).is_absolute() and Path(m["encoder"]).is_absolute() for m in app["args"]["models"])

@@ -198,6 +198,13 @@ BAD_INPUTS = [
         401,
     ),
     ("wrong token on /models", "get", "/models", {"headers": {"Authorization": "Bearer s3cret-tokeN"}}, 401),
+    (
+        "streamed body over the limit",
+        "post",
+        "/search",
+        {"content": (b" " * 10_000 for _ in range(3)), "headers": JSON},
+        413,
+    ),
     ("10,000 texts to /encode", "post", "/encode", {"json": {"texts": ["x"] * 10_000, "model": "dense"}}, 413),
     ("too many texts to /encode", "post", "/encode", {"json": {"texts": ["x"] * 9, "model": "dense"}}, 400),
     ("no texts to /encode", "post", "/encode", {"json": {"texts": [], "model": "dense"}}, 422),
@@ -295,3 +302,25 @@ def test_the_catalog_refuses_an_index_of_another_encoder(serving_world) -> None:
     )
     with pytest.raises(IndexMismatchError, match="was built from another encoder"):
         build_catalog(cfg)
+
+
+def test_explain_on_an_approximate_sparse_index_is_refused_before_searching(serving_world, tmp_path) -> None:
+    from retriever.index import build_shards
+
+    build_shards(serving_world["root"] / "sparse" / "encodings", tmp_path / "seismic", 1, "seismic")
+    cfg = ServeConfig.model_validate(
+        {
+            "models": [
+                {
+                    "name": "approx",
+                    "encoder": str(serving_world["sparse"]["encoder"]),
+                    "index": str(tmp_path / "seismic"),
+                }
+            ]
+        }
+    )
+    with TestClient(create_app(SearchService(LocalBackend(build_catalog(cfg)), cfg))) as test_client:
+        refused = test_client.post("/search", json={"query": "ray workers", "model": "approx", "explain": True})
+        plain = test_client.post("/search", json={"query": "ray workers", "k": 3, "model": "approx"})
+    assert refused.status_code == 400 and "explain needs an exact sparse index; approx" in refused.json()["detail"]
+    assert plain.status_code == 200 and len(plain.json()["hits"]) == 3
