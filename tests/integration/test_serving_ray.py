@@ -165,6 +165,7 @@ def test_bad_input_over_http_and_schemathesis_finds_no_server_error(served, tmp_
         capture_output=True,
         text=True,
         timeout=600,
+        cwd=tmp_path,  # schemathesis keeps a cache folder in its working directory
     )
     output = result.stdout + result.stderr
     print(output[-3000:])
