@@ -38,6 +38,17 @@ class ServedShard:
         self.name = name
         self.index: IndexShard = open_shard(directory, expected_encoder_sha256=expected_encoder_sha256)
         self.texts: dict[str, str] | None = _shard_texts(corpus, self.index.doc_ids) if corpus else None
+        self.warm_up()
+
+    def warm_up(self) -> None:
+        """One search now: the first compiles the index's kernels (seconds in a fresh environment), which must not
+        happen inside a request's time limit."""
+        manifest = self.index.manifest
+        if manifest.paradigm == "sparse":
+            probe: Encoded = [(np.zeros(1, dtype=np.int32), np.ones(1, dtype=np.float32))]
+        else:
+            probe = np.ones((1, manifest.size), dtype=np.float32)
+        self.search(probe, 1, explain=self.index.kind == "exact")
 
     @property
     def paradigm(self) -> str:
