@@ -185,16 +185,17 @@ def serve_docs() -> list[tuple[str, str]]:
     return [(f"d{i:02d}", f"{base[i % 10]}. {base[(i * 7 + 3) % 10]} {i}") for i in range(60)]
 
 
-def save_tiny_encoder(tokenizer_dir: Path, directory: Path, paradigm: str, seed: int = 1) -> Path:
-    """A tiny encoder with non-zero LoRA weights (fresh B matrices are zero), saved like a trained one."""
+def save_encoder(tokenizer_dir: Path, directory: Path, paradigm: str, lora_seed: int = 1, **settings) -> Path:
+    """A tiny encoder with non-zero LoRA weights (fresh B matrices are zero), saved like a trained one; ``settings``
+    are `EncoderConfig` fields."""
     import torch
 
     from retriever.config import BackboneConfig, EncoderConfig
     from retriever.models.encoders import build_encoder
 
     backbone = BackboneConfig(name="tiny-s", tokenizer=str(tokenizer_dir), seed=3)
-    encoder = build_encoder(backbone, EncoderConfig(paradigm=paradigm, passage_max_length=48, query_max_length=24))
-    generator = torch.Generator().manual_seed(seed)
+    encoder = build_encoder(backbone, EncoderConfig(paradigm=paradigm, **settings))
+    generator = torch.Generator().manual_seed(lora_seed)
     with torch.no_grad():
         for name, param in encoder.named_parameters():
             if "lora_" in name:
@@ -219,7 +220,9 @@ def serving_world(tmp_path_factory, tiny_tokenizer_dir) -> dict:
     corpus = register_trec("serve-docs", docs=docs_file)
     world: dict = {"corpus": corpus, "docs": dict(docs), "root": root}
     for paradigm, seed in (("sparse", 1), ("dense", 2)):
-        encoder = save_tiny_encoder(tiny_tokenizer_dir, root / paradigm / "encoder", paradigm, seed)
+        encoder = save_encoder(
+            tiny_tokenizer_dir, root / paradigm / "encoder", paradigm, seed, passage_max_length=48, query_max_length=24
+        )
         encode_corpus(encoder, docs, root / paradigm / "encodings", progress=False)
         queries = [(f"q{i}", text) for i, text in enumerate(SERVE_QUERIES)]
         encode_corpus(encoder, queries, root / paradigm / "queries", kind="query", progress=False)

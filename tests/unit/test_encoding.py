@@ -11,9 +11,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import TINY_CORPUS
+from conftest import TINY_CORPUS, save_encoder
 
-from retriever.config import BackboneConfig, EncoderConfig
 from retriever.encoding import (
     ENCODING_FILE,
     EmptyInputError,
@@ -27,7 +26,7 @@ from retriever.encoding import (
     read_encodings,
     sparse_terms,
 )
-from retriever.models.encoders import SparseEncoder, build_encoder, load_encoder
+from retriever.models.encoders import SparseEncoder, load_encoder
 
 # Texts of very different token lengths (1 to ~60 words), so that length sorting really reorders them.
 TEXTS = [
@@ -35,19 +34,6 @@ TEXTS = [
 ]
 TEXTS[5] = " ".join(TINY_CORPUS[:6])
 DOCS = [(f"doc-{i:03d}", text) for i, text in enumerate(TEXTS)]
-
-
-def save_encoder(tokenizer_dir, directory, paradigm: str, lora_seed: int = 1, **settings):
-    """A tiny encoder with non-zero LoRA weights (fresh B matrices are zero), saved like a trained one."""
-    backbone = BackboneConfig(name="tiny-s", tokenizer=str(tokenizer_dir), seed=3)
-    encoder = build_encoder(backbone, EncoderConfig(paradigm=paradigm, **settings))
-    generator = torch.Generator().manual_seed(lora_seed)
-    with torch.no_grad():
-        for name, param in encoder.named_parameters():
-            if "lora_" in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
-    encoder.save(directory)
-    return directory
 
 
 @pytest.fixture(scope="module")
