@@ -10,7 +10,8 @@ top-k (a MaxScore-style bound; results are identical): query terms are processed
 largest possible contribution ``q_t * max_d d_t``; once the contributions left to process cannot lift an unseen
 document above the current k-th partial score, the remaining (usually long, low-weight) posting lists are not
 scanned: the exact score of each remaining candidate is completed by galloping search in them. This is used for
-k <= 64 (for larger k the k-th score is too low for the bound to skip enough work).
+k <= 64 (for larger k the k-th score is too low for the bound to skip enough work), and a query falls back to the
+exhaustive scan when completing its candidates would cost more (dense-like vectors, where most documents share terms).
 
 Per search thread the index needs ``21 * n_docs`` bytes of scratch (score accumulators, flags, candidate lists).
 """
@@ -347,6 +348,14 @@ def _query_pruned(
             if not rem < theta * slack and since >= m:
                 theta = _kth_largest(acc64, touched, m, k, scratch)
                 since = 0
+                # Documents that can still reach theta: each costs at least one step per remaining term to
+                # complete. Far more than the exhaustive search costs: stop trying (dense-like sparse vectors).
+                alive = 0
+                for r in range(m):
+                    if acc64[touched[r]] + rem >= theta * slack:
+                        alive += 1
+                if alive * (n - i - 1) > 2 * total_work:
+                    break
             if rem < theta * slack:
                 stop = i + 1
                 break
@@ -365,6 +374,16 @@ def _query_pruned(
         if acc64[d] + rem >= theta * slack:
             cand[c] = d
             c += 1
+    # Completing the candidates costs a gallop (about 2 log2(gap) + 1 steps) per candidate and remaining term, then
+    # one per candidate and term to rescore; the exhaustive search costs one step per posting. On indexes where
+    # most documents share terms with the query (dense-like sparse vectors) the candidates are too many to pay.
+    steps = 0.0
+    for i in range(stop, n):
+        length = offsets[qt[order[i]] + 1] - offsets[qt[order[i]]]
+        steps += c * (2.0 * np.log2(length / max(c, 1) + 1.0) + 1.0)
+    if steps > total_work:
+        _clear(acc64, flag, touched, m)
+        return False
     cand[:c].sort()  # ascending, for galloping through the posting lists
     for i in range(stop, n):
         t = qt[order[i]]
@@ -388,6 +407,12 @@ def _query_pruned(
         c = kept
 
     # Phase 3
+    steps = 0.0
+    for j in range(n):
+        steps += c * (2.0 * np.log2(offsets[qt[j] + 1] - offsets[qt[j]] + 1.0) + 1.0)
+    if steps > total_work:
+        _clear(acc64, flag, touched, m)
+        return False
     for r in range(c):
         d = cand[r]
         s = np.float32(0.0)

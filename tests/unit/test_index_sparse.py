@@ -86,6 +86,27 @@ def test_pruned_search_skips_long_lists_and_stays_exact() -> None:
         assert pruned == exhaustive == brute_force(q_batch.to_scipy(), doc_batch.to_scipy(), k)
 
 
+def test_dense_like_vectors_are_searched_exhaustively() -> None:
+    """Vectors sharing most terms (a quarter of the vocabulary per document, ~500 skewed query weights): the bound
+    stops early, but nearly every document stays a candidate and completing them would cost more than scanning
+    every posting, so the pruned search declines (no query skips) and the answer is the exhaustive one."""
+    n, vocab = 2000, 4000
+    rng = np.random.default_rng(0)
+    docs = sp.random(n, vocab, density=0.25, random_state=1, format="csr", dtype=np.float32)
+    docs.data = rng.exponential(1.0, docs.nnz).astype(np.float32) + np.float32(1e-3)
+    queries = sp.random(30, vocab, density=0.13, random_state=2, format="csr", dtype=np.float32)
+    queries.data = (rng.exponential(1.0, queries.nnz) ** 3).astype(np.float32) + np.float32(1e-3)
+    doc_batch = SparseBatch.from_scipy([f"d{i:05d}" for i in range(n)], docs)
+    q_batch = SparseBatch.from_scipy([f"q{i}" for i in range(30)], queries)
+    offsets, postings, weights = invert(doc_batch)
+    skipped = np.zeros(30, dtype=bool)
+    pruned = as_hits(
+        *search_inverted(offsets, postings, weights, n, q_batch, 10, dynamic_pruning=True, skipped=skipped)
+    )
+    assert not skipped.any()
+    assert pruned == brute_force(q_batch.to_scipy(), doc_batch.to_scipy(), 10)
+
+
 @pytest.mark.parametrize("k", [5, 17, 100, 700, 3000])
 def test_selection_with_a_crowd_of_tied_scores(k: int) -> None:
     """3000 documents share one term with the same weight (a crowd tied at one score), a few score higher or lower:
