@@ -8,17 +8,18 @@ requests alternate between the two models; queries are the synthetic benchmark's
 is this process (asyncio + aiohttp, one connection per client); its CPU share of the machine is reported next to
 every row, since it competes with the server for the same cores.
 
-Configurations (one replica per deployment):
-  (a) serve        the router answers the searches that queued while it was busy in one batch (up to 64, two
+Configurations (one replica per deployment; Serve's ingress is HAProxy when the `haproxy` binary is installed, as
+`retriever serve` starts it by default):
+  (a) serve        the router answers the searches that queued while it was busy in one batch (up to 64, three
                    batches in flight), one encoder call per model and one call per shard; the QueryEncoder and
                    IndexShards batch calls again (`@serve.batch`)
   (b) serve-nobatch  the same with max_batch_size=1 at every hop (the router still runs up to 64 requests at once)
   (c) plain        `retriever serve --local`: one uvicorn process, torch on all cores
   (c1) plain-1t    the same with one torch thread (OMP_NUM_THREADS=1), the threads a Serve encoder replica gets
   (d) serve-noop   Serve's own ceiling on this machine: a FastAPI ingress deployment answering a fixed top-10 (no
-                   encoder, no shards), behind the same proxy
-Optional: serve-tput, (a) with RAY_SERVE_THROUGHPUT_OPTIMIZED=1 (Ray's low-overhead mode: direct ingress, no
-separate user-code thread, buffered access logs).
+                   encoder, no shards), behind the same ingress as (a)
+  (e) serve-proxy  (a) behind Serve's Python proxy actor instead (`ingress=proxy`): one more process and two more
+                   Ray calls per request
 
 Run from the repository root after the quickstart:  PYTHONPATH=. python benchmarks/bench_serve.py
 """
@@ -129,6 +130,12 @@ async def load(url: str, queries: list[str], clients: int, duration_s: float, ma
     }
 
 
+def default_settings():  # -> ServeConfig, with the defaults of every setting but the model
+    from retriever.config import ServeConfig
+
+    return ServeConfig.model_validate({"models": [{"name": "noop", "encoder": "-", "index": "-"}]})
+
+
 def noop_server(port: int) -> None:
     """(d): the cheapest FastAPI app Serve can host, shaped like /search; runs until SIGTERM."""
     import ray
@@ -149,6 +156,9 @@ def noop_server(port: int) -> None:
         async def healthz(self) -> dict:
             return {"status": "ok"}
 
+    from retriever.serving.launch import ingress_environment
+
+    os.environ.update(ingress_environment(default_settings())[1])  # the ingress of (a)
     ray.init(configure_logging=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(Noop.bind(), name="noop", route_prefix="/", logging_config={"enable_access_log": False})
@@ -164,7 +174,9 @@ def main() -> int:
     parser.add_argument("--max-requests", type=int, default=5000, help="requests per row at most")
     parser.add_argument("-k", type=int, default=10)
     parser.add_argument("--concurrency", type=int, nargs="+", default=list(CONCURRENCY))
-    parser.add_argument("--only", nargs="+", default=["serve", "serve-nobatch", "plain", "plain-1t", "serve-noop"])
+    parser.add_argument(
+        "--only", nargs="+", default=["serve", "serve-nobatch", "plain", "plain-1t", "serve-noop", "serve-proxy"]
+    )
     parser.add_argument("--noop-server", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.noop_server:
@@ -188,7 +200,7 @@ def main() -> int:
     variants = {
         "serve": ([], env),
         "serve-nobatch": (nobatch, env),
-        "serve-tput": ([], {**env, "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}),
+        "serve-proxy": (["--set", "ingress=proxy"], env),
         "plain": (["--local"], env),
         "plain-1t": (["--local"], {**env, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}),
         "serve-noop": ([], env),
@@ -197,6 +209,9 @@ def main() -> int:
         f"machine: {os.cpu_count()} cores; models: sparse + dense champions of {args.sweep}; k={args.k}; "
         f"{args.duration:.0f} s or {args.max_requests} requests per row; requests alternate sparse/dense"
     )
+    from retriever.serving.launch import ingress_environment
+
+    print(f"Serve ingress of (a), (b), (d): {ingress_environment(default_settings())[0]}")
     print(
         "threads: Serve replicas get OMP_NUM_THREADS=1 from Ray (fractional CPUs); plain: torch on all cores; "
         "plain-1t: one torch thread"

@@ -592,6 +592,7 @@ def _serve(args: argparse.Namespace) -> int:
     from retriever.serving.launch import (
         base_url,
         block_until_interrupted,
+        ingress_environment,
         serve_deploy_config,
         serve_in_process,
         serve_on_ray,
@@ -627,7 +628,9 @@ def _serve(args: argparse.Namespace) -> int:
     started_here = serve_on_ray(settings, models, address=args.address)
     print(f"serving {names} at {url}  (search page {url}/, API {url}/docs)", flush=True)
     if started_here:
-        print("Ctrl-C stops the service", flush=True)
+        ingress = ingress_environment(settings)[0]
+        hint = "" if ingress == "haproxy" else "; installing haproxy makes it faster (README, Serving)"
+        print(f"ingress: {ingress}{hint}. Ctrl-C stops the service", flush=True)
         block_until_interrupted()
     else:
         print(f"deployed as Serve application {settings.app_name!r}; `serve status` shows it", flush=True)

@@ -332,7 +332,9 @@ class RouterDeploymentConfig(DeploymentConfig):
     batch_wait_timeout_s: float = Field(
         0.0, ge=0, description="wait for more searches before a batch starts while a slot is free (0: none)"
     )
-    max_concurrent_batches: int = Field(2, gt=0, description="batches in flight at once (encode one, search one)")
+    max_concurrent_batches: int = Field(
+        3, gt=0, description="batches in flight at once (one is encoded while others are searched)"
+    )
 
 
 class ServeLimits(StrictModel):
@@ -369,6 +371,12 @@ class ServeConfig(StrictModel):
     max_models_per_replica: int = Field(4, gt=0, description="encoders one QueryEncoder replica keeps loaded")
     access_log: bool = Field(
         False, description="a log line per request in every replica (costs CPU on every hop; errors are logged anyway)"
+    )
+    ingress: Literal["auto", "haproxy", "proxy"] = Field(
+        "auto",
+        description="how HTTP reaches the router on the Ray that `retriever serve` starts: haproxy = Serve's HAProxy "
+        "in front of router replicas that serve HTTP themselves (fewest hops); proxy = Serve's Python proxy actor; "
+        "auto = haproxy when the `haproxy` binary is installed. A cluster's own environment decides for `--address`",
     )
 
     @field_validator("models")

@@ -131,7 +131,7 @@ def create_app(
     )
     run_search: Search = search or service.search
 
-    def authorize(credentials: Credentials) -> None:
+    async def authorize(credentials: Credentials) -> None:  # async: no thread hop per request
         if token is None:
             return
         given = credentials.credentials if credentials is not None else ""

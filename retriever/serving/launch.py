@@ -4,13 +4,42 @@ as the config YAML that `serve deploy` takes."""
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from retriever.config import ServeConfig
+from retriever.errors import UserError
 from retriever.serving.catalog import ServedModel, read_token
+
+HAPROXY_BINARY_ENV = "RAY_SERVE_HAPROXY_BINARY_PATH"
+
+
+def ingress_environment(settings: ServeConfig) -> tuple[str, dict[str, str]]:
+    """The ingress a Ray started here gets (``settings.ingress`` with "auto" resolved) and the environment that
+    selects it. Serve reads these variables when its controller and replicas start, so they must be set before the
+    local Ray is."""
+    binary = os.environ.get(HAPROXY_BINARY_ENV) or shutil.which("haproxy")
+    ingress = settings.ingress if settings.ingress != "auto" else ("haproxy" if binary else "proxy")
+    if ingress == "proxy":
+        return ingress, {}
+    if not binary:
+        raise UserError(
+            "serve: ingress=haproxy needs the `haproxy` binary (apt-get install haproxy, or set "
+            f"{HAPROXY_BINARY_ENV}); or set ingress=proxy (Serve's Python proxy, slower)"
+        )
+    return ingress, {
+        # Serve's throughput mode: the router replica serves HTTP itself (direct ingress) behind HAProxy, handle
+        # calls go over gRPC, user code runs on the replica's event loop.
+        "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+        "RAY_SERVE_ENABLE_HA_PROXY": "1",
+        HAPROXY_BINARY_ENV: binary,
+        # A replica that stops waits this long for load balancers to forget it (30 s by default, for cloud load
+        # balancers); the HAProxy on this machine is told at once.
+        "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2",
+    }
 
 
 def serve_deploy_config(
@@ -99,8 +128,19 @@ def serve_on_ray(
     read_token(settings)  # fail here, not in a replica, when the token is missing
     address = address or os.environ.get("RAY_ADDRESS")
     started_here = address is None
+    if started_here and not ray.is_initialized():
+        _, environment = ingress_environment(settings)
+        for name, value in environment.items():
+            os.environ.setdefault(name, value)  # the user's own setting wins
+    elif not started_here and settings.ingress != "auto":
+        raise UserError(
+            f"serve: ingress={settings.ingress} applies to the Ray that `retriever serve` starts; a running cluster's "
+            "ingress is set where the cluster starts (README, Serving: RAY_SERVE_THROUGHPUT_OPTIMIZED and "
+            "RAY_SERVE_ENABLE_HA_PROXY); leave ingress=auto with --address"
+        )
     if not ray.is_initialized():
-        ray.init(address=address, configure_logging=False, log_to_driver=False)
+        # "local": a new Ray of this process's own, never one that happens to run on this machine already.
+        ray.init(address=address or "local", configure_logging=False, log_to_driver=False)
     serve.start(
         http_options={"host": settings.host, "port": settings.port, "request_timeout_s": settings.request_timeout_s}
     )

@@ -1,0 +1,61 @@
+"""Which Serve ingress `retriever serve` starts, and the refusals that come before any Ray starts."""
+
+from __future__ import annotations
+
+import pytest
+
+from retriever.config import ServeConfig
+from retriever.errors import UserError
+from retriever.serving.launch import HAPROXY_BINARY_ENV, ingress_environment, serve_on_ray
+
+
+def settings(**values) -> ServeConfig:
+    return ServeConfig.model_validate({"models": [{"name": "m", "encoder": "e", "index": "i"}], **values})
+
+
+@pytest.fixture
+def no_haproxy(monkeypatch, tmp_path):
+    monkeypatch.delenv(HAPROXY_BINARY_ENV, raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path))  # an empty folder: no haproxy on the path
+
+
+@pytest.fixture
+def haproxy(monkeypatch, tmp_path) -> str:
+    binary = tmp_path / "haproxy"
+    binary.write_text("#!/bin/sh\n")
+    binary.chmod(0o755)
+    monkeypatch.delenv(HAPROXY_BINARY_ENV, raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    return str(binary)
+
+
+def test_auto_is_haproxy_when_installed(haproxy) -> None:
+    ingress, environment = ingress_environment(settings())
+    assert ingress == "haproxy"
+    assert environment == {
+        "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+        "RAY_SERVE_ENABLE_HA_PROXY": "1",
+        HAPROXY_BINARY_ENV: haproxy,
+        "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2",
+    }
+
+
+def test_auto_falls_back_to_the_python_proxy_without_haproxy(no_haproxy) -> None:
+    assert ingress_environment(settings()) == ("proxy", {})
+    assert ingress_environment(settings(ingress="proxy")) == ("proxy", {})
+
+
+def test_the_binary_can_be_named_by_environment(no_haproxy, monkeypatch) -> None:
+    monkeypatch.setenv(HAPROXY_BINARY_ENV, "/opt/haproxy/sbin/haproxy")
+    ingress, environment = ingress_environment(settings(ingress="haproxy"))
+    assert ingress == "haproxy" and environment[HAPROXY_BINARY_ENV] == "/opt/haproxy/sbin/haproxy"
+
+
+def test_haproxy_asked_for_but_missing_is_refused(no_haproxy) -> None:
+    with pytest.raises(UserError, match=r"ingress=haproxy needs the `haproxy` binary \(apt-get install haproxy"):
+        ingress_environment(settings(ingress="haproxy"))
+
+
+def test_an_ingress_cannot_be_chosen_for_a_running_cluster(haproxy) -> None:
+    with pytest.raises(UserError, match="a running cluster's ingress is set where the cluster starts"):
+        serve_on_ray(settings(ingress="haproxy"), [], address="ray://cluster:10001")
