@@ -30,17 +30,32 @@ def safe_metric_name(name: str) -> str:
     return _UNSAFE.sub("_", name.replace("@", "_at_").replace("-", "_"))
 
 
+TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
+
+
 def tracking_uri(settings: TrackingConfig, output_dir: str | Path) -> str:
+    """The config's `tracking.tracking_uri`, else MLFLOW_TRACKING_URI, else SQLite under ``output_dir``."""
     if settings.tracking_uri:
         return settings.tracking_uri
+    if os.environ.get(TRACKING_URI_ENV):
+        return os.environ[TRACKING_URI_ENV]
     db = (Path(output_dir) / "mlflow.db").resolve()
     db.parent.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{db}"
 
 
-def artifact_location(settings: TrackingConfig, output_dir: str | Path) -> str:
+def is_server(uri: str) -> bool:
+    return uri.startswith(("http://", "https://"))
+
+
+def artifact_location(settings: TrackingConfig, output_dir: str | Path, uri: str) -> str | None:
+    """Where a new experiment keeps its artifacts: the configured location; for a tracking server, the server's
+    own (None: with `mlflow server --serve-artifacts` clients upload over HTTP, so nodes need no shared disk); else
+    a folder next to the SQLite database."""
     if settings.artifact_location:
         return settings.artifact_location
+    if is_server(uri):
+        return None
     path = (Path(output_dir) / "mlartifacts").resolve()
     path.mkdir(parents=True, exist_ok=True)
     return path.as_uri()
@@ -77,7 +92,7 @@ def open_experiment(settings: TrackingConfig, output_dir: str | Path) -> Trackin
     if found is None:
         experiment_id = client.create_experiment(
             settings.experiment,
-            artifact_location=artifact_location(settings, output_dir),
+            artifact_location=artifact_location(settings, output_dir, uri),
             tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND},
         )
     else:

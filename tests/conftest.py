@@ -26,6 +26,8 @@ for key, value in {
 }.items():
     os.environ.setdefault(key, value)
 os.environ.setdefault("IR_DATASETS_HOME", str(_SCRATCH / "ir_datasets"))
+# Tests choose their MLflow stores; a developer's own tracking server must not receive their runs.
+os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("RETRIEVER_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))

@@ -16,10 +16,12 @@ from retriever.tracking import (
     EXPERIMENT_KIND_TAG,
     RunTracker,
     TrackingTarget,
+    artifact_location,
     end_running_runs,
     open_experiment,
     safe_metric_name,
     status_for,
+    tracking_uri,
 )
 
 
@@ -74,6 +76,23 @@ def test_metric_names_are_mlflow_safe(name: str, safe: str) -> None:
 def store(tmp_path_factory) -> Path:
     """One SQLite store for the tests below (creating one takes a second): each uses its own experiment."""
     return tmp_path_factory.mktemp("mlflow")
+
+
+def test_the_tracking_uri_comes_from_the_config_then_the_environment(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.internal:5000")
+    assert tracking_uri(TrackingConfig(), tmp_path) == "http://mlflow.internal:5000"
+    assert tracking_uri(TrackingConfig(tracking_uri="sqlite:///other.db"), tmp_path) == "sqlite:///other.db"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    assert tracking_uri(TrackingConfig(), tmp_path) == f"sqlite:///{(tmp_path / 'mlflow.db').resolve()}"
+
+
+def test_a_tracking_server_keeps_the_artifacts_unless_configured(tmp_path: Path) -> None:
+    # The server's default artifact root (`mlflow-artifacts:/` with --serve-artifacts): uploads go over HTTP.
+    assert artifact_location(TrackingConfig(), tmp_path, "http://127.0.0.1:5000") is None
+    assert not (tmp_path / "mlartifacts").exists()
+    configured = TrackingConfig(artifact_location="s3://bucket/mlflow")
+    assert artifact_location(configured, tmp_path, "http://127.0.0.1:5000") == "s3://bucket/mlflow"
+    assert artifact_location(TrackingConfig(), tmp_path, "sqlite:///x.db") == (tmp_path / "mlartifacts").as_uri()
 
 
 def test_a_failed_or_interrupted_run_ends_with_its_status_and_error(store: Path) -> None:
