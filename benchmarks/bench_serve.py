@@ -18,8 +18,8 @@ Configurations (one replica per deployment; Serve's ingress is HAProxy when the 
   (c1) plain-1t    the same with one torch thread (OMP_NUM_THREADS=1), the threads a Serve encoder replica gets
   (d) serve-noop   Serve's own ceiling on this machine: a FastAPI ingress deployment answering a fixed top-10 (no
                    encoder, no shards), behind the same ingress as (a)
-  (e) serve-proxy  (a) behind Serve's Python proxy actor instead (`ingress=proxy`): one more process and two more
-                   Ray calls per request
+  (e) serve-proxy  (a) behind Serve's Python proxy actor instead (`ingress=proxy`): one more process and Ray call
+                   per request
 
 Run from the repository root after the quickstart:  PYTHONPATH=. python benchmarks/bench_serve.py
 """
@@ -130,12 +130,6 @@ async def load(url: str, queries: list[str], clients: int, duration_s: float, ma
     }
 
 
-def default_settings():  # -> ServeConfig, with the defaults of every setting but the model
-    from retriever.config import ServeConfig
-
-    return ServeConfig.model_validate({"models": [{"name": "noop", "encoder": "-", "index": "-"}]})
-
-
 def noop_server(port: int) -> None:
     """(d): the cheapest FastAPI app Serve can host, shaped like /search; runs until SIGTERM."""
     import ray
@@ -158,7 +152,7 @@ def noop_server(port: int) -> None:
 
     from retriever.serving.launch import ingress_environment
 
-    os.environ.update(ingress_environment(default_settings())[1])  # the ingress of (a)
+    os.environ.update(ingress_environment("auto")[1])  # the ingress of (a)
     ray.init(configure_logging=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(Noop.bind(), name="noop", route_prefix="/", logging_config={"enable_access_log": False})
@@ -211,7 +205,7 @@ def main() -> int:
     )
     from retriever.serving.launch import ingress_environment
 
-    print(f"Serve ingress of (a), (b), (d): {ingress_environment(default_settings())[0]}")
+    print(f"Serve ingress of (a), (b), (d): {ingress_environment('auto')[0]}")
     print(
         "threads: Serve replicas get OMP_NUM_THREADS=1 from Ray (fractional CPUs); plain: torch on all cores; "
         "plain-1t: one torch thread"

@@ -592,7 +592,6 @@ def _serve(args: argparse.Namespace) -> int:
     from retriever.serving.launch import (
         base_url,
         block_until_interrupted,
-        ingress_environment,
         serve_deploy_config,
         serve_in_process,
         serve_on_ray,
@@ -608,8 +607,10 @@ def _serve(args: argparse.Namespace) -> int:
         settings, tracking = champion_config(args.sweep, args.corpus, args.overrides)
         cache = args.sweep / SERVE_DIR / "models"
     else:
+        from retriever.tracking import TRACKING_URI_ENV
+
         settings = load_config(args.config, args.overrides, ServeConfig)
-        tracking, cache = os.environ.get("MLFLOW_TRACKING_URI"), args.config.parent / "models"
+        tracking, cache = os.environ.get(TRACKING_URI_ENV), args.config.parent / "models"
     models = build_catalog(settings, tracking_uri=tracking, cache_dir=cache)
     if args.deploy_config is not None:
         from retriever.outputs import write_text_atomic
@@ -625,10 +626,9 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"serving {names} at {url}  (search page {url}/, API {url}/docs); Ctrl-C stops", flush=True)
         serve_in_process(settings, models)
         return 0
-    started_here = serve_on_ray(settings, models, address=args.address)
+    ingress = serve_on_ray(settings, models, address=args.address)
     print(f"serving {names} at {url}  (search page {url}/, API {url}/docs)", flush=True)
-    if started_here:
-        ingress = ingress_environment(settings)[0]
+    if ingress is not None:
         hint = "" if ingress == "haproxy" else "; installing haproxy makes it faster (README, Serving)"
         print(f"ingress: {ingress}{hint}. Ctrl-C stops the service", flush=True)
         block_until_interrupted()

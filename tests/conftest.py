@@ -33,6 +33,24 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("RETRIEVER_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
 
 
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct loopback ports that were free just now."""
+    import socket
+
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def free_port() -> int:
+    return free_ports(1)[0]
+
+
 def shared_path(*parts: str) -> Path:
     """A path under ../shared/data; the calling test is skipped when it is absent."""
     path = SHARED_DATA.joinpath(*parts)
@@ -142,6 +160,35 @@ TINY_EXPERIMENT = {
     "data": {"synthetic_docs": 400, "synthetic_train_queries": 200, "synthetic_test_queries": 40},
     "tracking": {"enabled": False},
 }
+
+
+# What the Ray sweep and job tests run: tiny-s dense CL on a small synthetic benchmark, full fine-tuning, evaluated.
+SMALL_SWEEP_EXPERIMENT = {
+    "backbone": {"name": "tiny-s", "tokenizer": "synthetic", "lora": {"enabled": False}},
+    "encoder": {"paradigm": "dense", "query_max_length": 16, "passage_max_length": 48},
+    "loss": {"name": "cl", "num_negatives": 3},
+    "budget": {"max_steps": 6},
+    "train": {"batch_size": 8, "lr": 1e-3, "checkpoint_every": 3, "log_every": 1},
+    "data": {"synthetic_docs": 300, "synthetic_train_queries": 120, "synthetic_test_queries": 30},
+    "eval": {"datasets": ["synthetic/test"], "batch_size": 64},
+}
+
+
+def write_experiment(path: Path, **overrides) -> Path:
+    """`SMALL_SWEEP_EXPERIMENT` as YAML at ``path``, ``overrides`` setting `section.key` (or top-level) values."""
+    import json
+
+    import yaml
+
+    data = json.loads(json.dumps(SMALL_SWEEP_EXPERIMENT))
+    for key, value in overrides.items():
+        section, _, field = key.partition(".")
+        if field:
+            data.setdefault(section, {})[field] = value
+        else:
+            data[key] = value
+    path.write_text(yaml.safe_dump(data))
+    return path
 
 
 def make_config(output_dir, name: str, **sections):  # -> retriever.config.ExperimentConfig

@@ -271,6 +271,18 @@ def _gallop(a: np.ndarray, lo: int, hi: int, x: int) -> int:
 
 
 @numba.njit(cache=True)
+def _gallop_steps(offsets, qt, terms, count, spread) -> float:
+    """Steps of ``count`` gallops into each posting list ``qt[terms]``: about 2 log2(gap) + 1, the gap being a list's
+    length over ``spread`` (the sorted candidates advance together) or the whole length (each gallop from the
+    start)."""
+    steps = 0.0
+    for j in terms:
+        length = offsets[qt[j] + 1] - offsets[qt[j]]
+        steps += count * (2.0 * np.log2(length / max(spread, 1) + 1.0) + 1.0)
+    return steps
+
+
+@numba.njit(cache=True)
 def _kth_largest(acc64: np.ndarray, items: np.ndarray, count: int, k: int, scratch: np.ndarray) -> float:
     """The k-th largest of acc64[items[:count]] (count >= k), by a size-k min-heap in scratch (no allocation)."""
     size = 0
@@ -374,14 +386,10 @@ def _query_pruned(
         if acc64[d] + rem >= theta * slack:
             cand[c] = d
             c += 1
-    # Completing the candidates costs a gallop (about 2 log2(gap) + 1 steps) per candidate and remaining term, then
-    # one per candidate and term to rescore; the exhaustive search costs one step per posting. On indexes where
-    # most documents share terms with the query (dense-like sparse vectors) the candidates are too many to pay.
-    steps = 0.0
-    for i in range(stop, n):
-        length = offsets[qt[order[i]] + 1] - offsets[qt[order[i]]]
-        steps += c * (2.0 * np.log2(length / max(c, 1) + 1.0) + 1.0)
-    if steps > total_work:
+    # Completing the candidates costs a gallop per candidate and remaining term, then one per candidate and term to
+    # rescore; the exhaustive search costs one step per posting. On indexes where most documents share terms with
+    # the query (dense-like sparse vectors) the candidates are too many to pay.
+    if _gallop_steps(offsets, qt, order[stop:], c, c) > total_work:
         _clear(acc64, flag, touched, m)
         return False
     cand[:c].sort()  # ascending, for galloping through the posting lists
@@ -407,10 +415,7 @@ def _query_pruned(
         c = kept
 
     # Phase 3
-    steps = 0.0
-    for j in range(n):
-        steps += c * (2.0 * np.log2(offsets[qt[j] + 1] - offsets[qt[j]] + 1.0) + 1.0)
-    if steps > total_work:
+    if _gallop_steps(offsets, qt, order, c, 1) > total_work:
         _clear(acc64, flag, touched, m)
         return False
     for r in range(c):

@@ -17,12 +17,12 @@ from retriever.serving.catalog import ServedModel, read_token
 HAPROXY_BINARY_ENV = "RAY_SERVE_HAPROXY_BINARY_PATH"
 
 
-def ingress_environment(settings: ServeConfig) -> tuple[str, dict[str, str]]:
-    """The ingress a Ray started here gets (``settings.ingress`` with "auto" resolved) and the environment that
-    selects it. Serve reads these variables when its controller and replicas start, so they must be set before the
-    local Ray is."""
+def ingress_environment(choice: str) -> tuple[str, dict[str, str]]:
+    """The ingress a Ray started here gets (``choice``, a `ServeConfig.ingress`, with "auto" resolved) and the
+    environment that selects it. Serve reads these variables when its controller and replicas start, so they must be
+    set before the local Ray is."""
     binary = os.environ.get(HAPROXY_BINARY_ENV) or shutil.which("haproxy")
-    ingress = settings.ingress if settings.ingress != "auto" else ("haproxy" if binary else "proxy")
+    ingress = choice if choice != "auto" else ("haproxy" if binary else "proxy")
     if ingress == "proxy":
         return ingress, {}
     if not binary:
@@ -117,9 +117,9 @@ def serve_in_process(settings: ServeConfig, models: Sequence[ServedModel]) -> No
 
 def serve_on_ray(
     settings: ServeConfig, models: Sequence[ServedModel], *, address: str | None, startup_timeout_s: float = 600
-) -> bool:
-    """Deploy on Ray Serve and wait until the application runs. Returns whether this process started Ray itself
-    (then the caller keeps it alive; on a cluster the application outlives this process)."""
+) -> str | None:
+    """Deploy on Ray Serve and wait until the application runs. Returns the ingress when this process started Ray
+    itself (then the caller keeps it alive), None on a running cluster (the application outlives this process)."""
     import ray
     from ray import serve
 
@@ -127,12 +127,12 @@ def serve_on_ray(
 
     read_token(settings)  # fail here, not in a replica, when the token is missing
     address = address or os.environ.get("RAY_ADDRESS")
-    started_here = address is None
-    if started_here and not ray.is_initialized():
-        _, environment = ingress_environment(settings)
+    ingress = None
+    if address is None:
+        ingress, environment = ingress_environment(settings.ingress)
         for name, value in environment.items():
             os.environ.setdefault(name, value)  # the user's own setting wins
-    elif not started_here and settings.ingress != "auto":
+    elif settings.ingress != "auto":
         raise UserError(
             f"serve: ingress={settings.ingress} applies to the Ray that `retriever serve` starts; a running cluster's "
             "ingress is set where the cluster starts (README, Serving: RAY_SERVE_THROUGHPUT_OPTIMIZED and "
@@ -152,7 +152,7 @@ def serve_on_ray(
         logging_config=logging_config(settings),
     )
     wait_until_running(settings.app_name, startup_timeout_s)
-    return started_here
+    return ingress
 
 
 def block_until_interrupted() -> None:

@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -18,34 +17,14 @@ from pathlib import Path
 import psutil
 import pytest
 import requests
-import yaml
 
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, free_ports, write_experiment
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(900)]
 
 BIN = Path(sys.executable).parent
-SMALL = {
-    "backbone": {"name": "tiny-s", "tokenizer": "synthetic", "lora": {"enabled": False}},
-    "encoder": {"paradigm": "dense", "query_max_length": 16, "passage_max_length": 48},
-    "loss": {"name": "cl", "num_negatives": 3},
-    "budget": {"max_steps": 4},
-    "train": {"batch_size": 8, "lr": 1e-3, "checkpoint_every": 2, "log_every": 1},
-    "data": {"synthetic_docs": 300, "synthetic_train_queries": 120, "synthetic_test_queries": 30},
-    "eval": {"datasets": ["synthetic/test"], "batch_size": 64},
-    "tracking": {"experiment": "jobs"},
-}
-
-
-def free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
+# The small experiment, 4 steps, logged to the experiment "jobs".
+JOB_SETTINGS = {"budget.max_steps": 4, "train.checkpoint_every": 2, "tracking.experiment": "jobs"}
 
 
 def wait_for(url: str, process: subprocess.Popen, log: Path, timeout_s: float) -> None:
@@ -87,6 +66,12 @@ def stop_group(process: subprocess.Popen) -> None:
             time.sleep(0.5)
 
 
+def start_group(command: list[str], flags: dict, env: dict, log: Path) -> subprocess.Popen:
+    """This environment's ``command`` with ``flags``, in a process group of its own (see `stop_group`)."""
+    argv = [str(BIN / command[0]), *command[1:], *(str(part) for pair in flags.items() for part in pair)]
+    return subprocess.Popen(argv, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+
+
 @pytest.fixture(scope="module")
 def cluster():
     """A Ray head (job API on the dashboard port) and an MLflow server, both on loopback; stopped at the end with
@@ -98,75 +83,25 @@ def cluster():
     workers = free_ports(48)
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
     env.pop("RAY_ADDRESS", None)
-    ray_log = root / "ray-start.log"
-    head = subprocess.Popen(
-        [
-            str(BIN / "ray"),
-            "start",
-            "--head",
-            "--block",
-            "--node-ip-address",
-            "127.0.0.1",
-            "--port",
-            str(gcs),
-            "--dashboard-host",
-            "127.0.0.1",
-            "--dashboard-port",
-            str(dashboard),
-            "--include-dashboard",
-            "true",
-            "--ray-client-server-port",
-            str(client),
-            "--dashboard-agent-listen-port",
-            str(agent),
-            "--dashboard-agent-grpc-port",
-            str(agent_grpc),
-            "--runtime-env-agent-port",
-            str(env_agent),
-            "--metrics-export-port",
-            str(metrics),
-            "--node-manager-port",
-            str(node_manager),
-            "--object-manager-port",
-            str(object_manager),
-            "--worker-port-list",
-            ",".join(map(str, workers)),
-            "--temp-dir",
-            str(root / "ray"),
-            "--num-cpus",
-            "4",
-            "--disable-usage-stats",
-        ],  # fmt: skip
-        env=env,
-        stdout=ray_log.open("w"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
+    ray_flags = {
+        "--node-ip-address": "127.0.0.1", "--port": gcs, "--dashboard-host": "127.0.0.1",
+        "--dashboard-port": dashboard, "--include-dashboard": "true", "--ray-client-server-port": client,
+        "--dashboard-agent-listen-port": agent, "--dashboard-agent-grpc-port": agent_grpc,
+        "--runtime-env-agent-port": env_agent, "--metrics-export-port": metrics, "--node-manager-port": node_manager,
+        "--object-manager-port": object_manager, "--worker-port-list": ",".join(map(str, workers)),
+        "--temp-dir": root / "ray", "--num-cpus": 4,
+    }  # fmt: skip
+    head = start_group(
+        ["ray", "start", "--head", "--block", "--disable-usage-stats"], ray_flags, env, root / "ray.log"
     )
-    mlflow_log = root / "mlflow.log"
-    mlflow = subprocess.Popen(
-        [
-            str(BIN / "mlflow"),
-            "server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(mlflow_port),
-            "--workers",
-            "1",
-            "--backend-store-uri",
-            f"sqlite:///{root / 'mlflow.db'}",
-            "--serve-artifacts",
-            "--artifacts-destination",
-            str(root / "artifacts"),
-        ],  # fmt: skip
-        env=env,
-        stdout=mlflow_log.open("w"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    mlflow_flags = {
+        "--host": "127.0.0.1", "--port": mlflow_port, "--workers": 1,
+        "--backend-store-uri": f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination": root / "artifacts",
+    }  # fmt: skip
+    mlflow = start_group(["mlflow", "server", "--serve-artifacts"], mlflow_flags, env, root / "mlflow.log")
     try:
-        wait_for(f"http://127.0.0.1:{dashboard}/api/version", head, ray_log, 180)
-        wait_for(f"http://127.0.0.1:{mlflow_port}/health", mlflow, mlflow_log, 180)
+        wait_for(f"http://127.0.0.1:{dashboard}/api/version", head, root / "ray.log", 180)
+        wait_for(f"http://127.0.0.1:{mlflow_port}/health", mlflow, root / "mlflow.log", 180)
         yield {"root": root, "jobs": f"http://127.0.0.1:{dashboard}", "mlflow": f"http://127.0.0.1:{mlflow_port}"}
     finally:
         stop_group(head)
@@ -174,17 +109,8 @@ def cluster():
         shutil.rmtree(root, ignore_errors=True)
 
 
-def write_config(path: Path, output_dir: Path, **sections) -> Path:
-    data = json.loads(json.dumps(SMALL))
-    data["train"]["output_dir"] = str(output_dir)
-    for key, value in sections.items():
-        section, _, field = key.partition(".")
-        if field:
-            data.setdefault(section, {})[field] = value
-        else:
-            data[key] = value
-    path.write_text(yaml.safe_dump(data))
-    return path
+def write_config(path: Path, output_dir: Path, **overrides) -> Path:
+    return write_experiment(path, **{**JOB_SETTINGS, "train.output_dir": str(output_dir), **overrides})
 
 
 def submit(client, cluster, entrypoint: str) -> str:
@@ -237,8 +163,7 @@ def test_jobs_on_a_running_cluster_log_to_an_mlflow_server(cluster) -> None:
             "name": "jobs",
         },
     )
-    bad_config = root / "bad.yaml"
-    bad_config.write_text(yaml.safe_dump({**SMALL, "train": {**SMALL["train"], "learning_rate": 1e-3}}))
+    bad_config = write_config(root / "bad.yaml", root / "runs", **{"train.learning_rate": 1e-3})
     train_config = write_config(root / "train.yaml", root / "train", **{"train.num_workers": 1, "name": "one"})
 
     sweep = submit(client, cluster, f"python -m ray_jobs.sweep {sweep_config}")

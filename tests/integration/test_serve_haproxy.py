@@ -18,18 +18,12 @@ import requests
 import yaml
 
 from retriever.index import search_to_run
-from tests.conftest import REPO_ROOT, SERVE_QUERIES
+from tests.conftest import REPO_ROOT, SERVE_QUERIES, free_port
 
 pytestmark = [
     pytest.mark.timeout(420),
     pytest.mark.skipif(shutil.which("haproxy") is None, reason="haproxy not installed (.ci/run installs it)"),
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def listening(pids: set[int]) -> list[tuple[str, int, str]]:

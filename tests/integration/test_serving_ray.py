@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -20,7 +19,7 @@ import pytest
 import requests
 
 from retriever.index import search_to_run
-from tests.conftest import REPO_ROOT, SERVE_QUERIES
+from tests.conftest import REPO_ROOT, SERVE_QUERIES, free_port
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -28,12 +27,6 @@ APP = "retriever-test"
 TOKEN_ENV = "RETRIEVER_TEST_SERVE_TOKEN"
 TOKEN = "integration-token-1234"
 ARTIFACTS = REPO_ROOT / "test-artifacts"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -18,19 +18,9 @@ import yaml
 from retriever.config import load_config
 from retriever.records import cell_id, collect_cells
 from retriever.sweep.run import run_sweep
+from tests.conftest import write_experiment
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(900)]
-
-SMALL = {
-    "backbone": {"name": "tiny-s", "tokenizer": "synthetic", "lora": {"enabled": False}},
-    "encoder": {"paradigm": "dense", "query_max_length": 16, "passage_max_length": 48},
-    "loss": {"name": "cl", "num_negatives": 3},
-    "budget": {"max_steps": 6},
-    "train": {"batch_size": 8, "lr": 1e-3, "checkpoint_every": 3, "log_every": 1},
-    "data": {"synthetic_docs": 300, "synthetic_train_queries": 120, "synthetic_test_queries": 30},
-    "eval": {"datasets": ["synthetic/test"], "batch_size": 64},
-}
-
 
 # Two CL/KD cells of tiny-s dense, one at a time on one CPU.
 ONE_CELL_AT_A_TIME = {
@@ -43,15 +33,8 @@ ONE_CELL_AT_A_TIME = {
 
 
 def write_config(tmp_path: Path, name: str, *, output_dir: str | None = None, **overrides) -> Path:
-    data = json.loads(json.dumps(SMALL))
-    data["name"] = name
-    data["train"]["output_dir"] = output_dir or str(tmp_path / "runs")
-    for key, value in overrides.items():
-        section, _, field = key.partition(".")
-        data.setdefault(section, {})[field] = value
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return path
+    output_dir = output_dir or str(tmp_path / "runs")
+    return write_experiment(tmp_path / f"{name}.yaml", name=name, **{"train.output_dir": output_dir, **overrides})
 
 
 def test_two_cell_sweep_logs_nested_runs_and_writes_the_report(ray_cluster, tmp_path):

@@ -30,7 +30,7 @@ def haproxy(monkeypatch, tmp_path) -> str:
 
 
 def test_auto_is_haproxy_when_installed(haproxy) -> None:
-    ingress, environment = ingress_environment(settings())
+    ingress, environment = ingress_environment("auto")
     assert ingress == "haproxy"
     assert environment == {
         "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
@@ -41,19 +41,19 @@ def test_auto_is_haproxy_when_installed(haproxy) -> None:
 
 
 def test_auto_falls_back_to_the_python_proxy_without_haproxy(no_haproxy) -> None:
-    assert ingress_environment(settings()) == ("proxy", {})
-    assert ingress_environment(settings(ingress="proxy")) == ("proxy", {})
+    assert ingress_environment("auto") == ("proxy", {})
+    assert ingress_environment("proxy") == ("proxy", {})
 
 
 def test_the_binary_can_be_named_by_environment(no_haproxy, monkeypatch) -> None:
     monkeypatch.setenv(HAPROXY_BINARY_ENV, "/opt/haproxy/sbin/haproxy")
-    ingress, environment = ingress_environment(settings(ingress="haproxy"))
+    ingress, environment = ingress_environment("haproxy")
     assert ingress == "haproxy" and environment[HAPROXY_BINARY_ENV] == "/opt/haproxy/sbin/haproxy"
 
 
 def test_haproxy_asked_for_but_missing_is_refused(no_haproxy) -> None:
     with pytest.raises(UserError, match=r"ingress=haproxy needs the `haproxy` binary \(apt-get install haproxy"):
-        ingress_environment(settings(ingress="haproxy"))
+        ingress_environment("haproxy")
 
 
 def test_an_ingress_cannot_be_chosen_for_a_running_cluster(haproxy) -> None:
