@@ -90,16 +90,25 @@ def open_experiment(settings: TrackingConfig, output_dir: str | Path) -> Trackin
     client = _client(uri)
     found = client.get_experiment_by_name(settings.experiment)
     if found is None:
-        experiment_id = client.create_experiment(
-            settings.experiment,
-            artifact_location=artifact_location(settings, output_dir, uri),
-            tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND},
-        )
-    else:
-        experiment_id = found.experiment_id
-        if EXPERIMENT_KIND_TAG not in found.tags:
-            client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
-    return TrackingTarget(uri, experiment_id)
+        from mlflow.exceptions import MlflowException
+
+        try:
+            experiment_id = client.create_experiment(
+                settings.experiment,
+                artifact_location=artifact_location(settings, output_dir, uri),
+                tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND},
+            )
+            return TrackingTarget(uri, experiment_id)
+        except MlflowException as error:
+            # Two jobs starting together both saw no experiment; the one that lost the race joins the winner's.
+            if error.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+            found = client.get_experiment_by_name(settings.experiment)
+            if found is None:
+                raise
+    if EXPERIMENT_KIND_TAG not in found.tags:
+        client.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    return TrackingTarget(uri, found.experiment_id)
 
 
 # A failed or killed run's error message; when the run is resumed it moves to the second tag.

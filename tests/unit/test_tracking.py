@@ -78,6 +78,22 @@ def store(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("mlflow")
 
 
+def test_a_job_that_loses_the_race_to_create_the_experiment_joins_it(tmp_path: Path, monkeypatch) -> None:
+    # Two jobs starting together both look the experiment up before either creates it.
+    winner = open_experiment(TrackingConfig(experiment="race"), tmp_path / "out")
+    assert winner is not None
+    real_lookup = MlflowClient.get_experiment_by_name
+    lookups = []
+
+    def lookup_that_came_too_early(self, name):
+        lookups.append(name)
+        return None if len(lookups) == 1 else real_lookup(self, name)
+
+    monkeypatch.setattr(MlflowClient, "get_experiment_by_name", lookup_that_came_too_early)
+    assert open_experiment(TrackingConfig(experiment="race"), tmp_path / "out") == winner
+    assert lookups == ["race", "race"]
+
+
 def test_the_tracking_uri_comes_from_the_config_then_the_environment(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.internal:5000")
     assert tracking_uri(TrackingConfig(), tmp_path) == "http://mlflow.internal:5000"
