@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import tempfile
+from collections import defaultdict
 from pathlib import Path
 
 import pytest
@@ -284,3 +285,31 @@ def serving_world(tmp_path_factory, tiny_tokenizer_dir) -> dict:
             "queries": root / paradigm / "queries",
         }
     return world
+
+
+class RecordedMetrics:
+    """In-memory stand-ins for Ray's metric objects: the values each metric received, by tags."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, dict[tuple, list[float]]] = defaultdict(lambda: defaultdict(list))
+
+    def instrument(self, metric):  # -> a stand-in with Ray's inc/set/observe
+        values = self.values[metric.name]
+
+        class Instrument:
+            def _add(self, value, tags):
+                values[tuple(sorted(tags.items()))].append(value)
+
+            inc = set = observe = _add
+
+        return Instrument()
+
+
+@pytest.fixture
+def recorded_metrics(monkeypatch) -> RecordedMetrics:
+    """Every metric recorded through `retriever.telemetry` during the test, as if the process ran on Ray."""
+    from retriever import telemetry
+
+    store = RecordedMetrics()
+    monkeypatch.setattr(telemetry, "_instrument", store.instrument)
+    return store

@@ -11,6 +11,7 @@ batches do not, and they do not stall on each other's thread barriers when the m
 from __future__ import annotations
 
 import contextlib
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -20,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from retriever import telemetry
 from retriever.encoding.store import check_settings
 from retriever.errors import SettingError
 from retriever.models.encoders import RetrievalEncoder, TextKind
@@ -262,6 +264,7 @@ def encode_texts(
     window = window or batch_size * DEFAULT_WINDOW_BATCHES
     if window <= 0:
         raise ValueError(f"window must be positive, got {window}")
+    started = time.perf_counter()
     with inference(encoder):
         runner = Runner(
             encoder,
@@ -272,4 +275,7 @@ def encode_texts(
             prune_top_k=prune_top_k,
             num_streams=num_streams,
         )
-        return runner.encode(texts, window)
+        encoded = runner.encode(texts, window)
+    telemetry.record(telemetry.ENCODE_TEXTS, len(texts), kind=kind)
+    telemetry.record(telemetry.ENCODE_SECONDS, time.perf_counter() - started, kind=kind)
+    return encoded

@@ -17,12 +17,14 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, Unpack
 
 import numpy as np
 
+from retriever import telemetry
 from retriever.encoding.batches import Batch, EncodingFormatError
 from retriever.encoding.store import EncodingInfo, estimate_encodings_bytes, read_encoding_info, read_encodings
 from retriever.errors import SettingError
@@ -194,6 +196,7 @@ def build_shards(
         entries: list[dict[str, Any]] = []
         for i in range(num_shards):
             rows = np.flatnonzero(assignment == i)
+            started = time.perf_counter()
             manifest = build_shard(
                 batch.take(rows),
                 work / _shard_name(i),
@@ -207,6 +210,8 @@ def build_shards(
                 device=device,
                 memory_budget_bytes=memory_budget_bytes,
             )
+            telemetry.record(telemetry.INDEX_SHARD_SECONDS, time.perf_counter() - started, backend=kind)
+            telemetry.record(telemetry.INDEX_PASSAGES, manifest.doc_count, backend=kind)
             entries.append({"dir": _shard_name(i), "doc_count": manifest.doc_count})
         _write_shard_set(work, kind, info, len(batch), partition, entries)
     return [out_dir / entry["dir"] for entry in entries]

@@ -26,11 +26,10 @@ from retriever.serving.http import create_app
 from retriever.serving.schema import ModelInfo, SearchRequest, SearchResponse
 from retriever.serving.service import SearchService, fuse_rrf
 from retriever.serving.shard import ServedShard, ShardHit
+from retriever.telemetry import SERVE_BATCH_SIZE, SERVE_REQUESTS, SERVE_STAGE_SECONDS, record
 
 ENCODER_NAME = "QueryEncoder"
 ROUTER_NAME = "Router"
-LATENCY_BOUNDARIES = [0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0]
-BATCH_BOUNDARIES = [1, 2, 4, 8, 16, 32, 64, 128]
 
 
 def shard_deployment_name(model: str, shard: str) -> str:
@@ -38,47 +37,29 @@ def shard_deployment_name(model: str, shard: str) -> str:
 
 
 class BatchStats:
-    """Batches served by one replica (what `stats()` reports; the histogram is for dashboards)."""
+    """Batches served by one replica (what `stats()` reports; `telemetry.SERVE_BATCH_SIZE` is for dashboards)."""
 
     def __init__(self, deployment: str) -> None:
-        from ray.util.metrics import Histogram
-
         self.deployment = deployment
         self.batches = 0
         self.items = 0
         self.largest = 0
-        self.histogram = Histogram(
-            "retriever_serve_batch_size",
-            description="requests per dynamic batch",
-            boundaries=BATCH_BOUNDARIES,
-            tag_keys=("deployment",),
-        )
 
     def observe(self, size: int) -> None:
         self.batches += 1
         self.items += size
         self.largest = max(self.largest, size)
-        self.histogram.observe(size, tags={"deployment": self.deployment})
+        record(SERVE_BATCH_SIZE, size, deployment=self.deployment)
 
     def summary(self) -> dict[str, Any]:
         return {"batches": self.batches, "requests": self.items, "largest_batch": self.largest}
 
 
 class RayObserver:
-    """Stage latencies (encode, shard search, merge) as a Ray histogram."""
-
-    def __init__(self) -> None:
-        from ray.util.metrics import Histogram
-
-        self.latency = Histogram(
-            "retriever_serve_stage_seconds",
-            description="time of one search stage: encode, shards (fan-out and wait), merge",
-            boundaries=LATENCY_BOUNDARIES,
-            tag_keys=("stage", "model"),
-        )
+    """Stage latencies (encode, shard search, merge) as `telemetry.SERVE_STAGE_SECONDS`."""
 
     def stage(self, name: str, seconds: float, model: str) -> None:
-        self.latency.observe(seconds, tags={"stage": name, "model": model})
+        record(SERVE_STAGE_SECONDS, seconds, stage=name, model=model)
 
 
 @serve.deployment(name=ENCODER_NAME)
@@ -233,18 +214,13 @@ class Router:
             on_batch=self.batch_stats.observe,
         )
         self.token = read_token(self.settings)
-        from ray.util.metrics import Counter
-
-        self.requests = Counter(
-            "retriever_serve_requests", description="HTTP requests by route and status", tag_keys=("route", "status")
-        )
         fuse_rrf([[("a", 1.0)], [("b", 1.0)]], 1)  # compile ranx's fusion now, not on the first hybrid query
 
     def __serve_build_asgi_app__(self) -> Any:
         return create_app(self.service, self.token, search=self.search, on_response=self._count)
 
     def _count(self, route: str, status: int) -> None:
-        self.requests.inc(tags={"route": route, "status": str(status)})
+        record(SERVE_REQUESTS, 1, route=route, status=str(status))
 
     async def search(self, request: SearchRequest) -> SearchResponse:
         return await self.batcher.submit(request)

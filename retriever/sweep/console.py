@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Protocol
 
+from retriever import telemetry
 from retriever.records import CELLS_DIR, cell_id
 from retriever.report.formatting import format_flops, format_metric, metric_label
 
@@ -372,9 +373,22 @@ class SweepConsole:
         self._clear()
         self._write(line + "\n")
 
+    def cell_states(self) -> dict[str, int]:
+        """Cells by state (`telemetry.SWEEP_CELLS`)."""
+        running = len(self.running)
+        return {
+            "pending": max(0, self.remaining - running),
+            "running": running,
+            "done": self.done,
+            "failed": self.failed,
+        }
+
     def _update(self, force: bool = False) -> None:
         """Show the progress line: on a terminal redrawn in place (at once on `force`, else at most every
-        `TTY_REFRESH_S`); elsewhere printed only on `force` (a cell started, finished or failed) while cells run."""
+        `TTY_REFRESH_S`); elsewhere printed only on `force` (a cell started, finished or failed) while cells run.
+        The cell counts go to the sweep's Prometheus gauge."""
+        for state, count in self.cell_states().items():
+            telemetry.record(telemetry.SWEEP_CELLS, count, sweep=self.name, state=state)
         if self._tty():
             now = self.clock()
             if force or now - self._drawn_at >= TTY_REFRESH_S:

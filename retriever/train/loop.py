@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from retriever import telemetry
 from retriever.config import ExperimentConfig, flatten
 from retriever.errors import SettingError
 from retriever.losses import LossOutput
@@ -289,6 +290,7 @@ class _Training:
     def step(self, rows: Mapping[str, Any], index: int) -> bool:
         """Train on one batch unless it would exceed the budget; True when training is done."""
         progress = self.progress
+        started = time.perf_counter()
         batch = self.task.collate(rows, progress.epoch)
         local_flops, local_tokens = self.task.step_cost(batch)
         step_flops, step_tokens = _global_sum([local_flops, float(local_tokens)], self.ctx.world_size, self.device)
@@ -307,7 +309,7 @@ class _Training:
         self.window.tokens += int(step_tokens)
         _maybe_inject_failure(progress.step, self.ctx.rank)
         done = not self.budget.allows(progress, 0.0)
-        self._record(out, lr, done)
+        self._record(out, lr, done, time.perf_counter() - started)
         return done
 
     def _apply_gradients(self, out: LossOutput) -> bool:
@@ -355,10 +357,12 @@ class _Training:
             log.warning("step %d: non-finite %s (loss %s), optimizer step skipped", step, what, value)
         return False
 
-    def _record(self, out: LossOutput, lr: float, done: bool) -> None:
-        """Log every `log_every` steps, checkpoint every `checkpoint_every` steps, both at the end."""
+    def _record(self, out: LossOutput, lr: float, done: bool, step_seconds: float) -> None:
+        """Log every `log_every` steps, checkpoint every `checkpoint_every` steps, both at the end; the Prometheus
+        metrics (`retriever.telemetry`) every step."""
         progress = self.progress
-        metrics = {f"loss/{k}": v for k, v in out.floats().items()}
+        losses = out.floats()
+        metrics = {f"loss/{k}": v for k, v in losses.items()}
         metrics.update(
             step=progress.step,
             flops=progress.flops,
@@ -372,12 +376,27 @@ class _Training:
         due_log = progress.step % self.cfg.train.log_every == 0 or done
         if due_log:
             metrics["tokens_per_s"] = self.window.throughput()
+        if self.ctx.rank == 0:  # the FLOPs and tokens are already sums over the workers
+            self._export_metrics(losses, metrics, step_seconds)
             if progress.step > self.logged_through:  # MLflow would add a second point for a replayed step
                 self.tracker.log_metrics(metrics, step=progress.step)
         if progress.step % self.cfg.train.checkpoint_every == 0 or done:
             self.checkpoint(metrics)
         elif due_log:
             self.ctx.report(metrics)
+
+    def _export_metrics(self, losses: dict[str, float], metrics: dict[str, float], step_seconds: float) -> None:
+        run = self.cfg.name
+        telemetry.record(telemetry.TRAIN_STEPS, 1, run=run)
+        telemetry.record(telemetry.TRAIN_STEP_SECONDS, step_seconds, run=run)
+        telemetry.record(telemetry.TRAIN_FLOPS, self.progress.flops, run=run)
+        telemetry.record(telemetry.TRAIN_BUDGET_FRACTION, metrics["budget_fraction"], run=run)
+        if self.budget.flops is not None:
+            telemetry.record(telemetry.TRAIN_FLOP_BUDGET, self.budget.flops, run=run)
+        if "tokens_per_s" in metrics:
+            telemetry.record(telemetry.TRAIN_TOKENS_PER_SECOND, metrics["tokens_per_s"], run=run)
+        for part, value in losses.items():
+            telemetry.record(telemetry.TRAIN_LOSS, value, run=run, part=part)
 
     def finish(self, run_dir: Path, planned_steps: int | None, probe_texts: list[str] | None) -> LoopResult:
         progress = self.progress

@@ -281,3 +281,17 @@ def test_a_trials_output_and_traceback_go_to_its_cell_log(tmp_path, capfd):
         assert text in log
     captured = capfd.readouterr()
     assert captured.out == "after the trial\n" and captured.err == ""
+
+
+def test_the_console_publishes_the_cells_by_state(tmp_path, recorded_metrics):
+    console = make_console(tmp_path, io.StringIO(), Clock())
+    cl, kd = trial(tmp_path, "a", "cl"), trial(tmp_path, "b", "kd")
+    console.trial_started(cl)
+    console.trial_started(kd)
+    assert console.cell_states() == {"pending": 1, "running": 2, "done": 0, "failed": 0}
+    console.trial_finished(cl)
+    console.trial_failed(kd)
+    assert console.cell_states() == {"pending": 1, "running": 0, "done": 1, "failed": 1}
+    gauges = recorded_metrics.values["retriever_sweep_cells"]
+    assert {dict(tags)["state"]: values[-1] for tags, values in gauges.items()} == console.cell_states()
+    assert {dict(tags)["sweep"] for tags in gauges} == {"demo"}

@@ -226,3 +226,22 @@ def test_loss_falls_with_lora(output_dir):
     _, ctx = local_run(cfg)
     losses = [ranking_loss(m) for m in ctx.history if "loss/total" in m]
     assert sum(losses[-8:]) / 8 < 0.8 * sum(losses[:8]) / 8
+
+
+def test_a_training_run_records_its_flops_budget_loss_and_steps(output_dir, recorded_metrics):
+    probe = make_config(output_dir, "metrics", budget={"max_steps": 1})
+    per_step = plan_cell(probe).flops_per_step
+    cfg = make_config(output_dir, "metrics", budget={"flops": per_step * 3.5, "max_steps": None})
+    result, _ = local_run(cfg)
+    assert result.steps == 3
+    run = (("run", "metrics"),)
+    values = recorded_metrics.values
+    assert values["retriever_train_flops"][run] == [per_step, 2 * per_step, 3 * per_step]
+    assert values["retriever_train_flop_budget"][run] == [per_step * 3.5] * 3
+    assert values["retriever_train_budget_fraction"][run] == pytest.approx([1 / 3.5, 2 / 3.5, 3 / 3.5])
+    assert values["retriever_train_steps"][run] == [1, 1, 1]
+    assert len(values["retriever_train_step_seconds"][run]) == 3
+    assert all(seconds > 0 for seconds in values["retriever_train_step_seconds"][run])
+    assert len(values["retriever_train_tokens_per_second"][run]) == 3  # log_every is 1
+    parts = {dict(tags)["part"] for tags in values["retriever_train_loss"]}
+    assert "total" in parts and len(parts) >= 2
