@@ -94,6 +94,48 @@ class BudgetConfig(StrictModel):
         return self
 
 
+# The pyarrow filesystems `train.storage` may name (`pyarrow.fs.FileSystem.from_uri`); `mock` is memory-only.
+STORAGE_SCHEMES = ("s3", "gs", "gcs", "abfs", "abfss", "hdfs", "viewfs", "file")
+
+
+def check_storage_uri(value: str) -> str:
+    """`value` when it has the form of a `train.storage` URI (checked offline: nothing is contacted), else a
+    ValueError saying what is wrong and what to write instead."""
+    from urllib.parse import urlsplit
+
+    example = "s3://bucket/path, gs://bucket/path or file:///abs/path on a mount every node shares"
+    parts = urlsplit(value)
+    scheme = parts.scheme.lower()
+    if not scheme:
+        if value.startswith("/"):
+            raise ValueError(
+                f"{value!r} is a plain path; write it as a URI, file://{value}, if every node of the cluster mounts "
+                "it, or leave train.storage unset for <train.output_dir>/ray on one node"
+            )
+        raise ValueError(
+            f"{value!r} is a relative path (each Ray process would resolve it in its own working directory); give a "
+            f"URI: {example}"
+        )
+    if scheme not in STORAGE_SCHEMES:
+        raise ValueError(
+            f"{value!r}: unknown filesystem scheme {parts.scheme!r}; use one of {', '.join(STORAGE_SCHEMES)} "
+            f"(e.g. {example})"
+        )
+    if scheme == "file":
+        if parts.netloc:
+            raise ValueError(
+                f"{value!r} names a host ({parts.netloc!r}); a file URI takes three slashes before an absolute "
+                f"path: file:///{parts.netloc}{parts.path}"
+            )
+        if not parts.path.startswith("/"):
+            raise ValueError(f"{value!r}: a file URI needs an absolute path, e.g. file:///mnt/shared/ray")
+    elif not parts.netloc:
+        raise ValueError(
+            f"{value!r} names no bucket or host after {parts.scheme}://, e.g. {parts.scheme}://bucket/path"
+        )
+    return value
+
+
 class TrainConfig(StrictModel):
     batch_size: int = Field(8, gt=0, description="queries per optimizer step, over all workers")
     lr: float = Field(1e-4, gt=0)
@@ -110,13 +152,47 @@ class TrainConfig(StrictModel):
     pad_to_max_length: bool = Field(True, description="fixed shapes make the FLOP plan exact")
     checkpoint_every: int = Field(100, gt=0, description="steps between checkpoints")
     log_every: int = Field(1, gt=0)
-    max_failures: int = Field(0, ge=0)
-    output_dir: str = "runs"
+    max_failures: int = Field(
+        0, ge=0, description="worker failures a Ray Train run survives, each resuming from its last checkpoint"
+    )
+    output_dir: str = Field("runs", description="run folders (exported encoders), sweeps and the default MLflow store")
+    storage: str | None = Field(
+        None,
+        description="where Ray Train keeps checkpoints and run state: a URI (s3://bucket/path, gs://bucket/path, "
+        "file:///abs/path on a mount every node shares); default: <output_dir>/ray on each node's own disk, so a run "
+        "over several nodes needs it",
+    )
+    worker_resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="custom Ray resources each Ray Train worker holds besides cpus_per_worker and use_gpu's GPU, "
+        "e.g. {trainer_slot: 1} or an accelerator type {A100_80G: 1}",
+    )
     on_nonfinite: Literal["stop", "skip"] = Field(
         "stop",
         description="a NaN/inf loss or gradient: `stop` with an error naming the step, or `skip` that optimizer "
         "step (logged as skipped_steps; it still counts toward the budget, its FLOPs were spent)",
     )
+
+    @field_validator("storage")
+    @classmethod
+    def _check_storage(cls, value: str | None) -> str | None:
+        return None if value is None else check_storage_uri(value)
+
+    @field_validator("worker_resources")
+    @classmethod
+    def _check_worker_resources(cls, resources: dict[str, float]) -> dict[str, float]:
+        for name, amount in resources.items():
+            if name.upper() in {"CPU", "GPU"}:
+                setting = "train.cpus_per_worker" if name.upper() == "CPU" else "train.use_gpu"
+                raise ValueError(
+                    f"{name!r} is not a custom resource: set a worker's {name.upper()}s with {setting}; "
+                    "worker_resources holds the others (e.g. {trainer_slot: 1})"
+                )
+            if not name:
+                raise ValueError("a resource name is empty")
+            if amount <= 0:
+                raise ValueError(f"{name!r}: {amount} is not a positive amount (drop the key to hold none)")
+        return resources
 
 
 class MntpConfig(StrictModel):
@@ -184,13 +260,14 @@ class TrackingConfig(StrictModel):
 
 
 # Keys a cell override may not set: the grid's axes (the selectors pick them), the sweep itself, and what every cell
-# of a sweep shares (the FLOP budget, where runs and tracking live).
+# of a sweep shares (the FLOP budget, where runs, their checkpoints and tracking live).
 CELL_FIXED_KEYS = (
     "name",
     "sweep",
     "budget",
     "tracking",
     "train.output_dir",
+    "train.storage",
     "backbone.name",
     "encoder.paradigm",
     "loss.name",

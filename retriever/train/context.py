@@ -28,6 +28,7 @@ from retriever.data.collate import rows_from_table
 from retriever.errors import DataFormatError, SettingError
 from retriever.outputs import PARTIAL, atomic_directory
 from retriever.train.collective import all_gather_objects
+from retriever.train.storage import location_uri
 
 
 @dataclass(frozen=True)
@@ -220,10 +221,12 @@ class RayTrainContext:
             key=lambda c: Path(c.path).name,
             reverse=True,
         )
-        return [CheckpointRef(c.path, c.as_directory) for c in [latest, *older]]
+        return [CheckpointRef(location_uri(c.filesystem, c.path), c.as_directory) for c in [latest, *older]]
 
     def checkpoint_home(self) -> str:
-        return self._train.get_context().get_storage().experiment_fs_path
+        """The run's folder in `train.storage`: a local path, or a URI (pyarrow's paths drop `s3://`)."""
+        storage = self._train.get_context().get_storage()
+        return location_uri(storage.storage_filesystem, storage.experiment_fs_path)
 
     @contextlib.contextmanager
     def new_checkpoint_dir(self, step: int) -> Iterator[Path]:

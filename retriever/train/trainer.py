@@ -2,10 +2,11 @@
 
     result = run_training(load_config("configs/quickstart.yaml"))
 
-Ray is imported only when workers are requested. Re-running with the same `name` and `train.output_dir` resumes
-from the newest checkpoint that verifies (Ray Train's job-level resume, or the local checkpoint folder; see
-`retriever.train.loop`). A `UserError` a Ray worker raised (no valid checkpoint, a non-finite loss) reaches the
-caller as itself, not wrapped in Ray's error.
+Ray is imported only when workers are requested. Re-running with the same `name` and `train.output_dir` (and
+`train.storage`, where Ray Train keeps checkpoints; see `retriever.train.storage`) resumes from the newest checkpoint
+that verifies (Ray Train's job-level resume, or the local checkpoint folder; see `retriever.train.loop`). A
+`UserError` a Ray worker raised (no valid checkpoint, a non-finite loss) reaches the caller as itself, not wrapped in
+Ray's error. A run over several Ray nodes without `train.storage` is refused before anything is built.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from retriever.config import ConfigError, ExperimentConfig
+from retriever.config import ConfigError, ExperimentConfig, TrainConfig
 from retriever.errors import UserError
 from retriever.registry import Registry
 from retriever.tracking import RunTracker, TrackingTarget, end_running_runs, open_experiment
@@ -216,6 +217,8 @@ def run_training(
     """
     from retriever.data.catalog import resolve_references
 
+    if cfg.train.num_workers > 0:
+        connect_ray_with_shared_storage(cfg)  # before anything is built or tracked for a run that cannot go on
     spec = TASKS.get(task)
     cfg = spec.stage_config(resolve_references(cfg))
     planned = planned_steps if planned_steps is not None else spec.planned_steps(cfg)
@@ -255,18 +258,29 @@ def _run_local(cfg, task, planned, path, run_dir, tracking, probe_texts, on_repo
     return result.to_dict()
 
 
+def connect_ray_with_shared_storage(cfg: ExperimentConfig) -> None:
+    """Connect to Ray (the running one, else a new local one) and refuse a run over several alive nodes whose
+    checkpoints would go to each node's own disk (`train.storage` unset; see `retriever.train.storage`)."""
+    import ray
+
+    from retriever.train.storage import check_shared_storage
+
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False, log_to_driver=True)
+    alive_nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
+    check_shared_storage(cfg.train.storage, cfg.train.output_dir, alive_nodes)
+
+
 def _run_ray(cfg, task, planned, path, run_dir, tracking, callbacks, probe_texts, fail_once_at) -> dict[str, Any]:
     import ray
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    if not ray.is_initialized():
-        ray.init(include_dashboard=False, log_to_driver=True)
+    from retriever.train.storage import storage_location
+
+    storage = storage_location(cfg.train.storage, cfg.train.output_dir)
     spec = TASKS.get(task)
     dataset = ray.data.read_parquet(str(path)) if spec.table is None else ray.data.from_arrow(spec.table(cfg))
-    resources = {"CPU": cfg.train.cpus_per_worker}
-    if cfg.train.use_gpu:
-        resources["GPU"] = 1
     trainer = TorchTrainer(
         ray_train_worker,
         train_loop_config={
@@ -280,11 +294,14 @@ def _run_ray(cfg, task, planned, path, run_dir, tracking, callbacks, probe_texts
         },
         torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu, resources_per_worker=resources
+            num_workers=cfg.train.num_workers,
+            use_gpu=cfg.train.use_gpu,
+            resources_per_worker=resources_per_worker(cfg.train),
         ),
         run_config=ray.train.RunConfig(
             name=f"{cfg.name}-{task}",
-            storage_path=str((Path(cfg.train.output_dir) / "ray").resolve()),
+            storage_path=storage.path,
+            storage_filesystem=storage.filesystem,
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             callbacks=callbacks,
@@ -300,6 +317,15 @@ def _run_ray(cfg, task, planned, path, run_dir, tracking, callbacks, probe_texts
             raise user_error from exc
         raise
     return dict(result.return_value)
+
+
+def resources_per_worker(train: TrainConfig) -> dict[str, float]:
+    """What each Ray Train worker holds: `cpus_per_worker` CPUs, a GPU with `use_gpu`, and `worker_resources`
+    (custom resources; the config refuses CPU and GPU there)."""
+    resources = {"CPU": train.cpus_per_worker}
+    if train.use_gpu:
+        resources["GPU"] = 1
+    return resources | train.worker_resources
 
 
 def _end_orphaned_runs(tracking: dict[str, Any] | None, error: BaseException) -> None:

@@ -220,3 +220,54 @@ def test_cell_override_errors_name_the_key(tmp_path, entry, message):
 def test_cell_override_selectors_are_typed(tmp_path, entry, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         load_config(write(tmp_path, f"sweep:\n  overrides:\n    - {entry}\n"))
+
+
+@pytest.mark.parametrize(
+    "uri",
+    [
+        "file:///mnt/shared/ray",
+        "s3://bucket/checkpoints",
+        "s3://bucket/checkpoints?region=eu-west-1",
+        "gs://bucket",
+        "abfss://container@account.dfs.core.windows.net/ray",
+    ],
+)
+def test_train_storage_takes_a_uri(uri):
+    assert load_config(None, [f"train.storage={uri}"]).train.storage == uri
+    assert load_config(None).train.storage is None  # unset: <output_dir>/ray, one node
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("runs/ray", "train.storage: 'runs/ray' is a relative path (each Ray process would resolve it in its own"),
+        ("/mnt/shared/ray", "'/mnt/shared/ray' is a plain path; write it as a URI, file:///mnt/shared/ray, if every"),
+        ("ftp://host/ray", "unknown filesystem scheme 'ftp'; use one of s3, gs, gcs, abfs, abfss, hdfs, viewfs, file"),
+        ("file://mnt/shared/ray", "names a host ('mnt'); a file URI takes three slashes before an absolute path: "),
+        ("file:ray", "'file:ray': a file URI needs an absolute path, e.g. file:///mnt/shared/ray"),
+        ("s3:///checkpoints", "'s3:///checkpoints' names no bucket or host after s3://, e.g. s3://bucket/path"),
+    ],
+)
+def test_a_train_storage_that_is_not_a_usable_uri_says_what_to_write(value, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(None, [f"train.storage={value}"])
+
+
+def test_worker_resources_are_custom_resources_with_positive_amounts(tmp_path):
+    cfg = load_config(write(tmp_path, "train:\n  worker_resources: {trainer_slot: 1, A100_80G: 0.5}\n"))
+    assert cfg.train.worker_resources == {"trainer_slot": 1.0, "A100_80G": 0.5}
+    assert load_config(None, ["train.worker_resources.trainer_slot=2"]).train.worker_resources == {"trainer_slot": 2}
+    for name, setting in (("CPU", "train.cpus_per_worker"), ("gpu", "train.use_gpu")):
+        expected = rf"train\.worker_resources: '{name}' is not a custom resource: .*{setting}"
+        with pytest.raises(ConfigError, match=expected):
+            load_config(None, [f"train.worker_resources={{{name}: 1}}"])
+    with pytest.raises(ConfigError, match=r"'trainer_slot': 0.0 is not a positive amount \(drop the key"):
+        load_config(None, ["train.worker_resources={trainer_slot: 0}"])
+    with pytest.raises(ConfigError, match=r"train\.worker_resources\.trainer_slot: Input should be a valid number"):
+        load_config(None, ["train.worker_resources={trainer_slot: many}"])
+
+
+def test_the_storage_of_a_sweep_is_shared_by_its_cells(tmp_path):
+    path = write(tmp_path, "sweep:\n  overrides:\n    - {set: {train.storage: 'file:///elsewhere'}}\n")
+    with pytest.raises(ConfigError, match=re.escape("override 0 sets 'train.storage', which no override may set")):
+        load_config(path)

@@ -137,6 +137,7 @@ def test_the_ray_job_runs_the_sweep_on_that_cluster_with_mlflow_and_shared_outpu
     # The config ships in the image at /home/ray/retriever (deploy/Dockerfile); outputs go to the shared volume.
     config = load_config(ROOT / Path(args.config).relative_to("/home/ray/retriever"), args.overrides)
     assert config.train.output_dir.startswith(f"{SHARED}/")
+    assert config.train.storage.startswith(f"file://{SHARED}/")  # checkpoints every node finds (several nodes)
     env = yaml.safe_load(job["spec"]["runtimeEnvYAML"])["env_vars"]
     port = mlflow["spec"]["ports"][0]["port"]
     assert env["MLFLOW_TRACKING_URI"] == f"http://{mlflow['metadata']['name']}:{port}"

@@ -1,5 +1,5 @@
 """The training entry point: examples that hold passage ids train with the texts of `data.docs`, ids without docs
-fail before training, and a worker's UserError is found inside Ray's errors."""
+fail before training, a worker's UserError is found inside Ray's errors, and what each Ray Train worker holds."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from conftest import make_config
 from retriever.data.catalog import synthetic_benchmark
 from retriever.data.examples import build_synthetic_examples
 from retriever.train.errors import NoValidCheckpointError
-from retriever.train.trainer import _user_error_in, run_dir_for, run_training
+from retriever.train.trainer import _user_error_in, resources_per_worker, run_dir_for, run_training
 
 
 def ids_only_examples(cfg, out):
@@ -63,3 +63,13 @@ def test_a_workers_user_error_is_found_inside_rays_error():
     wrapped.__cause__ = bad_state
     assert _user_error_in(WorkerGroupError("failed", {0: RuntimeError("peer"), 1: wrapped})) is bad_state
     assert _user_error_in(WorkerGroupError("failed", {0: RuntimeError("a bug")})) is None
+
+
+def test_a_ray_worker_holds_its_cpus_its_gpu_and_the_custom_resources(tmp_path):
+    cfg = make_config(tmp_path, "resources", train={"cpus_per_worker": 2, "worker_resources": {"trainer_slot": 1}})
+    assert resources_per_worker(cfg.train) == {"CPU": 2.0, "trainer_slot": 1.0}
+    cfg.train.use_gpu = True
+    cfg.train.worker_resources = {"A100_80G": 1}
+    assert resources_per_worker(cfg.train) == {"CPU": 2.0, "GPU": 1, "A100_80G": 1.0}
+    cfg.train.worker_resources = {}
+    assert resources_per_worker(cfg.train) == {"CPU": 2.0, "GPU": 1}
