@@ -128,6 +128,8 @@ def record(metric: Metric, value: float, **tags: str) -> None:
     """Add `value` to a counter, set a gauge to it, or observe it in a histogram (tags: exactly the metric's)."""
     if sorted(tags) != sorted(metric.tags):
         raise ValueError(f"{metric.name} takes the tags {metric.tags}, not {tuple(tags)}")
+    if metric.kind == "counter" and value == 0:
+        return  # nothing to add (Ray's counters refuse 0)
     instrument = _instrument(metric)
     if instrument is None:
         return

@@ -9,6 +9,7 @@ shard; the encoder and each shard batch the calls of all router replicas again. 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import time
 from collections.abc import Sequence
@@ -30,6 +31,9 @@ from retriever.telemetry import SERVE_BATCH_SIZE, SERVE_REQUESTS, SERVE_STAGE_SE
 
 ENCODER_NAME = "QueryEncoder"
 ROUTER_NAME = "Router"
+REACH_TIMEOUT_S = 120.0  # how long a starting router waits for its first answer from every shard and encoder
+
+log = logging.getLogger(__name__)
 
 
 def shard_deployment_name(model: str, shard: str) -> str:
@@ -195,7 +199,7 @@ class Router:
     """The HTTP ingress: the API of `retriever.serving.http` over a `SearchService` on Ray handles; concurrent
     searches are answered together (`search_many`, batched by a `Coalescer`)."""
 
-    def __init__(
+    async def __init__(
         self,
         encoder: DeploymentHandle,
         shards: dict[str, dict[str, DeploymentHandle]],
@@ -203,7 +207,8 @@ class Router:
         settings: dict[str, Any],
     ) -> None:
         self.settings = ServeConfig.model_validate(settings)
-        self.service = SearchService(RayBackend(encoder, shards, models), self.settings, RayObserver())
+        backend = RayBackend(encoder, shards, models)
+        self.service = SearchService(backend, self.settings, RayObserver())
         self.batch_stats = BatchStats(ROUTER_NAME)
         batching = self.settings.router
         self.batcher = Coalescer(
@@ -215,6 +220,7 @@ class Router:
         )
         self.token = read_token(self.settings)
         fuse_rrf([[("a", 1.0)], [("b", 1.0)]], 1)  # compile ranx's fusion now, not on the first hybrid query
+        await _reach_every_replica(backend)
 
     def __serve_build_asgi_app__(self) -> Any:
         return create_app(self.service, self.token, search=self.search, on_response=self._count)
@@ -231,6 +237,19 @@ class Router:
     def check_health(self) -> None:
         if not self.service.models:
             raise RuntimeError("no models served")
+
+
+async def _reach_every_replica(backend: RayBackend, timeout_s: float = REACH_TIMEOUT_S) -> None:
+    """One call to every shard and to the encoder of every model before the router takes traffic: a handle's first
+    call waits for the Serve controller to tell it the deployment's replicas (seconds on a busy machine), which must
+    not happen inside a search's shard or encoder time limit. A deployment still unreachable after `timeout_s` is
+    logged and left to the requests' own time limits."""
+    handles = [handle for per_model in backend.shards.values() for handle in per_model.values()]
+    handles += list(backend.encoders.values())
+    try:
+        await asyncio.wait_for(asyncio.gather(*(handle.stats.remote() for handle in handles)), timeout_s)
+    except TimeoutError:
+        log.warning("router: not every shard and encoder answered within %.0f s of starting", timeout_s)
 
 
 def deployment_options(settings: DeploymentConfig, *, gpu_default: float = 0.0) -> dict[str, Any]:

@@ -38,3 +38,10 @@ def test_outside_ray_recording_is_a_no_op_that_never_imports_ray():
         "assert 'ray' not in sys.modules and not telemetry._created\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_a_counter_given_nothing_to_add_records_nothing(recorded_metrics):
+    # Ray's counters refuse 0 (an empty encode call adds 0 texts).
+    telemetry.record(telemetry.ENCODE_TEXTS, 0, kind="query")
+    telemetry.record(telemetry.ENCODE_TEXTS, 3, kind="query")
+    assert recorded_metrics.values["retriever_encode_texts"] == {(("kind", "query"),): [3]}
