@@ -287,7 +287,12 @@ def _examples_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--candidates", type=Path, required=True, help="TREC run of candidates (hard negatives)")
     parser.add_argument("--queries", required=True, help="queries file (TSV or BEIR JSONL)")
     parser.add_argument("--docs", required=True, help="dataset id whose docs store gives passage texts")
-    parser.add_argument("--teacher", type=Path, default=None, help="qid<TAB>docid<TAB>score teacher scores")
+    parser.add_argument(
+        "--teacher",
+        type=Path,
+        default=None,
+        help="teacher scores: qid<TAB>docid<TAB>score, or MarginMSE lines pos_score neg_score qid pid_pos pid_neg",
+    )
     parser.add_argument("--out", type=Path, required=True, help="output parquet")
     parser.add_argument("--num-negatives", type=POSITIVE, default=16)
     parser.add_argument("--max-candidates", type=POSITIVE, default=None)

@@ -220,7 +220,9 @@ class BowConfig(StrictModel):
 
 
 class DataConfig(StrictModel):
-    train: str = Field("synthetic", description="training examples parquet, or `synthetic`")
+    train: str = Field(
+        "synthetic", description="training examples: a parquet file, a folder of parquet shards, or `synthetic`"
+    )
     docs: str | None = Field(
         None, description="dataset id whose docs give the passage texts when the examples hold ids"
     )

@@ -24,7 +24,19 @@ Input files (errors name ``file:line`` and what was expected):
 * qrels: BEIR ``query-id<TAB>corpus-id<TAB>score`` (header optional) or TREC ``qid iter docid grade``;
 * candidates: a TREC run ``qid Q0 docid rank score tag``;
 * queries: BEIR ``queries.jsonl`` (``{"_id", "text"}``) or a ``qid<TAB>text`` TSV (MS MARCO);
-* teacher: ``qid<TAB>docid<TAB>score`` (header ``qid docid score`` optional).
+* teacher: ``qid<TAB>docid<TAB>score`` (header ``qid docid score`` optional; a pair given twice is an error), or
+  the MarginMSE triples of MS MARCO distillation (Hofstätter et al., e.g.
+  ``bert_cat_ensemble_msmarcopassage_train_scores_ids.tsv``):
+  ``pos_score<TAB>neg_score<TAB>qid<TAB>pid_pos<TAB>pid_neg``, one line per triple, giving (qid, pid_pos) →
+  pos_score and (qid, pid_neg) → neg_score; a pair repeated on several lines must have the same score (within 1e-6,
+  relative or absolute). The first data line's column count (3 or 5) picks the format. Scores must be finite.
+  Python pickles (pickle header, or a ``.pkl``/``.pickle`` name) are refused unread, since loading one can run
+  arbitrary code; the error gives a one-line conversion to the 3-column format.
+
+Every input file must be UTF-8 text: gzip-compressed, pickled or binary (NUL bytes) files are refused by their first
+bytes.
+
+Training examples may be one parquet file or a folder of parquet shards (``training_example_files``).
 """
 
 from __future__ import annotations
@@ -33,6 +45,7 @@ import hashlib
 import json
 import logging
 import math
+import shlex
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -264,17 +277,74 @@ def build_synthetic_examples(bench: SyntheticBenchmark, out: Path, num_negatives
     )
 
 
-def read_training_examples(path: Path) -> pa.Table:
-    """Read a training-examples parquet and check its schema (names every missing or mistyped column)."""
+def training_example_files(path: Path) -> list[Path]:
+    """The parquet files of a training-examples path: the file itself, or a folder's ``*.parquet`` shards sorted by
+    name (not recursive; hidden files, ``_``-prefixed ones and other files such as a manifest are skipped)."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such training-examples file; build it with build_training_examples()")
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"{path}: no such training-examples file or folder; build it with build_training_examples()"
+        )
+    shards = sorted(
+        (p for p in path.iterdir() if p.suffix == ".parquet" and not p.name.startswith((".", "_")) and p.is_file()),
+        key=lambda p: p.name,
+    )
+    if not shards:
+        raise DataFormatError(
+            f"{path}: a folder without training-example shards (no *.parquet file directly in it); put the shards "
+            "there or give one parquet file"
+        )
+    return shards
+
+
+def read_training_examples(path: Path) -> pa.Table:
+    """Read a training-examples parquet, or a folder of parquet shards (``training_example_files``, concatenated in
+    name order), checking each file's schema (the error names the file and every missing or mistyped column), that
+    the shards share one schema, and that the per-negative lists line up."""
+    files = training_example_files(path)
+    tables = [_read_parquet(file) for file in files]
+    for file, table in zip(files, tables):
+        _check_schema(file, table.schema)
+        _check_list_lengths(file, table)
+    _check_same_schema(files, [table.schema for table in tables])
+    if len(tables) == 1:
+        return tables[0]
+    names = tables[0].column_names  # every shard has these columns, maybe in another order
+    return pa.concat_tables([t.select(names) for t in tables], promote_options="default")
+
+
+def training_examples_schema(path: Path) -> pa.Schema:
+    """The schema of a training-examples file or folder of shards, from the parquet footers only (no rows read):
+    each file checked as ``read_training_examples`` does, and the shards checked to share one schema."""
+    files = training_example_files(path)
+    schemas = []
+    for file in files:
+        try:
+            schema = pq.read_schema(file)
+        except (pa.ArrowException, OSError) as exc:
+            raise DataFormatError(f"{file}: not a readable parquet file ({_reason(exc)}); build it again") from None
+        _check_schema(file, schema)
+        schemas.append(schema)
+    _check_same_schema(files, schemas)
+    return schemas[0]
+
+
+def _read_parquet(path: Path) -> pa.Table:
     try:
-        table = pq.read_table(path)
+        return pq.read_table(path)
     except (pa.ArrowException, OSError) as exc:
-        reason = " ".join(str(exc).split())[:160]
-        raise DataFormatError(f"{path}: not a readable parquet file ({reason}); build it again") from None
-    fields = {f.name: f.type for f in table.schema}
+        raise DataFormatError(f"{path}: not a readable parquet file ({_reason(exc)}); build it again") from None
+
+
+def _reason(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:160]
+
+
+def _check_schema(path: Path, schema: pa.Schema) -> None:
+    """Every required column present with its type; inline texts come as a pair."""
+    fields = {f.name: f.type for f in schema}
     checks: dict[str, tuple[Callable[[pa.DataType], bool], str]] = {
         "query_id": (_is_string, "string"),
         "query": (_is_string, "string"),
@@ -297,8 +367,11 @@ def read_training_examples(path: Path) -> pa.Table:
     if problems:
         raise DataFormatError(f"{path}: not a training-examples parquet: {'; '.join(problems)}")
 
+
+def _check_list_lengths(path: Path, table: pa.Table) -> None:
+    """``teacher_negs`` and ``negatives`` (where present) align 1:1 with ``negative_ids``."""
     n_neg = pc.list_value_length(table["negative_ids"])
-    for name in ("teacher_negs", *(["negatives"] if inline else [])):
+    for name in ("teacher_negs", *(["negatives"] if "negatives" in table.column_names else [])):
         lengths = pc.list_value_length(table[name])
         bad = pc.and_(pc.is_valid(lengths), pc.not_equal(lengths, n_neg))
         if pc.any(bad).as_py():
@@ -307,7 +380,23 @@ def read_training_examples(path: Path) -> pa.Table:
                 f"{path}: row {row}: column {name!r} has a different length than 'negative_ids'; "
                 "the file is corrupt, rebuild it"
             )
-    return table
+
+
+def _check_same_schema(files: list[Path], schemas: list[pa.Schema]) -> None:
+    """The shards of a folder have the same columns and types (in any order; metadata and column nullability aside)."""
+    first = {field.name: field.type for field in schemas[0]}
+    for file, schema in zip(files[1:], schemas[1:]):
+        types = {field.name: field.type for field in schema}
+        if types != first:
+            diff = sorted(
+                f"{name!r} is {types.get(name, 'missing')} there, {first.get(name, 'missing')} in the first"
+                for name in first.keys() | types.keys()
+                if types.get(name) != first.get(name)
+            )
+            raise DataFormatError(
+                f"{file}: its columns differ from those of {files[0]} ({'; '.join(diff)}); the shards of one folder "
+                "must share one schema, rebuild them the same way"
+            )
 
 
 def sample_negatives(negative_ids: list[Any], k: int, epoch: int, seed: int, key: str) -> list[int]:
@@ -398,6 +487,8 @@ def _lines(path: Path) -> Iterator[tuple[int, str]]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
     with path.open("rb") as f:
+        _refuse_binary(path, f.read(8192))
+        f.seek(0)
         for number, raw in enumerate(f, start=1):
             try:
                 line = raw.decode("utf-8").rstrip("\r\n")
@@ -405,6 +496,26 @@ def _lines(path: Path) -> Iterator[tuple[int, str]]:
                 raise DataFormatError(f"{path}:{number}: not valid UTF-8 ({exc.reason}); re-encode the file") from None
             if line.strip():
                 yield number, line
+
+
+def _refuse_binary(path: Path, head: bytes) -> None:
+    """Refuse a compressed or binary file by its first bytes (line by line it would fail as bad UTF-8 or bad
+    columns, which does not say what the file is)."""
+    if head.startswith(b"\x1f\x8b"):
+        raise DataFormatError(
+            f"{path}: gzip-compressed, expected a text file; decompress it first (gunzip -k {shlex.quote(str(path))})"
+        )
+    if _is_pickle(head):
+        raise DataFormatError(
+            f"{path}: a Python pickle, expected a text file; pickles are not read because loading one runs "
+            "arbitrary code, write the data as text"
+        )
+    nul = head.find(b"\x00")
+    if nul >= 0:
+        raise DataFormatError(
+            f"{path}: binary data (a NUL byte at offset {nul}), expected UTF-8 text; give the text file (a UTF-16 "
+            "text file must be re-encoded as UTF-8)"
+        )
 
 
 def _read_qrels(qrels: Path | Mapping[str, Mapping[str, int]]) -> dict[str, list[tuple[str, int, str]]]:
@@ -495,25 +606,99 @@ def _read_run(path: Path) -> dict[str, list[tuple[str, str]]]:
     return {qid: [(docid, where) for _, _, docid, where in sorted(ranked)] for qid, ranked in rows.items()}
 
 
-def _read_teacher(path: Path) -> dict[tuple[str, str], tuple[float, str]]:
-    out: dict[tuple[str, str], tuple[float, str]] = {}
+_TEACHER_LAYOUTS = {3: "qid docid score", 5: "MarginMSE: pos_score neg_score qid pid_pos pid_neg"}
+# Repeats of a pair in a MarginMSE file are the same teacher score printed again; allow float32-level noise (the
+# examples store float32, whose precision is ~1.2e-7 relative) and nothing a real disagreement would produce.
+_REPEAT_REL_TOL = 1e-6
+_REPEAT_ABS_TOL = 1e-6  # scores near zero, where a relative tolerance is too strict
+
+
+def _read_teacher(path: Path) -> TeacherScores:
+    """(qid, docid) → (score, where) from a ``qid docid score`` file or a MarginMSE ``pos_score neg_score qid
+    pid_pos pid_neg`` file; the first data line's column count (3 or 5) decides which."""
+    _refuse_pickle(path)
+    out: TeacherScores = {}
+    width: int | None = None
+    first = ""
     for number, line in _lines(path):
         cols = line.split("\t") if "\t" in line else line.split()
         where = f"{path}:{number}"
-        if len(cols) != 3:
-            raise DataFormatError(f"{where}: expected 3 columns (qid, docid, score), got {len(cols)}")
-        if number == 1 and cols[0] in _QRELS_HEADERS and cols[2] == "score":
-            continue
-        qid, docid, score = cols
-        value = _parse_float(score, where, "teacher score (column 3)")
-        if not math.isfinite(value):
-            raise DataFormatError(f"{where}: teacher score is {score!r}; scores must be finite numbers")
-        if (qid, docid) in out:
+        if width is None:
+            if number == 1 and len(cols) == 3 and cols[0] in _QRELS_HEADERS and cols[2] == "score":
+                continue
+            if len(cols) not in _TEACHER_LAYOUTS:
+                raise DataFormatError(
+                    f"{where}: expected 3 columns (qid, docid, score) or 5 (MarginMSE: pos_score, neg_score, qid, "
+                    f"pid_pos, pid_neg), got {len(cols)}"
+                )
+            width, first = len(cols), where
+        if len(cols) != width:
             raise DataFormatError(
-                f"{where}: duplicate teacher score for ({qid!r}, {docid!r}) (first at {out[qid, docid][1]})"
+                f"{where}: expected {width} columns ({_TEACHER_LAYOUTS[width]}) like the first line ({first}), "
+                f"got {len(cols)}"
             )
-        out[(qid, docid)] = (value, where)
+        if width == 3:
+            qid, docid, score = cols
+            value = _teacher_score(score, where, "teacher score (column 3)")
+            if (qid, docid) in out:
+                raise DataFormatError(
+                    f"{where}: duplicate teacher score for ({qid!r}, {docid!r}) (first at {out[qid, docid][1]})"
+                )
+            out[(qid, docid)] = (value, where)
+        else:
+            pos_score, neg_score, qid, pos_id, neg_id = cols
+            for docid, score, column in ((pos_id, pos_score, 1), (neg_id, neg_score, 2)):
+                value = _teacher_score(score, where, f"teacher score (column {column})")
+                seen = out.setdefault((qid, docid), (value, where))
+                if not math.isclose(seen[0], value, rel_tol=_REPEAT_REL_TOL, abs_tol=_REPEAT_ABS_TOL):
+                    raise DataFormatError(
+                        f"{where}: teacher score {value!r} for ({qid!r}, {docid!r}) differs from {seen[0]!r} at "
+                        f"{seen[1]}; a pair needs one score (repeats must agree within 1e-6), fix the teacher file"
+                    )
     return out
+
+
+def _teacher_score(text: str, where: str, what: str) -> float:
+    value = _parse_float(text, where, what)
+    if not math.isfinite(value):
+        raise DataFormatError(f"{where}: teacher score is {text!r}; scores must be finite numbers")
+    return value
+
+
+def _refuse_pickle(path: Path) -> None:
+    """Refuse a pickled teacher file before reading it (unpickling runs code the file chooses), with the one-off
+    conversion of the common published layout ``{qid: {docid: score}}`` (sometimes gzipped, ``.pkl.gz``)."""
+    if not path.is_file():
+        return  # _lines names a missing file
+    with path.open("rb") as f:
+        head = f.read(2)
+    gzipped = head.startswith(b"\x1f\x8b")
+    # A .pkl name is refused even when the content looks like text: protocol 0 and 1 pickles are ASCII, and a
+    # misnamed text file only needs a rename.
+    if _is_pickle(head):
+        what, fix = "a Python pickle (it starts with a pickle header)", "Where the file is trusted, convert it"
+    elif {s.lower() for s in path.suffixes} & {".pkl", ".pickle"}:
+        what = f"the name {path.name!r} marks a{' gzipped' if gzipped else ''} Python pickle"
+        fix = "Where the file is trusted, convert it"
+        if not gzipped:
+            fix = "If it is a text file, rename it; if it is a pickle you trust, convert it"
+    else:
+        return
+    load = "gzip.open(sys.argv[1])" if gzipped else "open(sys.argv[1],'rb')"
+    convert = (
+        f'python -c "import gzip,pickle,sys; d=pickle.load({load}); '
+        "sys.stdout.writelines(f'{q}\\t{p}\\t{s}\\n' for q,r in d.items() for p,s in r.items())\" "
+        f"{shlex.quote(str(path))} > teacher.tsv"
+    )
+    raise DataFormatError(
+        f"{path}: {what}; pickles are not read because loading one can run arbitrary code. {fix} once to "
+        f"qid<TAB>docid<TAB>score lines, e.g. for a {{qid: {{docid: score}}}} pickle: {convert}"
+    )
+
+
+def _is_pickle(head: bytes) -> bool:
+    """Pickle protocols 2-5 start with the PROTO opcode 0x80 and the protocol number."""
+    return len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5
 
 
 def _parse_int(text: str, where: str, what: str) -> int:
@@ -574,4 +759,6 @@ __all__ = [
     "build_training_examples",
     "read_training_examples",
     "sample_negatives",
+    "training_example_files",
+    "training_examples_schema",
 ]

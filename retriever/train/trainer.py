@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from retriever.config import ConfigError, ExperimentConfig, TrainConfig
-from retriever.errors import UserError
+from retriever.errors import DataFormatError, UserError
 from retriever.registry import Registry
 from retriever.tracking import RunTracker, TrackingTarget, end_running_runs, open_experiment
 
@@ -92,14 +92,24 @@ def run_dir_for(cfg: ExperimentConfig) -> Path:
 
 
 def prepare_training_data(cfg: ExperimentConfig) -> Path:
-    """The training-examples parquet: the configured file, or the synthetic benchmark's (built once, cached)."""
+    """The training examples: the configured parquet file or folder of parquet shards, or the synthetic benchmark's
+    file (built once, cached)."""
     if cfg.data.train != "synthetic":
+        from retriever.data.examples import training_example_files
+
         path = Path(cfg.data.train)
-        if not path.is_file():
+        try:
+            training_example_files(path)
+        except FileNotFoundError:
             raise FileNotFoundError(
-                f"data.train={cfg.data.train!r}: no such file; build one with `retriever data examples` "
-                "or use `synthetic`"
-            )
+                f"data.train={cfg.data.train!r}: no such file or folder; build one with `retriever data examples` "
+                "(a folder of parquet shards works too) or use `synthetic`"
+            ) from None
+        except DataFormatError:
+            raise FileNotFoundError(
+                f"data.train={cfg.data.train!r}: a folder without *.parquet shards directly in it; put the shards "
+                "there, or build a file with `retriever data examples`, or use `synthetic`"
+            ) from None
         return path.resolve()
     from retriever.data.catalog import synthetic_benchmark
     from retriever.data.examples import build_synthetic_examples
@@ -128,11 +138,14 @@ def training_docs(cfg: ExperimentConfig) -> DocTexts | None:
 
 
 def check_examples_have_texts(path: Path, cfg: ExperimentConfig) -> None:
-    """Fail before training when the examples hold passage ids and no docs are configured."""
+    """Fail before training when the examples (a file, or a folder's first shard) hold passage ids and no docs are
+    configured."""
     import pyarrow.parquet as pq
 
+    from retriever.data.examples import training_example_files
+
     has_docs = cfg.data.docs is not None or cfg.data.train == "synthetic"
-    if not has_docs and "positive" not in pq.read_schema(path).names:
+    if not has_docs and "positive" not in pq.read_schema(training_example_files(path)[0]).names:
         raise ConfigError(
             f"{path}: the training examples hold passage ids, not texts; set data.docs to the dataset whose "
             "documents they name (e.g. data.docs=msmarco-passage)"
@@ -280,7 +293,16 @@ def _run_ray(cfg, task, planned, path, run_dir, tracking, callbacks, probe_texts
 
     storage = storage_location(cfg.train.storage, cfg.train.output_dir)
     spec = TASKS.get(task)
-    dataset = ray.data.read_parquet(str(path)) if spec.table is None else ray.data.from_arrow(spec.table(cfg))
+    if spec.table is None:
+        from retriever.data.examples import training_example_files, training_examples_schema
+
+        # Checked here (footers only), where a bad shard is one line, not an error inside Ray; and the files the
+        # local run reads, not Ray's own folder listing (recursive, `key=value` folders become columns).
+        training_examples_schema(path)
+        files = [str(file) for file in training_example_files(path)]
+        dataset = ray.data.read_parquet(files, partitioning=None)
+    else:
+        dataset = ray.data.from_arrow(spec.table(cfg))
     trainer = TorchTrainer(
         ray_train_worker,
         train_loop_config={

@@ -1,9 +1,15 @@
-"""Training examples: exact rows from hand-written files, bad-input errors, schema checks, negative sampling."""
+"""Training examples: exact rows from hand-written files, the teacher formats (3-column, MarginMSE; pickles and
+binary files refused), bad-input errors, schema checks, folders of shards, negative sampling."""
 
 from __future__ import annotations
 
+import gzip
 import json
 import logging
+import pickle
+import shlex
+import subprocess
+import sys
 from pathlib import Path
 from typing import NamedTuple
 
@@ -17,6 +23,7 @@ from retriever.data.examples import (
     build_training_examples,
     read_training_examples,
     sample_negatives,
+    training_examples_schema,
 )
 from retriever.data.synthetic import generate_synthetic
 
@@ -182,7 +189,7 @@ def test_other_input_formats_give_the_same_rows(files: dict[str, Path], tmp_path
         ("teacher", 2, "q1\td2\tnan", "teacher.tsv:2: teacher score is 'nan'; scores must be finite"),
         ("teacher", 2, "q1\td2\t-inf", "teacher.tsv:2: teacher score is '-inf'; scores must be finite"),
         ("teacher", 2, "q1\td2\tlow", "teacher.tsv:2: expected a number as teacher score (column 3), got 'low'"),
-        ("teacher", 2, "q1\td2", "teacher.tsv:2: expected 3 columns (qid, docid, score), got 2"),
+        ("teacher", 2, "q1\td2", "teacher.tsv:2: expected 3 columns (qid docid score) like the first line"),
         ("teacher", 3, "q1\td2\t0.0", "teacher.tsv:3: duplicate teacher score for ('q1', 'd2')"),
         ("queries", 3, '{"_id": "q1", "text": "again"}', "queries.jsonl:3: duplicate query id 'q1' (first at line 1)"),
         ("queries", 2, '{"id": "q2", "text": "second"}', 'queries.jsonl:2: expected a JSON object with "_id"'),
@@ -198,6 +205,141 @@ def test_bad_input_names_file_and_line(
         _build(files, tmp_path)
     assert str(err.value).startswith(str(files[name].parent / message.split(":")[0]) + ":")
     assert message in str(err.value)
+
+
+# The TEACHER scores as MarginMSE triples (pos_score neg_score qid pid_pos pid_neg): every positive of a query with
+# every other scored document, so positives repeat on many lines; one line space-separated, one repeat printed
+# differently but equal within the tolerance.
+MARGIN_MSE = [
+    "4.5\t-1.25\tq1\td1\td2",
+    "4.5 0.5 q1 d1 d3",
+    "4.50000001\t-3.0\tq1\td1\td4",
+    *(
+        f"{pos_score}\t{neg_score}\tq2\t{pos}\t{neg}"
+        for pos, pos_score in (("d2", 6.0), ("d4", 2.25))
+        for neg, neg_score in (("d1", -0.75), ("d5", -2.5), ("d3", 1.125))
+    ),
+]
+
+
+def test_margin_mse_teacher_gives_the_same_rows_as_the_three_column_file(
+    files: dict[str, Path], tmp_path: Path
+) -> None:
+    margin = _write(tmp_path / "margin.tsv", MARGIN_MSE)
+    from_triples = build_training_examples(
+        files["qrels"], files["run"], files["queries"], DOCS, tmp_path / "m.parquet", teacher=margin
+    )
+    from_pairs = _build(files, tmp_path)
+    assert read_training_examples(from_triples.path).to_pylist() == EXPECTED_ROWS
+    assert read_training_examples(from_pairs.path).to_pylist() == EXPECTED_ROWS
+    assert from_triples.with_teacher
+
+
+@pytest.mark.parametrize(
+    ("line_no", "new_line", "message"),
+    [
+        (
+            6,
+            "6.5\t1.125\tq2\td2\td3",
+            "margin.tsv:6: teacher score 6.5 for ('q2', 'd2') differs from 6.0 at {dir}/margin.tsv:4;",
+        ),
+        (
+            7,
+            "2.25\t-0.7\tq2\td4\td1",
+            "margin.tsv:7: teacher score -0.7 for ('q2', 'd1') differs from -0.75 at {dir}/margin.tsv:4;",
+        ),
+        (
+            2,
+            "q1\td3\t0.5",
+            "margin.tsv:2: expected 5 columns (MarginMSE: pos_score neg_score qid pid_pos pid_neg) like the first "
+            "line ({dir}/margin.tsv:1), got 3",
+        ),
+        (1, "4.5\t-1.25\tq1\td1", "margin.tsv:1: expected 3 columns (qid, docid, score) or 5 (MarginMSE: "),
+        (2, "4.5\tinf\tq1\td1\td3", "margin.tsv:2: teacher score is 'inf'; scores must be finite"),
+        (2, "high\t0.5\tq1\td1\td3", "margin.tsv:2: expected a number as teacher score (column 1), got 'high'"),
+    ],
+)
+def test_bad_margin_mse_lines_name_file_and_line(
+    files: dict[str, Path], tmp_path: Path, line_no: int, new_line: str, message: str
+) -> None:
+    lines = list(MARGIN_MSE)
+    lines[line_no - 1] = new_line
+    files["teacher"] = _write(tmp_path / "margin.tsv", lines)
+    with pytest.raises(ValueError) as err:
+        _build(files, tmp_path)
+    assert str(err.value).startswith(f"{tmp_path}/" + message.format(dir=tmp_path))
+
+
+def test_a_later_line_with_the_other_column_count_is_refused(files: dict[str, Path], tmp_path: Path) -> None:
+    _write(files["teacher"], [*TEACHER[:3], "4.5\t-3.0\tq1\td1\td4", *TEACHER[4:]])
+    with pytest.raises(
+        ValueError,
+        match=r"teacher.tsv:4: expected 3 columns \(qid docid score\) like the first line "
+        r"\(.*teacher.tsv:1\), got 5",
+    ):
+        _build(files, tmp_path)
+
+
+def test_a_pickled_teacher_is_refused_unread_and_the_hint_converts_it(files: dict[str, Path], tmp_path: Path) -> None:
+    scores: dict[str, dict[str, float]] = {}
+    for line in TEACHER:
+        qid, docid, score = line.split("\t")
+        scores.setdefault(qid, {})[docid] = float(score)
+    pickled = tmp_path / "scores.bin"  # no telling name: the pickle header is enough
+    pickled.write_bytes(pickle.dumps(scores))
+    with pytest.raises(ValueError) as err:
+        _build(files, tmp_path, teacher=pickled)
+    text = str(err.value)
+    assert text.startswith(
+        f"{pickled}: a Python pickle (it starts with a pickle header); pickles are not read because "
+        "loading one can run arbitrary code. Where the file is trusted, convert it once"
+    )
+    # The hint's command, run as printed (with this interpreter), makes a teacher file that builds the same rows.
+    command = text.split(" pickle: ", 1)[1]
+    assert command.startswith("python -c ")
+    command = shlex.quote(sys.executable) + command.removeprefix("python")
+    subprocess.run(command, shell=True, check=True, cwd=tmp_path)
+    converted = _build(files, tmp_path, teacher=tmp_path / "teacher.tsv", overwrite=True)
+    assert read_training_examples(converted.path).to_pylist() == EXPECTED_ROWS
+    # The same for the published gzipped layout (.pkl.gz).
+    zipped = tmp_path / "scores.pkl.gz"
+    zipped.write_bytes(gzip.compress(pickle.dumps(scores)))
+    with pytest.raises(ValueError, match=r"scores.pkl.gz: the name 'scores.pkl.gz' marks a gzipped Python pickle"):
+        _build(files, tmp_path, teacher=zipped, overwrite=True)
+
+
+def test_a_pkl_name_is_refused_even_with_text_content_as_protocol_0_pickles_are_text(
+    files: dict[str, Path], tmp_path: Path
+) -> None:
+    named = _write(tmp_path / "teacher.pkl", TEACHER)
+    with pytest.raises(
+        ValueError,
+        match=r"teacher.pkl: the name 'teacher.pkl' marks a Python pickle; .* If it is a "
+        "text file, rename it",
+    ):
+        _build(files, tmp_path, teacher=named)
+    protocol_0 = tmp_path / "teacher.pickle"
+    protocol_0.write_bytes(pickle.dumps({"q1": {"d1": 1.0}}, protocol=0))
+    assert protocol_0.read_bytes().isascii()
+    with pytest.raises(ValueError, match="marks a Python pickle"):
+        _build(files, tmp_path, teacher=protocol_0)
+
+
+def test_compressed_and_binary_inputs_are_refused_by_their_first_bytes(files: dict[str, Path], tmp_path: Path) -> None:
+    zipped = tmp_path / "teacher.tsv.gz"
+    zipped.write_bytes(gzip.compress(files["teacher"].read_bytes()))
+    with pytest.raises(
+        ValueError,
+        match=r"teacher.tsv.gz: gzip-compressed, expected a text file; decompress it first "
+        r"\(gunzip -k .*teacher.tsv.gz\)",
+    ):
+        _build(files, tmp_path, teacher=zipped)
+    files["qrels"].write_bytes("\n".join(QRELS).encode("utf-16-le"))
+    with pytest.raises(ValueError, match=r"qrels.tsv: binary data \(a NUL byte at offset 1\), expected UTF-8 text"):
+        _build(files, tmp_path)
+    files["qrels"].write_bytes(pickle.dumps({"q1": {"d1": 1}}))
+    with pytest.raises(ValueError, match=r"qrels.tsv: a Python pickle, expected a text file"):
+        _build(files, tmp_path)
 
 
 def test_missing_teacher_score_names_the_pair_and_where_it_is_needed(files: dict[str, Path], tmp_path: Path) -> None:
@@ -241,6 +383,57 @@ def test_read_training_examples_names_missing_and_wrong_columns(files: dict[str,
     pq.write_table(pa.Table.from_pylist(rows, schema=good.schema), tmp_path / "misaligned.parquet")
     with pytest.raises(ValueError, match="row 1: column 'teacher_negs' has a different length than 'negative_ids'"):
         read_training_examples(tmp_path / "misaligned.parquet")
+
+
+def _shards(table: pa.Table, folder: Path, *parts: pa.Table) -> Path:
+    """``parts`` (default: ``table`` cut after its first row) as part-0.parquet, part-1.parquet, ... in ``folder``."""
+    folder.mkdir()
+    for i, part in enumerate(parts or (table.slice(0, 1), table.slice(1))):
+        pq.write_table(part, folder / f"part-{i}.parquet")
+    return folder
+
+
+def test_a_folder_of_shards_reads_as_the_file_it_was_cut_from(files: dict[str, Path], tmp_path: Path) -> None:
+    whole = read_training_examples(_build(files, tmp_path).path)
+    folder = _shards(whole, tmp_path / "shards")
+    # Not shards: a manifest, hidden files, a nested folder (the folder is not searched recursively).
+    (folder / "manifest.json").write_text("{}")
+    (folder / ".part-9.parquet").write_text("not parquet")
+    (folder / "_SUCCESS.parquet").write_text("")
+    (folder / "nested").mkdir()
+    pq.write_table(whole, folder / "nested" / "part-0.parquet")
+    table = read_training_examples(folder)
+    assert table.to_pylist() == whole.to_pylist() == EXPECTED_ROWS
+    assert training_examples_schema(folder).names == whole.schema.names
+
+
+def test_bad_shard_folders_name_the_folder_or_the_shard(files: dict[str, Path], tmp_path: Path) -> None:
+    whole = read_training_examples(_build(files, tmp_path).path)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "manifest.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"empty: a folder without training-example shards \(no \*.parquet file"):
+        read_training_examples(empty)
+    with pytest.raises(FileNotFoundError, match="nowhere: no such training-examples file or folder"):
+        read_training_examples(tmp_path / "nowhere")
+    mistyped = whole.slice(1).set_column(0, "query_id", pa.array([1, 2]))
+    folder = _shards(whole, tmp_path / "mistyped", whole.slice(0, 1), mistyped)
+    message = r"mistyped/part-1.parquet: not a training-examples parquet: column 'query_id' is int64, expected string"
+    for read in (read_training_examples, training_examples_schema):
+        with pytest.raises(ValueError, match=message):
+            read(folder)
+    wider = whole.slice(1).set_column(6, "teacher_pos", whole.column("teacher_pos").slice(1).cast(pa.float64()))
+    folder = _shards(whole, tmp_path / "mixed", whole.slice(0, 1), wider)
+    message = (
+        r"mixed/part-1.parquet: its columns differ from those of .*mixed/part-0.parquet \('teacher_pos' is double "
+        r"there, float in the first\); the shards of one folder must share one schema"
+    )
+    for read in (read_training_examples, training_examples_schema):
+        with pytest.raises(ValueError, match=message):
+            read(folder)
+    (folder / "part-1.parquet").write_bytes(b"PAR1 cut short")
+    with pytest.raises(ValueError, match=r"mixed/part-1.parquet: not a readable parquet file"):
+        read_training_examples(folder)
 
 
 def test_sample_negatives_is_deterministic_and_changes_per_epoch() -> None:
