@@ -42,6 +42,34 @@ def ingress_environment(choice: str) -> tuple[str, dict[str, str]]:
     }
 
 
+def haproxy_instance_environment() -> dict[str, str]:
+    """Serve's HAProxy files and ports for this service alone. Ray's defaults (`/tmp/haproxy-serve`, stats on 8404,
+    metrics on 9101) are the same for every HAProxy ingress on a machine, so a second service would take over the
+    first one's config and fail to bind its ports. The folder is removed when this process exits."""
+    import atexit
+    import socket
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix="haproxy-serve-"))  # short: HAProxy's admin socket path has a length limit
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    sockets = [socket.socket() for _ in range(2)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        stats_port, metrics_port = (sock.getsockname()[1] for sock in sockets)
+    finally:
+        for sock in sockets:
+            sock.close()
+    return {
+        "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(folder / "haproxy.cfg"),
+        "RAY_SERVE_HAPROXY_SOCKET_PATH": str(folder / "admin.sock"),
+        "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(folder),
+        "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(folder / "server-state"),
+        "RAY_SERVE_HAPROXY_STATS_PORT": str(stats_port),
+        "RAY_SERVE_HAPROXY_METRICS_PORT": str(metrics_port),
+    }
+
+
 def serve_deploy_config(
     settings: ServeConfig, models: Sequence[ServedModel], *, tracking_uri: str | None, cache_dir: str | Path
 ) -> dict[str, Any]:
@@ -130,6 +158,8 @@ def serve_on_ray(
     ingress = None
     if address is None:
         ingress, environment = ingress_environment(settings.ingress)
+        if ingress == "haproxy":
+            environment |= haproxy_instance_environment()
         for name, value in environment.items():
             os.environ.setdefault(name, value)  # the user's own setting wins
     elif settings.ingress != "auto":

@@ -47,15 +47,19 @@ def trial_resources(cfg: ExperimentConfig) -> dict[str, float]:
 
 def max_concurrent(cfg: ExperimentConfig, available: Mapping[str, float]) -> int:
     """How many cells run at once: `sweep.max_concurrent`, else as many as the cluster's `available` resources
-    hold (a trial's CPUs plus its workers' CPUs; one GPU per worker when training on GPUs), at least one."""
+    hold (a trial's CPUs plus its workers' CPUs; one GPU per worker when training on GPUs; the workers'
+    `train.worker_resources`), at least one."""
     if cfg.sweep.max_concurrent:
         return cfg.sweep.max_concurrent
     per_trial_cpu = cfg.sweep.cpus_per_trial + cfg.train.num_workers * cfg.train.cpus_per_worker
-    by_cpu = int(available.get("CPU", 1) // per_trial_cpu) if per_trial_cpu else 1
-    if cfg.train.use_gpu and cfg.train.num_workers:
-        by_gpu = int(available.get("GPU", 0) // cfg.train.num_workers)
-        return max(1, min(by_cpu, by_gpu))
-    return max(1, by_cpu)
+    fits = [int(available.get("CPU", 1) // per_trial_cpu) if per_trial_cpu else 1]
+    workers = cfg.train.num_workers
+    if workers:
+        per_trial = {name: workers * amount for name, amount in cfg.train.worker_resources.items()}
+        if cfg.train.use_gpu:
+            per_trial["GPU"] = workers
+        fits += [int(available.get(name, 0) // amount) for name, amount in per_trial.items()]
+    return max(1, min(fits))
 
 
 def prepare(cfg: ExperimentConfig) -> tuple[ExperimentConfig, list[PlanCell]]:

@@ -59,3 +59,21 @@ def test_haproxy_asked_for_but_missing_is_refused(no_haproxy) -> None:
 def test_an_ingress_cannot_be_chosen_for_a_running_cluster(haproxy) -> None:
     with pytest.raises(UserError, match="a running cluster's ingress is set where the cluster starts"):
         serve_on_ray(settings(ingress="haproxy"), [], address="ray://cluster:10001")
+
+
+def test_each_haproxy_ingress_gets_its_own_files_and_ports() -> None:
+    from pathlib import Path
+
+    from retriever.serving.launch import haproxy_instance_environment
+
+    first, second = haproxy_instance_environment(), haproxy_instance_environment()
+    for env in (first, second):
+        folder = Path(env["RAY_SERVE_HAPROXY_SERVER_STATE_BASE"])
+        assert folder.is_dir() and folder.name.startswith("haproxy-serve-")
+        assert Path(env["RAY_SERVE_HAPROXY_CONFIG_FILE_LOC"]).parent == folder
+        assert Path(env["RAY_SERVE_HAPROXY_SOCKET_PATH"]).parent == folder
+        assert len(env["RAY_SERVE_HAPROXY_SOCKET_PATH"]) < 100  # under the socket path limit
+    assert first["RAY_SERVE_HAPROXY_SERVER_STATE_BASE"] != second["RAY_SERVE_HAPROXY_SERVER_STATE_BASE"]
+    for env in (first, second):  # free ports, not Ray's fixed 8404 and 9101
+        ports = {env["RAY_SERVE_HAPROXY_STATS_PORT"], env["RAY_SERVE_HAPROXY_METRICS_PORT"]}
+        assert len(ports) == 2 and not ports & {"8404", "9101"}

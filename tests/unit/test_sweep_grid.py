@@ -78,6 +78,10 @@ def test_a_trial_holds_the_driver_share_and_the_cluster_bounds_concurrency(cfg):
     cfg.train.use_gpu = True
     assert max_concurrent(cfg, {"CPU": 10, "GPU": 4}) == 2
     assert max_concurrent(cfg, {"CPU": 10}) == 1
+    # Custom worker resources bound it too: 2 workers x 1 A100_80G per trial.
+    cfg.train.worker_resources = {"A100_80G": 1.0}
+    assert max_concurrent(cfg, {"CPU": 10, "GPU": 8, "A100_80G": 4}) == 2
+    assert max_concurrent(cfg, {"CPU": 100, "GPU": 100, "A100_80G": 6}) == 3
     cfg.sweep.max_concurrent = 3  # the config wins
     assert max_concurrent(cfg, {"CPU": 100, "GPU": 0}) == 3
 
