@@ -45,7 +45,8 @@ def ingress_environment(choice: str) -> tuple[str, dict[str, str]]:
 def haproxy_instance_environment() -> dict[str, str]:
     """Serve's HAProxy files and ports for this service alone. Ray's defaults (`/tmp/haproxy-serve`, stats on 8404,
     metrics on 9101) are the same for every HAProxy ingress on a machine, so a second service would take over the
-    first one's config and fail to bind its ports. The folder is removed when this process exits."""
+    first one's config and fail to bind its ports. The folder is removed when this process exits. (The router
+    replicas' direct-ingress ports still come from Ray's one range per machine.)"""
     import atexit
     import socket
     import tempfile
