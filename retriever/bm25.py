@@ -18,6 +18,10 @@ sentence keeps its period (``"word."`` and ``"word"`` are different tokens). Thi
 numbers of the default synthetic benchmark (seed 0, 2,000 docs, 200 test queries): nDCG@10 0.7261, MRR@10 0.9577,
 R@100 0.7888 (``retriever.data.synthetic``'s own candidate generator strips periods first and ranks differently).
 
+**Saved indexes.** ``Bm25Index.save`` writes bm25s's arrays, the vocabulary, the document ids (a fixed-width numpy
+array) and ``bm25.json`` (settings, document count, sha256 of every file; written last, so a folder without it is
+incomplete); ``Bm25Index.load`` checks them and memory-maps the arrays (a corpus-sized index is not read whole).
+
 **Ranking.** Only documents with a positive score are retrieved (those sharing a token with the query); a query's
 top k follows trec_eval's order (score descending, then document id descending, `retriever.evaluation.trec_order`),
 ties at the k-th place included in that order, so a run does not depend on the library's tie handling.
@@ -25,16 +29,23 @@ ties at the k-th place included in that order, so a run does not depend on the l
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from retriever.errors import DataFormatError, SettingError
+from retriever.checksums import sha256_file
+from retriever.errors import DataFormatError, IntegrityError, SettingError
 from retriever.trec import RunDict, trec_order
 
 K1 = 0.9
 B = 0.4
 RUN_TAG = "bm25"
+INDEX_FILE = "bm25.json"
+INDEX_FORMAT = 1
+_DOC_IDS_FILE = "doc_ids.npy"
 
 
 def tokenize(text: str) -> list[str]:
@@ -75,6 +86,50 @@ class Bm25Index:
         self._model.index((token_ids, vocab), show_progress=False)
         self._vocab = vocab
 
+    def save(self, directory: str | Path) -> Path:
+        """Write the index into the empty or new folder ``directory`` (see the module docstring)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        if (directory / INDEX_FILE).exists():
+            raise SettingError(f"{directory}: already holds a BM25 index; save into a new folder")
+        self._model.save(str(directory), show_progress=False)
+        np.save(directory / _DOC_IDS_FILE, np.asarray(self.doc_ids, dtype=str), allow_pickle=False)
+        files = sorted(p.name for p in directory.iterdir() if p.is_file() and p.name != INDEX_FILE)
+        meta = {
+            "format": INDEX_FORMAT,
+            "k1": self.k1,
+            "b": self.b,
+            "num_docs": self.num_docs,
+            "sha256": {name: sha256_file(directory / name) for name in files},
+        }
+        (directory / INDEX_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path, *, mmap: bool = True, verify: bool = True) -> Bm25Index:
+        """Open a saved index; ``mmap`` maps its arrays instead of reading them, ``verify`` checks every sha256."""
+        import bm25s
+
+        directory = Path(directory)
+        meta = read_index_meta(directory)
+        if verify:
+            for name, expected in meta["sha256"].items():
+                path = directory / name
+                if not path.is_file() or sha256_file(path) != expected:
+                    raise IntegrityError(
+                        f"{path}: missing or changed since the BM25 index was saved ({directory / INDEX_FILE}); "
+                        "delete the folder and build the index again"
+                    )
+        index = cls.__new__(cls)
+        index.k1, index.b = float(meta["k1"]), float(meta["b"])
+        index._model = bm25s.BM25.load(str(directory), mmap=mmap, show_progress=False)
+        doc_ids = np.load(directory / _DOC_IDS_FILE, mmap_mode="r" if mmap else None, allow_pickle=False)
+        index.doc_ids = doc_ids  # type: ignore[assignment]  # a (mapped) array of str: indexable like the list
+        index._vocab = index._model.vocab_dict
+        if len(doc_ids) != int(meta["num_docs"]):
+            raise IntegrityError(f"{directory}: {len(doc_ids)} document ids, {meta['num_docs']} in {INDEX_FILE}")
+        return index
+
     @property
     def num_docs(self) -> int:
         return len(self.doc_ids)
@@ -96,7 +151,7 @@ class Bm25Index:
             # everything tied with the k-th score stays in, then trec_order decides who makes the cut
             kth = np.partition(scores[hits], hits.size - k)[hits.size - k]
             hits = hits[scores[hits] >= kth]
-        ranked = trec_order({self.doc_ids[i]: float(scores[i]) for i in hits})
+        ranked = trec_order({str(self.doc_ids[i]): float(scores[i]) for i in hits})
         return dict(ranked[:k])
 
     def search(self, queries: Mapping[str, str], k: int) -> RunDict:
@@ -107,4 +162,15 @@ class Bm25Index:
         return {qid: self.top_k(text, k) for qid, text in queries.items()}
 
 
-__all__ = ["B", "K1", "RUN_TAG", "Bm25Index", "tokenize"]
+def read_index_meta(directory: str | Path) -> dict[str, Any]:
+    """``bm25.json`` of a saved index (its settings and file checksums); a folder without it is not a whole index."""
+    path = Path(directory) / INDEX_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no BM25 index here (it is written last: the save did not finish)")
+    meta = json.loads(path.read_text(encoding="utf-8"))
+    if meta.get("format") != INDEX_FORMAT:
+        raise IntegrityError(f"{path}: BM25 index format {meta.get('format')!r}, this version reads {INDEX_FORMAT}")
+    return meta
+
+
+__all__ = ["B", "K1", "RUN_TAG", "Bm25Index", "read_index_meta", "tokenize"]

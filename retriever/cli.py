@@ -545,6 +545,31 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _mine_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", type=Path, help="mining YAML (e.g. configs/mine.yaml)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. pool_size=200 teacher.kind=none")
+    parser.add_argument("--overwrite", action="store_true", help="start over: remove the shards and manifest in out")
+
+
+@command(
+    "mine",
+    "make training data: first-stage candidates, hard negatives and teacher scores, in resumable parquet shards",
+    _mine_args,
+)
+def _mine(args: argparse.Namespace) -> int:
+    import logging
+
+    from retriever.config import MineConfig
+    from retriever.mining.run import mine
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("retriever.mining").setLevel(logging.INFO)
+    settings = load_config(args.config, args.overrides, MineConfig)
+    report = mine(settings, overwrite=args.overwrite, base=Path.cwd())
+    _print_json(report.to_dict())
+    return 0
+
+
 def _quickstart_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, default=Path("configs/quickstart.yaml"))
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. sweep.backbones=[tiny-s]")

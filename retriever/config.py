@@ -468,6 +468,114 @@ class ServeConfig(StrictModel):
         return models
 
 
+class FirstStageConfig(StrictModel):
+    """Where a query's candidates come from."""
+
+    kind: Literal["bm25", "encoder", "run"] = Field(
+        "bm25",
+        description="bm25: the corpus's BM25 index (built once); encoder: a trained encoder with its index "
+        "folder; run: a TREC run file",
+    )
+    index: str | None = Field(
+        None,
+        description="bm25: the saved BM25 index folder (built there when missing; default <out>/_bm25); encoder: "
+        "the index folder built from the encoder's passages",
+    )
+    encoder: str | None = Field(None, description="encoder: the encoder folder whose passages the index holds")
+    run: str | None = Field(None, description="run: the TREC run file of candidates")
+    query_max_length: int | None = Field(None, gt=0, description="encoder: default the encoder's query length")
+
+    @model_validator(mode="after")
+    def _needs(self) -> FirstStageConfig:
+        if self.kind == "encoder" and (self.encoder is None or self.index is None):
+            raise ValueError("first_stage.kind encoder needs first_stage.encoder and first_stage.index")
+        if self.kind == "run" and self.run is None:
+            raise ValueError("first_stage.kind run needs first_stage.run (a TREC run file)")
+        if self.kind != "run" and self.run is not None:
+            raise ValueError(f"first_stage.run is only read with kind run (kind is {self.kind})")
+        if self.kind != "encoder" and (self.encoder is not None or self.query_max_length is not None):
+            raise ValueError(f"first_stage.encoder and query_max_length are only read with kind encoder ({self.kind})")
+        return self
+
+
+class TeacherConfig(StrictModel):
+    """Who scores the (query, passage) pairs for distillation."""
+
+    kind: Literal["cross_encoder", "file", "none"] = Field(
+        "cross_encoder", description="cross_encoder: a sequence-classification model; file: published scores; none"
+    )
+    model: str = Field(
+        "cross-encoder/ms-marco-MiniLM-L6-v2", min_length=1, description="cross_encoder: HF hub id or local folder"
+    )
+    file: str | None = Field(None, description="file: qid docid score TSV, or MarginMSE lines")
+    max_length: int = Field(256, gt=2, description="tokens per (query, passage) pair")
+    batch_size: int = Field(64, gt=0, description="pairs per forward pass (pairs of similar length batched together)")
+    actors: int = Field(1, ge=1, description="teacher actors on Ray (workers > 0)")
+    cpus_per_actor: float = Field(0.5, gt=0, description="CPUs reserved per teacher actor (threads: torch_threads)")
+    gpus_per_actor: float = Field(0.0, ge=0, description="> 0 puts the teacher on a GPU")
+    torch_threads: int | None = Field(None, gt=0, description="intra-op threads per teacher (default: torch's)")
+
+    @model_validator(mode="after")
+    def _needs(self) -> TeacherConfig:
+        if self.kind == "file" and self.file is None:
+            raise ValueError("teacher.kind file needs teacher.file")
+        if self.kind != "file" and self.file is not None:
+            raise ValueError(f"teacher.file is only read with kind file (kind is {self.kind})")
+        return self
+
+
+class RankRange(StrictModel):
+    """Negatives drawn from first-stage ranks ``first``..``last`` (1-based, inclusive)."""
+
+    first: int = Field(1, ge=1)
+    last: int = Field(gt=0)
+    count: int | None = Field(None, gt=0, description="negatives drawn from the range; default: all of it")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> RankRange:
+        if self.last < self.first:
+            raise ValueError(f"rank range {self.first}..{self.last}: last must be >= first")
+        return self
+
+
+class MineConfig(StrictModel):
+    """`retriever mine`: candidates → pool → teacher scores → training-example shards."""
+
+    dataset: str = Field(min_length=1, description="dataset id giving queries, qrels and the corpus")
+    queries: str | None = Field(None, description="queries file (TSV or BEIR JSONL) instead of the dataset's")
+    qrels: str | None = Field(None, description="qrels file (TREC or BEIR TSV) instead of the dataset's")
+    corpus: str | None = Field(None, description="dataset id of the passages (default: dataset)")
+    out: str = Field(min_length=1, description="output folder: part-NNNNN.parquet shards and manifest.json")
+    first_stage: FirstStageConfig = Field(default_factory=FirstStageConfig)
+    pool_size: int = Field(100, gt=0, description="candidates retrieved per query (before removing positives)")
+    negatives: list[RankRange] | None = Field(
+        None, min_length=1, description="rank ranges to draw negatives from; default: the whole pool"
+    )
+    false_negative_margin: float | None = Field(
+        None,
+        description="drop candidates the teacher scores above (positive - margin); needs a teacher; None keeps all",
+    )
+    seed: int = 0
+    inline_text: bool = Field(False, description="store passage texts in the shards (else ids; train with data.docs)")
+    queries_per_shard: int = Field(10_000, gt=0, description="the unit of writing and of resuming")
+    max_queries: int | None = Field(None, gt=0, description="mine only the first N queries with a positive")
+    workers: int = Field(
+        1, ge=0, description="0: one process, no Ray; else Ray Data with this many first-stage actors"
+    )
+    cpus_per_worker: float = Field(0.5, gt=0, description="CPUs of one first-stage actor")
+    queries_per_batch: int = Field(64, gt=0, description="queries handed to a first-stage or teacher call")
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> MineConfig:
+        if self.false_negative_margin is not None and self.teacher.kind == "none":
+            raise ValueError("false_negative_margin filters by teacher score: it needs a teacher (teacher.kind)")
+        for r in self.negatives or []:
+            if r.last > self.pool_size:
+                raise ValueError(f"rank range {r.first}..{r.last} reaches past pool_size {self.pool_size}")
+        return self
+
+
 class ConfigError(UserError, ValueError):
     """A configuration problem, with where it was found and how to fix it."""
 

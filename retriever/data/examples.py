@@ -65,6 +65,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 SCHEMA_VERSION = "1"
+MINED_MANIFEST = "manifest.json"  # written by `retriever mine` next to its shards
+MINED_MANIFEST_KIND = "retriever.mined-examples"
 _QRELS_HEADERS = {"query-id", "query_id", "qid"}
 
 
@@ -119,10 +121,10 @@ def build_training_examples(
         raise SettingError(f"max_candidates must be ≥ 1 or None, got {max_candidates}")
     with atomic_file(out, overwrite=overwrite, what="the training-examples file") as partial:
         lookup = _DocLookup(docs)
-        judgments = _read_qrels(qrels)
-        query_text = _read_queries(queries)
-        run = _read_run(Path(candidates))
-        scores = _read_teacher(Path(teacher)) if teacher is not None else None
+        judgments = read_qrels(qrels)
+        query_text = read_queries(queries)
+        run = read_run(Path(candidates))
+        scores = read_teacher_scores(Path(teacher)) if teacher is not None else None
         _require_known_docs(lookup, judgments, run, scores)
         rows = _ExampleRows(lookup, query_text, _describe(queries), inline_text, scores, teacher)
         for qid, judged in judgments.items():
@@ -169,7 +171,7 @@ class _ExampleRows:
     ) -> None:
         self.lookup, self.query_text, self.queries_name = lookup, query_text, queries_name
         self.inline_text, self.scores, self.teacher = inline_text, scores, teacher
-        self.columns: dict[str, list[Any]] = {name: [] for name in _column_names(inline_text)}
+        self.columns: dict[str, list[Any]] = {name: [] for name in example_columns(inline_text)}
         self.pool_sizes: list[int] = []
         self.queries_used = 0
         self.skipped = 0
@@ -221,13 +223,7 @@ class _ExampleRows:
             self.pool_sizes.append(len(negative_ids))
 
     def write(self, out: Path) -> None:
-        metadata = {
-            "retriever.examples.version": SCHEMA_VERSION,
-            "inline_text": str(self.inline_text).lower(),
-            "with_teacher": str(self.scores is not None).lower(),
-        }
-        schema = _schema(self.inline_text).with_metadata(metadata)
-        pq.write_table(pa.table(self.columns, schema=schema), out)
+        pq.write_table(examples_table(self.columns, self.inline_text, self.scores is not None), out)
 
     def report(self, out: Path, num_negatives: int) -> ExamplesReport:
         """Pool sizes of the written rows; rows short of ``num_negatives`` negatives and left-out pairs are logged."""
@@ -291,12 +287,28 @@ def training_example_files(path: Path) -> list[Path]:
         (p for p in path.iterdir() if p.suffix == ".parquet" and not p.name.startswith((".", "_")) and p.is_file()),
         key=lambda p: p.name,
     )
+    _require_finished_mining(path)
     if not shards:
         raise DataFormatError(
             f"{path}: a folder without training-example shards (no *.parquet file directly in it); put the shards "
             "there or give one parquet file"
         )
     return shards
+
+
+def _require_finished_mining(folder: Path) -> None:
+    """A folder `retriever mine` has not finished holds only some of its shards: training on it would silently use
+    part of the data."""
+    try:
+        manifest = json.loads((folder / MINED_MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    if isinstance(manifest, dict) and manifest.get("kind") == MINED_MANIFEST_KIND and not manifest.get("complete"):
+        done = len(manifest.get("shards", {}))
+        raise DataFormatError(
+            f"{folder}: mining has not finished ({done} shards written; {folder / MINED_MANIFEST} is not complete); "
+            "run the same `retriever mine` again to finish it"
+        )
 
 
 def read_training_examples(path: Path) -> pa.Table:
@@ -467,10 +479,10 @@ class DocTexts:
             raise UnknownNameError(
                 f"document {docid!r} is not in {self._name}; the examples and data.docs do not match"
             )
-        return _as_text(value, docid)
+        return as_text(value, docid)
 
 
-def _as_text(value: Any, docid: str) -> str:
+def as_text(value: Any, docid: str) -> str:
     if isinstance(value, str):
         return value
     if callable(getattr(value, "default_text", None)):
@@ -518,7 +530,7 @@ def _refuse_binary(path: Path, head: bytes) -> None:
         )
 
 
-def _read_qrels(qrels: Path | Mapping[str, Mapping[str, int]]) -> dict[str, list[tuple[str, int, str]]]:
+def read_qrels(qrels: Path | Mapping[str, Mapping[str, int]]) -> dict[str, list[tuple[str, int, str]]]:
     """qid → [(docid, grade, where)] in file order."""
     out: dict[str, list[tuple[str, int, str]]] = {}
     if isinstance(qrels, Mapping):
@@ -553,7 +565,7 @@ def _read_qrels(qrels: Path | Mapping[str, Mapping[str, int]]) -> dict[str, list
     return out
 
 
-def _read_queries(queries: Path | Mapping[str, str]) -> dict[str, str]:
+def read_queries(queries: Path | Mapping[str, str]) -> dict[str, str]:
     if isinstance(queries, Mapping):
         return {str(k): str(v) for k, v in queries.items()}
     path = Path(queries)
@@ -583,7 +595,7 @@ def _read_queries(queries: Path | Mapping[str, str]) -> dict[str, str]:
     return out
 
 
-def _read_run(path: Path) -> dict[str, list[tuple[str, str]]]:
+def read_run(path: Path) -> dict[str, list[tuple[str, str]]]:
     """qid → [(docid, where)] sorted by rank (file order among equal ranks)."""
     rows: dict[str, list[tuple[int, int, str, str]]] = {}
     seen: dict[tuple[str, str], int] = {}
@@ -613,7 +625,7 @@ _REPEAT_REL_TOL = 1e-6
 _REPEAT_ABS_TOL = 1e-6  # scores near zero, where a relative tolerance is too strict
 
 
-def _read_teacher(path: Path) -> TeacherScores:
+def read_teacher_scores(path: Path) -> TeacherScores:
     """(qid, docid) → (score, where) from a ``qid docid score`` file or a MarginMSE ``pos_score neg_score qid
     pid_pos pid_neg`` file; the first data line's column count (3 or 5) decides which."""
     _refuse_pickle(path)
@@ -723,7 +735,17 @@ def _describe(source: Path | Mapping[str, Any]) -> str:
 # schema
 
 
-def _column_names(inline_text: bool) -> list[str]:
+def examples_table(columns: Mapping[str, list[Any]], inline_text: bool, with_teacher: bool) -> pa.Table:
+    """The training-examples table of ``columns`` (the schema's names), with the schema and its metadata."""
+    metadata = {
+        "retriever.examples.version": SCHEMA_VERSION,
+        "inline_text": str(inline_text).lower(),
+        "with_teacher": str(with_teacher).lower(),
+    }
+    return pa.table(dict(columns), schema=_schema(inline_text).with_metadata(metadata))
+
+
+def example_columns(inline_text: bool) -> list[str]:
     return _schema(inline_text).names
 
 
@@ -757,6 +779,12 @@ __all__ = [
     "ExamplesReport",
     "build_synthetic_examples",
     "build_training_examples",
+    "example_columns",
+    "examples_table",
+    "read_qrels",
+    "read_queries",
+    "read_run",
+    "read_teacher_scores",
     "read_training_examples",
     "sample_negatives",
     "training_example_files",

@@ -105,11 +105,8 @@ def prepare_training_data(cfg: ExperimentConfig) -> Path:
                 f"data.train={cfg.data.train!r}: no such file or folder; build one with `retriever data examples` "
                 "(a folder of parquet shards works too) or use `synthetic`"
             ) from None
-        except DataFormatError:
-            raise FileNotFoundError(
-                f"data.train={cfg.data.train!r}: a folder without *.parquet shards directly in it; put the shards "
-                "there, or build a file with `retriever data examples`, or use `synthetic`"
-            ) from None
+        except DataFormatError as exc:
+            raise DataFormatError(f"data.train={cfg.data.train!r}: {exc}") from None
         return path.resolve()
     from retriever.data.catalog import synthetic_benchmark
     from retriever.data.examples import build_synthetic_examples

@@ -13,6 +13,7 @@ from conftest import make_config
 
 from retriever.data.catalog import synthetic_benchmark
 from retriever.data.examples import build_synthetic_examples
+from retriever.errors import DataFormatError
 from retriever.train.errors import NoValidCheckpointError
 from retriever.train.trainer import _user_error_in, resources_per_worker, run_dir_for, run_training
 
@@ -113,7 +114,7 @@ def test_bad_training_folders_fail_before_training(tmp_path):
     empty.mkdir()
     (empty / "manifest.json").write_text("{}")
     cfg = make_config(tmp_path, "empty", data={"train": str(empty), "docs": "synthetic/train"})
-    with pytest.raises(FileNotFoundError, match=r"empty'?: a folder without \*\.parquet shards directly in it"):
+    with pytest.raises(DataFormatError, match=r"empty'?: .*a folder without training-example shards \(no \*\.parquet"):
         run_training(cfg)
     cfg = make_config(tmp_path, "absent", data={"train": str(tmp_path / "absent"), "docs": "synthetic/train"})
     with pytest.raises(FileNotFoundError, match=r"absent'?: no such file or folder; .*a folder of parquet shards"):
