@@ -86,8 +86,11 @@ def test_mined_examples_are_bm25_candidates_scored_by_the_teacher(world, mined) 
     report = mined.report
     assert (report.shards, report.shards_written, report.queries) == (3, 3, 150)
     manifest = json.loads((mined.out / "manifest.json").read_text())
-    assert manifest["complete"] and sorted(manifest["shards"]) == ["part-00000.parquet", "part-00001.parquet",
-                                                                   "part-00002.parquet"]
+    assert manifest["complete"] and sorted(manifest["shards"]) == [
+        "part-00000.parquet",
+        "part-00001.parquet",
+        "part-00002.parquet",
+    ]
     assert manifest["inputs"]["teacher"]["sha256"] and manifest["inputs"]["first_stage"]["num_docs"] == len(world.docs)
     assert all(entry["sha256"] == sha256_file(mined.out / name) for name, entry in manifest["shards"].items())
     queries = world.bench.query_texts()
