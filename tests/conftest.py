@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import math
 import os
+import signal
+import subprocess
 import tempfile
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -313,3 +316,74 @@ def recorded_metrics(monkeypatch) -> RecordedMetrics:
     store = RecordedMetrics()
     monkeypatch.setattr(telemetry, "_instrument", store.instrument)
     return store
+
+
+def mining_world(root: Path):  # -> SimpleNamespace
+    """What the mining tests mine: the tests' synthetic benchmark (`make_config`'s) as a local dataset, and a tiny
+    random cross-encoder teacher; the BM25 index is built at ``root / "bm25"`` by the first job."""
+    from types import SimpleNamespace
+
+    from retriever.data.catalog import resolve_dataset, synthetic_benchmark
+    from retriever.mining.teacher import build_tiny_cross_encoder
+
+    experiment = make_config(root, "mining")
+    bench = synthetic_benchmark(experiment)
+    docs = bench.docs()
+    return SimpleNamespace(
+        root=root,
+        experiment=experiment,
+        bench=bench,
+        docs=docs,
+        dataset=resolve_dataset("synthetic/train", experiment),
+        teacher=build_tiny_cross_encoder(root / "teacher", list(docs.values())),
+        bm25=root / "bm25",
+    )
+
+
+def mine_settings(world, out: Path, **values):  # -> retriever.config.MineConfig
+    """Mining settings over ``world``: BM25 top 8, the tiny teacher, 64 queries per shard, one process; ``values``
+    replace top-level keys (dicts update their section)."""
+    from retriever.config import MineConfig, config_from_dict
+
+    base = {
+        "dataset": world.dataset,
+        "out": str(out),
+        "pool_size": 8,
+        "queries_per_shard": 64,
+        "max_queries": 150,
+        "workers": 0,
+        "first_stage": {"kind": "bm25", "index": str(world.bm25)},
+        "teacher": {"model": str(world.teacher), "max_length": 96, "batch_size": 16},
+    }
+    for key, value in values.items():
+        base[key] = {**base[key], **value} if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+    return config_from_dict(base, "test", model=MineConfig)
+
+
+def group_alive(pgid: int) -> bool:
+    """Whether a live (not zombie) process of the group remains."""
+    import psutil
+
+    for proc in psutil.process_iter(["status"]):
+        try:
+            if os.getpgid(proc.pid) == pgid and proc.info["status"] != psutil.STATUS_ZOMBIE:
+                return True
+        except (ProcessLookupError, psutil.Error):
+            continue
+    return False
+
+
+def stop_group(process: subprocess.Popen) -> None:
+    """SIGTERM to the process group of ``process`` (started with ``start_new_session``: the command and every
+    daemon it started), SIGKILL what is left after 10 s."""
+    for sig, wait_s in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            process.poll()
+            if not group_alive(process.pid):
+                return
+            time.sleep(0.5)

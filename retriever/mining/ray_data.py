@@ -29,15 +29,21 @@ def run_on_ray(
     import ray
 
     if not ray.is_initialized():
-        ray.init(include_dashboard=False, log_to_driver=False)
+        try:
+            # A new local Ray starts no idle workers ahead of use: every process of the job's memory is one that works.
+            no_prestart = {"prestart_worker_first_driver": False}
+            ray.init(include_dashboard=False, log_to_driver=False, _system_config=no_prestart)
+        except ValueError:  # an existing cluster (its own system config)
+            ray.init(log_to_driver=False)
     check_resources(cfg, candidate is not None, score, float(ray.cluster_resources().get("CPU", 0)))
-    rows = pq.ParquetFile(plan_file).metadata.num_rows
+    # The plan (query ids and texts) is small next to what the steps make of it: the driver hands it to Ray in
+    # blocks (no read tasks, whose workers would cost memory), enough that every actor gets work and a stopped job
+    # loses little.
+    plan = pq.read_table(plan_file)
     actors = max(cfg.workers, cfg.teacher.actors)
-    # Enough blocks that every actor gets work and a stopped job loses little (a block is the unit of retry).
-    blocks = max(2 * actors, math.ceil(rows / (cfg.queries_per_batch * 4)))
-    # The plan (query ids and texts) is small next to what the steps make of it: splitting it is cheap, and a single
-    # file would otherwise be one block for one actor.
-    dataset = ray.data.read_parquet(str(plan_file)).repartition(blocks)
+    blocks = max(2 * actors, math.ceil(plan.num_rows / (cfg.queries_per_batch * 4)))
+    size = math.ceil(plan.num_rows / blocks)
+    dataset = ray.data.from_arrow([plan.slice(start, size) for start in range(0, plan.num_rows, size)])
     if candidate is not None:
         kind, options = candidate
         dataset = dataset.map_batches(
@@ -69,16 +75,15 @@ def run_on_ray(
 
 
 def check_resources(cfg: MineConfig, candidates: bool, score: bool, cluster_cpus: float) -> None:
-    """The actor pools must leave a CPU for Ray Data's read and split tasks, or the job waits forever."""
+    """The actor pools must fit in the cluster, or the job waits forever for the ones that do not."""
     reserved = (cfg.workers * cfg.cpus_per_worker if candidates else 0) + (
         cfg.teacher.actors * cfg.teacher.cpus_per_actor if score else 0
     )
-    if cluster_cpus - reserved < 1:
+    if reserved > cluster_cpus:
         raise SettingError(
             f"the actors reserve {reserved:g} of the cluster's {cluster_cpus:g} CPUs ({cfg.workers} x cpus_per_worker "
             f"{cfg.cpus_per_worker:g}, {cfg.teacher.actors} x teacher.cpus_per_actor {cfg.teacher.cpus_per_actor:g}); "
-            "leave at least 1 CPU for reading the queries: fewer actors or fractional CPUs (threads: "
-            "teacher.torch_threads)"
+            "use fewer actors or fractional CPUs (threads: teacher.torch_threads)"
         )
 
 

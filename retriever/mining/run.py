@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from retriever.checksums import sha256_file
@@ -87,6 +88,7 @@ class MiningReport:
     rows_without_negatives: int = 0  # (query, positive) pairs left out: no negative after filtering
     negatives: int = 0
     false_negatives_dropped: int = 0
+    pairs_scored: int = 0  # (query, passage) pairs the cross-encoder scored
     seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
@@ -508,6 +510,9 @@ class _ShardWriter:
         self.buffers: dict[int, list[dict[str, Any]]] = {}
 
     def add(self, batch: pa.Table) -> None:
+        if "candidate_scores" in batch.column_names:
+            for column in ("positive_ids", "candidate_ids"):
+                self.report.pairs_scored += pc.sum(pc.list_value_length(batch[column])).as_py() or 0
         for row in batch.to_pylist():
             rows = self.buffers.setdefault(row["shard"], [])
             rows.append(row)

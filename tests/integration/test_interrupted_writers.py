@@ -3,6 +3,7 @@ leaves the previous output byte-identical (and nothing half-written in its place
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -13,12 +14,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO_ROOT, TINY_CORPUS, write_encodings
+import yaml
+from conftest import REPO_ROOT, TINY_CORPUS, mine_settings, mining_world, write_encodings
 
 from retriever.cli import main
 from retriever.config import BackboneConfig, EncoderConfig
+from retriever.data.examples import read_training_examples, training_example_files
 from retriever.encoding import DenseBatch, docs_to_parquet, read_encodings
+from retriever.errors import DataFormatError
 from retriever.index import open_shards
+from retriever.mining.run import mine
 from retriever.models.encoders import build_encoder
 from retriever.outputs import PARTIAL, lock_path
 
@@ -131,3 +136,42 @@ def test_a_killed_index_build_leaves_the_previous_index(tmp_path, capsys):
     assert main(["index", str(tmp_path / "big"), "--out", str(out), "--overwrite"]) == 0
     assert sum(shard.doc_count for shard in open_shards(out)) == len(ids)
     assert _partials(out) == [] and not lock_path(out).exists()
+
+
+def test_a_killed_mining_job_resumes_to_the_rows_of_an_uninterrupted_one(tmp_path, capsys):
+    world = mining_world(tmp_path)
+    # every query with a positive, small shards, one pair per teacher call: a job long enough to stop midway
+    values = {"max_queries": None, "pool_size": 20, "queries_per_shard": 5, "teacher": {"batch_size": 1}}
+    reference = mine(mine_settings(world, tmp_path / "reference", **values))
+    out = tmp_path / "mined"
+    config = tmp_path / "mine.yaml"
+    config.write_text(yaml.safe_dump(mine_settings(world, out, **values).model_dump(mode="json")))
+    manifest = out / "manifest.json"
+
+    def shards_recorded() -> int:
+        try:
+            return len(json.loads(manifest.read_text())["shards"])
+        except (OSError, ValueError, KeyError):
+            return 0
+
+    with _Writer(["mine", str(config)], tmp_path / "mine.log") as job:
+        job.wait_until(lambda: shards_recorded() >= 3)
+        job.kill()
+    done = shards_recorded()
+    assert 3 <= done < reference.shards, "the job finished before it was stopped; give it more work"
+    assert not json.loads(manifest.read_text())["complete"]
+    with pytest.raises(DataFormatError, match="mining has not finished"):
+        training_example_files(out)  # the trainer refuses half a data set
+
+    assert main(["mine", str(config)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["shards_reused"] >= done and report["shards_reused"] + report["shards_written"] == reference.shards
+    resumed = read_training_examples(out).to_pylist()
+    uninterrupted = read_training_examples(tmp_path / "reference").to_pylist()
+    assert [(r["query_id"], r["positive_id"], r["negative_ids"]) for r in resumed] == [
+        (r["query_id"], r["positive_id"], r["negative_ids"]) for r in uninterrupted
+    ]
+    scores = [s for r in resumed for s in (r["teacher_pos"], *r["teacher_negs"])]
+    expected = [s for r in uninterrupted for s in (r["teacher_pos"], *r["teacher_negs"])]
+    assert np.abs(np.array(scores) - np.array(expected)).max() <= 1e-5
+    assert _partials(out / "part-00000.parquet") == [] and not lock_path(out).exists()

@@ -10,19 +10,17 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 import requests
 import yaml
 
-from tests.conftest import REPO_ROOT, SERVE_QUERIES, free_port, free_ports, write_experiment
+from tests.conftest import REPO_ROOT, SERVE_QUERIES, free_port, free_ports, stop_group, write_experiment
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(900)]
 
@@ -42,32 +40,6 @@ def wait_for(url: str, process: subprocess.Popen, log: Path, timeout_s: float) -
             pass
         assert time.monotonic() < deadline, f"{url} not up after {timeout_s} s: {log.read_text()[-3000:]}"
         time.sleep(1)
-
-
-def group_alive(pgid: int) -> bool:
-    """Whether a live (not zombie) process of the group remains."""
-    for proc in psutil.process_iter(["status"]):
-        try:
-            if os.getpgid(proc.pid) == pgid and proc.info["status"] != psutil.STATUS_ZOMBIE:
-                return True
-        except (ProcessLookupError, psutil.Error):
-            continue
-    return False
-
-
-def stop_group(process: subprocess.Popen) -> None:
-    """SIGTERM to the process group (the command and every daemon it started), SIGKILL what is left."""
-    for sig, wait_s in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
-        try:
-            os.killpg(process.pid, sig)
-        except ProcessLookupError:
-            return
-        deadline = time.monotonic() + wait_s
-        while time.monotonic() < deadline:
-            process.poll()
-            if not group_alive(process.pid):
-                return
-            time.sleep(0.5)
 
 
 def start_group(command: list[str], flags: dict, env: dict, log: Path) -> subprocess.Popen:

@@ -15,7 +15,6 @@ import contextlib
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -26,7 +25,7 @@ import psutil
 import pytest
 import yaml
 
-from tests.conftest import SMALL_SWEEP_EXPERIMENT, merged
+from tests.conftest import SMALL_SWEEP_EXPERIMENT, merged, stop_group
 from tests.integration.multinode_run import committed_checkpoints
 
 SCENARIO = Path(__file__).with_name("multinode_run.py")
@@ -48,18 +47,6 @@ def cluster_processes(ray_tmpdir: Path) -> list[psutil.Process]:
         except psutil.Error:
             continue
     return found
-
-
-def stop_group(process: subprocess.Popen) -> None:
-    """SIGTERM to the scenario's process group (the script stops the Ray nodes it started, which are in the group),
-    SIGKILL after 10 s."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(process.pid, sig)
-        except ProcessLookupError:
-            return
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            process.wait(timeout=10)
 
 
 def outliving(ray_tmpdir: Path, grace_s: float) -> list[str]:

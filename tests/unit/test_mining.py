@@ -11,55 +11,26 @@ from types import SimpleNamespace
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from conftest import make_config
+from conftest import make_config, mine_settings, mining_world
 
 from retriever.bm25 import Bm25Index
 from retriever.checksums import sha256_file
-from retriever.config import ConfigError, MineConfig, RankRange, config_from_dict
-from retriever.data.catalog import resolve_dataset, synthetic_benchmark
+from retriever.config import ConfigError, MineConfig, RankRange
 from retriever.data.examples import build_training_examples, read_training_examples, training_example_files
 from retriever.errors import DataFormatError
 from retriever.mining.run import mine, select_negatives
-from retriever.mining.teacher import CrossEncoderTeacher, build_tiny_cross_encoder
+from retriever.mining.teacher import CrossEncoderTeacher
 
 COLUMNS = ["query_id", "positive_id", "negative_ids", "teacher_pos", "teacher_negs"]
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> SimpleNamespace:
-    root = tmp_path_factory.mktemp("mining")
-    experiment = make_config(root, "mining")
-    bench = synthetic_benchmark(experiment)
-    docs = bench.docs()
-    teacher = build_tiny_cross_encoder(root / "teacher", list(docs.values()))
-    return SimpleNamespace(
-        root=root,
-        experiment=experiment,
-        bench=bench,
-        docs=docs,
-        dataset=resolve_dataset("synthetic/train", experiment),
-        teacher=teacher,
-        bm25=root / "bm25",  # built by the first job, reused by the others
-    )
+    return mining_world(tmp_path_factory.mktemp("mining"))
 
 
 def settings(world: SimpleNamespace, out: Path, **values) -> MineConfig:
-    base = {
-        "dataset": world.dataset,
-        "out": str(out),
-        "pool_size": 8,
-        "queries_per_shard": 64,
-        "max_queries": 150,
-        "workers": 0,
-        "first_stage": {"kind": "bm25", "index": str(world.bm25)},
-        "teacher": {"model": str(world.teacher), "max_length": 96, "batch_size": 16},
-    }
-    for key, value in values.items():
-        if isinstance(value, dict) and isinstance(base.get(key), dict):
-            base[key] = {**base[key], **value}
-        else:
-            base[key] = value
-    return config_from_dict(base, "test", model=MineConfig)
+    return mine_settings(world, out, **values)
 
 
 def rows(out: Path) -> list[dict]:
@@ -278,3 +249,16 @@ def test_kd_trains_and_evaluates_on_mined_examples(world, mined, tmp_path) -> No
 def test_inconsistent_settings_are_refused(world, tmp_path, values, message) -> None:
     with pytest.raises(ConfigError, match=message):
         settings(world, tmp_path / "x", **values)
+
+
+def test_the_shipped_mining_config_is_valid() -> None:
+    from conftest import REPO_ROOT
+
+    from retriever.config import load_config
+
+    cfg = load_config(REPO_ROOT / "configs" / "mine.yaml", model=MineConfig)
+    assert (cfg.dataset, cfg.teacher.model, cfg.pool_size) == (
+        "msmarco-passage/train/judged",
+        "cross-encoder/ms-marco-MiniLM-L6-v2",
+        100,
+    )
