@@ -510,7 +510,9 @@ class TeacherConfig(StrictModel):
     file: str | None = Field(None, description="file: qid docid score TSV, or MarginMSE lines")
     max_length: int = Field(256, gt=2, description="tokens per (query, passage) pair")
     batch_size: int = Field(64, gt=0, description="pairs per forward pass (pairs of similar length batched together)")
-    actors: int = Field(1, ge=1, description="teacher actors on Ray (workers > 0)")
+    actors: int = Field(
+        1, ge=1, description="teacher actors on Ray (workers > 0); as many as workers on CPU: one actor does both"
+    )
     cpus_per_actor: float = Field(0.5, gt=0, description="CPUs reserved per teacher actor (threads: torch_threads)")
     gpus_per_actor: float = Field(0.0, ge=0, description="> 0 puts the teacher on a GPU")
     torch_threads: int | None = Field(None, gt=0, description="intra-op threads per teacher (default: torch's)")

@@ -39,16 +39,11 @@ class Bm25Candidates:
 class EncoderCandidates:
     """A trained encoder and its index folder: encode the queries, search every shard, merge the top k."""
 
-    def __init__(
-        self, encoder: str | Path, index: str | Path, *, query_max_length: int | None = None, use_gpu: bool = False
-    ) -> None:
-        import torch
-
+    def __init__(self, encoder: str | Path, index: str | Path, *, query_max_length: int | None = None) -> None:
         from retriever.encoding.encoder import EncoderInfo, load_inference_encoder
         from retriever.index.shards import open_shards
 
-        device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
-        self.encoder = load_inference_encoder(encoder, device)
+        self.encoder = load_inference_encoder(encoder)  # on the GPU when the actor has one
         info = EncoderInfo.read(encoder)
         self.shards = open_shards(index, expected_encoder_sha256=info.fingerprint)
         self.max_length = query_max_length or info.max_lengths["query"]

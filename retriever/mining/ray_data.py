@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 
 from retriever.config import MineConfig
 from retriever.errors import SettingError
-from retriever.mining.steps import CandidateStep, ScoreStep
+from retriever.mining.steps import CandidateAndScoreStep, CandidateStep, ScoreStep
 
 
 def run_on_ray(
@@ -25,7 +25,8 @@ def run_on_ray(
 ) -> Iterator[pa.Table]:
     """Processed query rows of ``plan_file`` as Ray Data produces them (any order). First-stage actors:
     ``cfg.workers`` x ``cfg.cpus_per_worker`` CPUs; teacher actors: ``teacher.actors`` x ``teacher.cpus_per_actor``
-    CPUs (+ ``gpus_per_actor``). Uses the current Ray cluster, or starts a local one."""
+    CPUs (+ ``gpus_per_actor``), or one actor per worker doing both (`fused`). Uses the current Ray cluster, or
+    starts a local one."""
     import ray
 
     if not ray.is_initialized():
@@ -44,34 +45,54 @@ def run_on_ray(
     blocks = max(2 * actors, math.ceil(plan.num_rows / (cfg.queries_per_batch * 4)))
     size = math.ceil(plan.num_rows / blocks)
     dataset = ray.data.from_arrow([plan.slice(start, size) for start in range(0, plan.num_rows, size)])
+    t = cfg.teacher
+    score_kwargs = {
+        "corpus": corpus,
+        "teacher": teacher,
+        "inline_text": cfg.inline_text,
+        "use_gpu": t.gpus_per_actor > 0,
+    }
+    batching = {"batch_size": cfg.queries_per_batch, "batch_format": "pyarrow"}
+    if candidate is not None and score and fused(cfg):
+        kind, options = candidate
+        dataset = dataset.map_batches(
+            CandidateAndScoreStep,
+            fn_constructor_kwargs={
+                "candidate": {"kind": kind, "pool_size": cfg.pool_size, **options},
+                "score": score_kwargs,
+            },
+            compute=ray.data.ActorPoolStrategy(size=cfg.workers),
+            num_cpus=cfg.cpus_per_worker + t.cpus_per_actor,
+            **batching,
+        )
+        candidate = None
+        score = False
     if candidate is not None:
         kind, options = candidate
         dataset = dataset.map_batches(
             CandidateStep,
             fn_constructor_args=(kind, cfg.pool_size),
             fn_constructor_kwargs=options,
-            batch_size=cfg.queries_per_batch,
-            batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(size=cfg.workers),
             num_cpus=cfg.cpus_per_worker,
+            **batching,
         )
     if score:
-        t = cfg.teacher
         dataset = dataset.map_batches(
             ScoreStep,
-            fn_constructor_args=(corpus,),
-            fn_constructor_kwargs={
-                "teacher": teacher,
-                "inline_text": cfg.inline_text,
-                "use_gpu": t.gpus_per_actor > 0,
-            },
-            batch_size=cfg.queries_per_batch,
-            batch_format="pyarrow",
+            fn_constructor_kwargs=score_kwargs,
             compute=ray.data.ActorPoolStrategy(size=t.actors),
             num_cpus=t.cpus_per_actor,
             num_gpus=t.gpus_per_actor or None,
+            **batching,
         )
     yield from dataset.iter_batches(batch_size=None, batch_format="pyarrow")
+
+
+def fused(cfg: MineConfig) -> bool:
+    """First stage and CPU teacher in one actor per worker (`CandidateAndScoreStep`) when there are as many teacher
+    actors as workers; a GPU teacher keeps a pool of its own."""
+    return cfg.teacher.gpus_per_actor == 0 and cfg.teacher.actors == cfg.workers
 
 
 def check_resources(cfg: MineConfig, candidates: bool, score: bool, cluster_cpus: float) -> None:
@@ -87,4 +108,4 @@ def check_resources(cfg: MineConfig, candidates: bool, score: bool, cluster_cpus
         )
 
 
-__all__ = ["check_resources", "run_on_ray"]
+__all__ = ["check_resources", "fused", "run_on_ray"]

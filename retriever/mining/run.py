@@ -117,14 +117,13 @@ def mine(cfg: MineConfig, *, overwrite: bool = False, base: Path | None = None) 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     with output_lock(out):
+        report = MiningReport(out=out)
+        inputs = _Inputs(cfg)  # every input checked before anything of the folder changes
         if overwrite:
             _clear(out)
-        report = MiningReport(out=out)
-        inputs = _Inputs(cfg)
         manifest = _open_manifest(out, cfg, inputs.record)
         plan = _write_plan(cfg, inputs, manifest, report)
-        pending = {index: count for index, count in plan.counts.items() if index in plan.pending}
-        if pending:
+        if plan.pending:
             writer = _ShardWriter(out, cfg, manifest, plan, inputs.teacher_scores, report)
             for batch in _execute(cfg, inputs, out / PLAN):
                 writer.add(batch)
@@ -139,15 +138,16 @@ def _absolute(cfg: MineConfig, base: Path) -> MineConfig:
     data = cfg.model_dump()
 
     def resolve(value: str | None) -> str | None:
-        return str((base / value).resolve()) if value and (base / value).exists() else value
+        return str((base / value).resolve()) if value else value
 
-    data["out"] = str((base / cfg.out).resolve())
+    data["out"] = resolve(cfg.out)
     for key in ("queries", "qrels"):
         data[key] = resolve(data[key])
     for key in ("index", "encoder", "run"):
         data["first_stage"][key] = resolve(data["first_stage"][key])
-    data["teacher"]["model"] = resolve(data["teacher"]["model"])
     data["teacher"]["file"] = resolve(data["teacher"]["file"])
+    if (base / cfg.teacher.model).exists():  # else a Hugging Face hub id
+        data["teacher"]["model"] = resolve(cfg.teacher.model)
     return MineConfig.model_validate(data)
 
 
@@ -405,13 +405,12 @@ def _write_plan(cfg: MineConfig, inputs: _Inputs, manifest: dict[str, Any], repo
                 }
             )
         close_shard()
-    for name in sorted(recorded):
-        if _index_of(name) not in plan.counts:
-            del recorded[name]
-    for path in out.glob("part-*.parquet"):
-        if _index_of(path.name) not in plan.counts:
-            logger.warning("%s: not part of this plan (fewer queries); removed", path)
-            path.unlink()
+    beyond = sorted({*recorded, *(p.name for p in out.glob("part-*.parquet"))} - set(map(shard_name, plan.counts)))
+    if beyond:
+        raise SettingError(
+            f"{out}: holds shards this job would not write ({', '.join(beyond[:3])}…): it was mined with more "
+            "queries (max_queries) than now; raise max_queries again, or start over with --overwrite"
+        )
     report.shards = len(plan.counts)
     report.queries = sum(plan.counts.values())
     return plan

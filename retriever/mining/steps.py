@@ -107,8 +107,21 @@ class ScoreStep:
         return batch
 
 
+class CandidateAndScoreStep:
+    """`CandidateStep` then `ScoreStep` in one process: one actor instead of two per worker (less memory, no copy of
+    the batch between them) when the teacher shares the first stage's CPUs."""
+
+    def __init__(self, candidate: dict[str, Any], score: dict[str, Any]) -> None:
+        self.steps = (CandidateStep(**candidate), ScoreStep(**score))
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        for step in self.steps:
+            batch = step(batch)
+        return batch
+
+
 def _with(batch: pa.Table, name: str, values: list[list[Any]], value_type: pa.DataType) -> pa.Table:
     return batch.append_column(name, pa.array(values, type=pa.list_(value_type)))
 
 
-__all__ = ["CandidateStep", "PassageTexts", "ScoreStep"]
+__all__ = ["CandidateAndScoreStep", "CandidateStep", "PassageTexts", "ScoreStep"]

@@ -10,6 +10,7 @@ from conftest import mine_settings, mining_world
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from retriever.data.examples import read_training_examples
+from retriever.mining.ray_data import fused
 from retriever.mining.run import mine
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]
@@ -18,18 +19,24 @@ pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]
 def test_actor_pools_mine_the_examples_of_one_process(ray_cluster, tmp_path) -> None:
     world = mining_world(tmp_path)
     local = mine(mine_settings(world, tmp_path / "local"))
-    # 2 first-stage actors, 2 teacher actors, small batches: queries cross actors and blocks in any order
-    distributed = mine(mine_settings(world, tmp_path / "ray", workers=2, queries_per_batch=16, teacher={"actors": 2}))
-    assert (distributed.shards_written, distributed.rows, distributed.pairs_scored) == (
-        local.shards_written,
-        local.rows,
-        local.pairs_scored,
-    )
-    ours = read_training_examples(tmp_path / "ray").to_pylist()
     theirs = read_training_examples(tmp_path / "local").to_pylist()
-    assert [(r["query_id"], r["positive_id"], r["negative_ids"]) for r in ours] == [
-        (r["query_id"], r["positive_id"], r["negative_ids"]) for r in theirs
-    ]
+    # small batches, so queries cross actors and blocks in any order: 2 workers each running the first stage and
+    # the teacher (fused), then 2 first-stage actors feeding 1 teacher actor (two pools)
+    for name, teacher_actors in (("fused", 2), ("pools", 1)):
+        settings = mine_settings(
+            world, tmp_path / name, workers=2, queries_per_batch=16, teacher={"actors": teacher_actors}
+        )
+        assert fused(settings) == (name == "fused")
+        distributed = mine(settings)
+        assert (distributed.shards_written, distributed.rows, distributed.pairs_scored) == (
+            local.shards_written,
+            local.rows,
+            local.pairs_scored,
+        )
+        ours = read_training_examples(tmp_path / name).to_pylist()
+        assert [(r["query_id"], r["positive_id"], r["negative_ids"]) for r in ours] == [
+            (r["query_id"], r["positive_id"], r["negative_ids"]) for r in theirs
+        ]
     # the teacher's scores: the plain loop a user would write, one pair at a time, no batching at all
     tokenizer = AutoTokenizer.from_pretrained(world.teacher)
     model = AutoModelForSequenceClassification.from_pretrained(world.teacher).eval()

@@ -69,3 +69,28 @@ def test_bad_input_fails_clearly() -> None:
         Bm25Index(DOCS).top_k("a", 0)
     with pytest.raises(TypeError, match="queries must map str"):
         Bm25Index(DOCS).search({"q": None}, 5)  # type: ignore[dict-item]
+
+
+def test_a_saved_index_loads_memory_mapped_and_searches_the_same(tmp_path) -> None:
+    import numpy as np
+
+    from retriever.bm25 import read_index_meta
+    from retriever.errors import IntegrityError
+
+    docs = [*DOCS, ("d4", "a b e e f"), ("d5", "f g")]
+    index = Bm25Index(docs)
+    folder = index.save(tmp_path / "bm25")
+    meta = read_index_meta(folder)
+    assert (meta["k1"], meta["b"], meta["num_docs"]) == (K1, B, 5) and "doc_ids.npy" in meta["sha256"]
+    loaded = Bm25Index.load(folder)
+    assert isinstance(loaded.doc_ids, np.memmap)  # mapped, not read
+    queries = {"q1": "a b", "q2": "e f g", "q3": "a a d e", "q4": "unknown"}
+    assert loaded.search(queries, 3) == index.search(queries, 3)
+    with pytest.raises(Exception, match="already holds a BM25 index"):
+        index.save(folder)
+    (folder / "doc_ids.npy").write_bytes((folder / "doc_ids.npy").read_bytes()[:-4] + b"zzzz")
+    with pytest.raises(IntegrityError, match=r"doc_ids.npy: missing or changed since the BM25 index was saved"):
+        Bm25Index.load(folder)
+    (folder / "bm25.json").unlink()
+    with pytest.raises(FileNotFoundError, match=r"bm25.json: no BM25 index here"):
+        Bm25Index.load(folder)

@@ -262,3 +262,50 @@ def test_the_shipped_mining_config_is_valid() -> None:
         "cross-encoder/ms-marco-MiniLM-L6-v2",
         100,
     )
+
+
+def test_a_trained_encoder_and_its_index_shards_give_the_candidates_of_a_search(serving_world, tmp_path) -> None:
+    from conftest import SERVE_QUERIES
+
+    from retriever.index import search_to_run
+
+    sparse = serving_world["sparse"]
+    queries, qrels = tmp_path / "queries.tsv", tmp_path / "qrels.tsv"
+    queries.write_text("".join(f"q{i}\t{text}\n" for i, text in enumerate(SERVE_QUERIES)))
+    qrels.write_text("".join(f"q{i} 0 d{i:02d} 1\n" for i in range(len(SERVE_QUERIES))))
+    cfg = mine_settings(
+        SimpleNamespace(dataset=serving_world["corpus"], bm25=None, teacher=None),
+        tmp_path / "out",
+        queries=str(queries),
+        qrels=str(qrels),
+        pool_size=10,
+        first_stage={"kind": "encoder", "encoder": str(sparse["encoder"]), "index": str(sparse["index3"])},
+        teacher={"kind": "none", "model": "unused"},
+    )
+    report = mine(cfg)
+    run = search_to_run(sparse["index3"], sparse["queries"], 10)  # the same queries, encoded by `retriever encode`
+    expected = [
+        (f"q{i}", f"d{i:02d}", [d for d in run[f"q{i}"] if d != f"d{i:02d}"]) for i in range(len(SERVE_QUERIES))
+    ]
+    out = tmp_path / "out"
+    assert [(r["query_id"], r["positive_id"], r["negative_ids"]) for r in rows(out)] == expected
+    assert report.rows == len(SERVE_QUERIES)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["inputs"]["first_stage"]["encoder_sha256"] and manifest["inputs"]["queries"]["sha256"]
+    assert all(r["teacher_pos"] is None for r in rows(out))
+
+
+def test_the_command_prints_its_report_and_refuses_bad_settings_by_name(world, mined, tmp_path, capsys) -> None:
+    import yaml
+
+    from retriever.cli import main
+
+    config = tmp_path / "mine.yaml"
+    config.write_text(yaml.safe_dump(settings(world, mined.out).model_dump(mode="json")))
+    assert main(["mine", str(config)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert (report["shards_reused"], report["shards_written"], report["rows"]) == (3, 0, mined.report.rows)
+    assert main(["mine", str(config), "pool_size=0"]) == 2
+    assert "pool_size: Input should be greater than 0" in capsys.readouterr().err
+    assert main(["mine", str(config), "teacher.kind=none"]) == 2  # valid, but not what the folder was mined with
+    assert "was mined with other settings (teacher.kind: 'cross_encoder' then, 'none' now)" in capsys.readouterr().err
