@@ -42,39 +42,11 @@ def ingress_environment(choice: str) -> tuple[str, dict[str, str]]:
     }
 
 
-INGRESS_PORT_BLOCK = 100  # router replicas of one service on one machine
-_INGRESS_SLOTS = 10  # blocks inside Ray's default ranges (30000-31000, 40000-41000)
-_held_slots: list[int] = []  # open lock files: a slot stays claimed while this process lives
-
-
-def _claim_direct_ingress_ports() -> tuple[int, int]:
-    """The first HTTP and gRPC ports of a block of `INGRESS_PORT_BLOCK` no other service on this machine holds,
-    claimed with a lock file that the kernel releases when this process exits."""
-    import fcntl
-    import tempfile
-
-    for slot in range(_INGRESS_SLOTS):
-        path = Path(tempfile.gettempdir()) / f"retriever-serve-ingress-{slot}.lock"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            continue
-        _held_slots.append(fd)
-        return 30000 + slot * INGRESS_PORT_BLOCK, 40000 + slot * INGRESS_PORT_BLOCK
-    raise UserError(
-        f"serve: {_INGRESS_SLOTS} services with the HAProxy ingress already run on this machine; stop one, or start "
-        "this one with ingress: proxy"
-    )
-
-
 def haproxy_instance_environment() -> dict[str, str]:
     """Serve's HAProxy files and ports for this service alone. Ray's defaults (`/tmp/haproxy-serve`, stats on 8404,
-    metrics on 9101, router replicas' direct-ingress ports from 30000 and gRPC from 40000) are the same for every
-    HAProxy ingress on a machine: a second service would take over the first one's config, fail to bind its ports,
-    and its routers would share the first one's ports (Serve binds them with SO_REUSEPORT, so requests would reach
-    either service). The folder is removed when this process exits; the port block is held until then."""
+    metrics on 9101) are the same for every HAProxy ingress on a machine, so a second service would take over the
+    first one's config and fail to bind its ports. The folder is removed when this process exits. (The router
+    replicas' direct-ingress ports still come from Ray's one range per machine.)"""
     import atexit
     import socket
     import tempfile
@@ -89,12 +61,7 @@ def haproxy_instance_environment() -> dict[str, str]:
     finally:
         for sock in sockets:
             sock.close()
-    http, grpc = _claim_direct_ingress_ports()
     return {
-        "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(http),
-        "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(http + INGRESS_PORT_BLOCK - 1),
-        "RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT": str(grpc),
-        "RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT": str(grpc + INGRESS_PORT_BLOCK - 1),
         "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(folder / "haproxy.cfg"),
         "RAY_SERVE_HAPROXY_SOCKET_PATH": str(folder / "admin.sock"),
         "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(folder),

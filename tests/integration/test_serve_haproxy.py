@@ -1,6 +1,5 @@
 """`retriever serve CONFIG` as a user starts it, on a Ray of its own with the HAProxy ingress: answers on the
-configured port like batch search, binds loopback only, stops on SIGTERM with nothing left behind; a second such
-service on the same machine runs beside it (each HAProxy has its own files and ports)."""
+configured port like batch search, binds loopback only, stops on SIGTERM with nothing left behind."""
 
 from __future__ import annotations
 
@@ -43,8 +42,13 @@ def tree(process: psutil.Process) -> set[int]:
         return set()
 
 
-def start_service(tmp_path, name: str, models: list[dict], port: int) -> subprocess.Popen:
-    config = tmp_path / f"{name}.yaml"
+def test_serve_with_haproxy_ingress_answers_on_loopback_and_stops_cleanly(serving_world, tmp_path) -> None:
+    port = free_port()
+    config = tmp_path / "serve.yaml"
+    models = [
+        {"name": p, "encoder": str(serving_world[p]["encoder"]), "index": str(serving_world[p]["index3"])}
+        for p in ("sparse", "dense")
+    ]
     settings = {
         "models": models,
         "port": port,
@@ -56,63 +60,27 @@ def start_service(tmp_path, name: str, models: list[dict], port: int) -> subproc
     config.write_text(yaml.safe_dump(settings))
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
-    return subprocess.Popen(
+    server = subprocess.Popen(
         [sys.executable, "-m", "retriever", "serve", str(config)],
         cwd=REPO_ROOT,
         env=env,
-        stdout=(tmp_path / f"{name}.log").open("w"),
+        stdout=(tmp_path / "serve.log").open("w"),
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
-
-
-def wait_healthy(server: subprocess.Popen, url: str, log) -> None:
-    deadline = time.monotonic() + 300
-    while True:
-        assert server.poll() is None, log.read_text()
-        try:
-            if requests.get(url + "/healthz", timeout=2).status_code == 200:
-                return
-        except (requests.ConnectionError, requests.Timeout):  # HAProxy may accept before the router is up
-            pass
-        assert time.monotonic() < deadline, "not healthy after 300 s"
-        time.sleep(1)
-
-
-def stop(server: subprocess.Popen, started: set[int]) -> tuple[float, list[str]]:
-    """SIGTERM; the seconds it took and the processes of its tree left (killed)."""
-    began = time.monotonic()
-    server.send_signal(signal.SIGTERM)
-    try:
-        server.wait(timeout=120)
-    except subprocess.TimeoutExpired:
-        os.killpg(server.pid, signal.SIGKILL)
-        server.wait()
-    stopped_in = time.monotonic() - began
-    leftover = [p for p in map(psutil.Process, filter(psutil.pid_exists, started)) if p.status() != "zombie"]
-    names = [p.name() for p in leftover]
-    for process in leftover:
-        process.kill()
-    return stopped_in, names
-
-
-def test_serve_with_haproxy_ingress_answers_on_loopback_and_stops_cleanly(serving_world, tmp_path) -> None:
-    port, second_port = free_port(), free_port()
-    models = [
-        {"name": p, "encoder": str(serving_world[p]["encoder"]), "index": str(serving_world[p]["index3"])}
-        for p in ("sparse", "dense")
-    ]
-    server = start_service(tmp_path, "serve", models, port)
-    # A second service on this machine: another Ray, another HAProxy.
-    second_models = [{"name": "dense", "encoder": str(serving_world["dense"]["encoder"]),
-                      "index": str(serving_world["dense"]["index"])}]  # fmt: skip
-    second = start_service(tmp_path, "second", second_models, second_port)
     url = f"http://127.0.0.1:{port}"
     started: set[int] = set()
-    second_started: set[int] = set()
     try:
-        wait_healthy(server, url, tmp_path / "serve.log")
-        wait_healthy(second, f"http://127.0.0.1:{second_port}", tmp_path / "second.log")
+        deadline = time.monotonic() + 300
+        while True:
+            assert server.poll() is None, (tmp_path / "serve.log").read_text()
+            try:
+                if requests.get(url + "/healthz", timeout=2).status_code == 200:
+                    break
+            except (requests.ConnectionError, requests.Timeout):  # HAProxy may accept before the router is up
+                pass
+            assert time.monotonic() < deadline, "not healthy after 300 s"
+            time.sleep(1)
         started = tree(psutil.Process(server.pid))
         for paradigm in ("sparse", "dense"):
             expected = search_to_run(serving_world[paradigm]["index3"], serving_world[paradigm]["queries"], 10)
@@ -125,18 +93,10 @@ def test_serve_with_haproxy_ingress_answers_on_loopback_and_stops_cleanly(servin
                 want = list(expected[f"q{qid}"].items())
                 assert [h["docid"] for h in hits] == [d for d, _ in want]
                 np.testing.assert_allclose([h["score"] for h in hits], [s for _, s in want], rtol=0, atol=1e-5)
-        expected = search_to_run(serving_world["dense"]["index"], serving_world["dense"]["queries"], 10)
-        response = requests.post(
-            f"http://127.0.0.1:{second_port}/search", json={"query": SERVE_QUERIES[0], "model": "dense"}, timeout=60
-        )
-        assert response.status_code == 200, response.text
-        assert [h["docid"] for h in response.json()["hits"]] == list(expected["q0"])
         started = tree(psutil.Process(server.pid))  # now: HAProxy is restarted as replicas come up
-        second_started = tree(psutil.Process(second.pid))
         sockets = listening(started)
         # HAProxy holds the configured port; the router replica serves HTTP itself on a port of its own.
         assert any(p == port and name == "haproxy" for _, p, name in sockets), sockets
-        assert any(p == second_port and name == "haproxy" for _, p, name in listening(second_started))
         assert any(30000 <= p <= 31000 for _, p, _ in sockets), sockets
         exposed = [(ip, p, name) for ip, p, name in sockets if p == port or 30000 <= p <= 31000]
         assert all(ip == "127.0.0.1" for ip, _, _ in exposed), exposed
@@ -145,12 +105,20 @@ def test_serve_with_haproxy_ingress_answers_on_loopback_and_stops_cleanly(servin
             assert time.monotonic() < deadline, (tmp_path / "serve.log").read_text()
             time.sleep(1)
     finally:
-        stopped_in, leftover = stop(server, started)
-        second_stopped_in, second_leftover = stop(second, second_started)
+        began = time.monotonic()
+        server.send_signal(signal.SIGTERM)
+        try:
+            server.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+        stopped_in = time.monotonic() - began
+        leftover = [p for p in map(psutil.Process, filter(psutil.pid_exists, started)) if p.status() != "zombie"]
+        for process in leftover:
+            process.kill()
     assert server.returncode == 0, (tmp_path / "serve.log").read_text()
-    assert second.returncode == 0, (tmp_path / "second.log").read_text()
-    assert not leftover and not second_leftover, (leftover, second_leftover)
-    assert stopped_in < 90 and second_stopped_in < 90
+    assert not leftover, [p.name() for p in leftover]
+    assert stopped_in < 90
     with socket.socket() as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers bind (closed connections may linger)
         s.bind(("127.0.0.1", port))  # nothing listens on the port any more

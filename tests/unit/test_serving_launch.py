@@ -77,12 +77,3 @@ def test_each_haproxy_ingress_gets_its_own_files_and_ports() -> None:
     for env in (first, second):  # free ports, not Ray's fixed 8404 and 9101
         ports = {env["RAY_SERVE_HAPROXY_STATS_PORT"], env["RAY_SERVE_HAPROXY_METRICS_PORT"]}
         assert len(ports) == 2 and not ports & {"8404", "9101"}
-    # routers' direct-ingress ports: disjoint blocks of 100 inside Ray's ranges
-    blocks = []
-    for env in (first, second):
-        for protocol, low, high in (("HTTP", 30000, 31000), ("GRPC", 40000, 41000)):
-            first_port = int(env[f"RAY_SERVE_DIRECT_INGRESS_MIN_{protocol}_PORT"])
-            last_port = int(env[f"RAY_SERVE_DIRECT_INGRESS_MAX_{protocol}_PORT"])
-            assert low <= first_port and last_port == first_port + 99 and last_port <= high
-            blocks.append(range(first_port, last_port + 1))
-    assert not set(blocks[0]) & set(blocks[2]) and not set(blocks[1]) & set(blocks[3])
