@@ -7,9 +7,10 @@ cost is that of a small cross-encoder). Every method mines the same queries: BM2
 top ``--pool`` candidates, the judged positive removed, and the teacher's score of every (query, positive) and
 (query, candidate) pair.
 
-Methods, each in its own process (its peak RSS is the sum over the process and all its descendants: for Ray the
-driver, raylet, GCS and every worker, sampled every 0.2 s; shared pages are counted once per process, so this is an
-upper bound):
+Methods, each in its own process; memory is sampled every 0.5 s over the process and all its descendants
+(`TreeMemory`): peak RSS summed over the driver and every Ray worker process, peak RSS summed over all processes
+(with Ray's daemons) and peak PSS summed over all processes (RSS counts a shared page once per process that maps it:
+libraries such as libtorch and the memory-mapped BM25 index; PSS counts it once in all):
 
 - ``plain``: bm25s index in memory, ``BM25.retrieve(..., n_threads=2)``, then a transformers loop over the pairs in
   batches (2 torch threads), writing one parquet file;
@@ -155,12 +156,15 @@ def plain_loop(collection: Path, teacher: Path, pool: int, batch_size: int, max_
 # measuring a method in its own process
 
 
-class TreeRss:
-    """Peak of the summed RSS of a process and all its descendants, sampled in a thread."""
+class TreeMemory:
+    """Peaks, sampled in a thread, of the memory of a process and all its descendants: RSS summed over the driver
+    and Ray's worker processes (``ray::...``: actors, tasks, Ray Data's own actors), RSS summed over every process
+    (also Ray's daemons: GCS, raylet, agents, dashboard) and PSS summed over every process (shared pages split
+    between the processes that map them, so libraries and the memory-mapped index count once)."""
 
-    def __init__(self, pid: int, every_s: float = 0.2) -> None:
+    def __init__(self, pid: int, every_s: float = 0.5) -> None:
         self.root = psutil.Process(pid)
-        self.peak = 0
+        self.peaks = {"workers_rss": 0, "all_rss": 0, "all_pss": 0}
         self.every_s = every_s
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
@@ -168,30 +172,36 @@ class TreeRss:
 
     def _sample(self) -> None:
         while not self._stop.is_set():
-            total = 0
+            sums = dict.fromkeys(self.peaks, 0)
             try:
                 processes = [self.root, *self.root.children(recursive=True)]
             except psutil.NoSuchProcess:
                 return
             for process in processes:
                 try:
-                    total += process.memory_info().rss
+                    memory = process.memory_full_info()
+                    name = process.name()
                 except psutil.Error:
-                    pass
-            self.peak = max(self.peak, total)
+                    continue
+                sums["all_rss"] += memory.rss
+                sums["all_pss"] += memory.pss
+                if process.pid == self.root.pid or name.startswith("ray::"):
+                    sums["workers_rss"] += memory.rss
+            for key, value in sums.items():
+                self.peaks[key] = max(self.peaks[key], value)
             self._stop.wait(self.every_s)
 
-    def stop(self) -> int:
+    def stop(self) -> dict[str, int]:
         self._stop.set()
         self._thread.join()
-        return self.peak
+        return self.peaks
 
 
-def measure(command: list[str], env: dict[str, str], timeout_s: float) -> tuple[dict, int, float]:
-    """(the JSON the command prints last, peak tree RSS in bytes, wall seconds)."""
+def measure(command: list[str], env: dict[str, str], timeout_s: float) -> tuple[dict, dict[str, int], float]:
+    """(the JSON the command prints last, peak memory in bytes (`TreeMemory`), wall seconds)."""
     started = time.perf_counter()
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
-    sampler = TreeRss(process.pid)
+    sampler = TreeMemory(process.pid)
     try:
         stdout, stderr = process.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
@@ -233,6 +243,10 @@ def mine_config(path: Path, dataset: str, out: Path, index: Path, teacher: Path 
     }
     path.write_text(yaml.safe_dump(data))
     return path
+
+
+def gib(value: int) -> str:
+    return f"{value / 2**30:.2f}"
 
 
 def main() -> int:
@@ -292,12 +306,12 @@ def main() -> int:
             command = [sys.executable, "-m", "retriever", "mine", str(config), "--overwrite"]
         report, peak, wall = measure(command, env, timeout_s=3600)
         rows.append((method, report, peak, wall))
-        print(f"  {method}: {wall:.0f} s, peak RSS {peak / 2**30:.2f} GiB", flush=True)
+        print(f"  {method}: {wall:.0f} s, peak RSS of driver + workers {gib(peak['workers_rss'])} GiB", flush=True)
 
     print()
     print("| method | wall s | queries | pairs | queries/s end to end | first stage queries/s | teacher pairs/s "
-          "| peak RSS (GiB, process tree) |")  # fmt: skip
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+          "| peak RSS, driver + Ray workers (GiB) | peak RSS, all processes | peak PSS, all processes |")  # fmt: skip
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for method, report, peak, _wall in rows:
         if method == "plain":
             queries, pairs = report["queries"], report["pairs"]
@@ -310,7 +324,7 @@ def main() -> int:
             teach = f"{pairs / seconds:.0f}" if pairs else "–"
         print(
             f"| {method} | {seconds:.1f} | {queries:,} | {pairs:,} | {queries / seconds:.1f} | {first} | {teach} "
-            f"| {peak / 2**30:.2f} |"
+            f"| {gib(peak['workers_rss'])} | {gib(peak['all_rss'])} | {gib(peak['all_pss'])} |"
         )
     plain = next((r for r in rows if r[0] == "plain"), None)
     if plain is not None:

@@ -32,7 +32,7 @@ def run_on_ray(
     if not ray.is_initialized():
         try:
             # A new local Ray starts no idle workers ahead of use: every process of the job's memory is one that works.
-            no_prestart = {"prestart_worker_first_driver": False}
+            no_prestart = {"prestart_worker_first_driver": False, "num_workers_soft_limit": 0}
             ray.init(include_dashboard=False, log_to_driver=False, _system_config=no_prestart)
         except ValueError:  # an existing cluster (its own system config)
             ray.init(log_to_driver=False)
