@@ -40,7 +40,7 @@ from retriever.data.examples import (
 )
 from retriever.errors import DataFormatError, IntegrityError, SettingError
 from retriever.mining.first_stage import RunCandidates
-from retriever.outputs import atomic_directory, atomic_file, output_lock, write_text_atomic
+from retriever.outputs import atomic_directory, atomic_file, output_lock, remove_partials, write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -121,6 +121,7 @@ def mine(cfg: MineConfig, *, overwrite: bool = False, base: Path | None = None) 
         inputs = _Inputs(cfg)  # every input checked before anything of the folder changes
         if overwrite:
             _clear(out)
+        remove_partials(out / MANIFEST)  # a manifest update cut short by a stopped job
         manifest = _open_manifest(out, cfg, inputs.record)
         plan = _write_plan(cfg, inputs, manifest, report)
         if plan.pending:

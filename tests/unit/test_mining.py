@@ -154,7 +154,9 @@ def test_a_finished_job_is_reused_and_a_corrupt_shard_is_mined_again(world, mine
     shard = out / "part-00001.parquet"
     shard.write_bytes(shard.read_bytes()[:100])  # a torn copy
     (out / "part-00002.parquet").unlink()
+    (out / ".partial-abcd1234-manifest.json").write_text('{"cut": ')  # a manifest update cut short
     report = mine(settings(world, out))
+    assert not (out / ".partial-abcd1234-manifest.json").exists()
     assert (report.shards_reused, report.shards_written, report.shards_redone) == (1, 2, 2)
     same_rows(rows(out), mined.rows)
 
