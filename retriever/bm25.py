@@ -111,15 +111,7 @@ class Bm25Index:
         import bm25s
 
         directory = Path(directory)
-        meta = read_index_meta(directory)
-        if verify:
-            for name, expected in meta["sha256"].items():
-                path = directory / name
-                if not path.is_file() or sha256_file(path) != expected:
-                    raise IntegrityError(
-                        f"{path}: missing or changed since the BM25 index was saved ({directory / INDEX_FILE}); "
-                        "delete the folder and build the index again"
-                    )
+        meta = verify_index(directory) if verify else read_index_meta(directory)
         index = cls.__new__(cls)
         index.k1, index.b = float(meta["k1"]), float(meta["b"])
         index._model = bm25s.BM25.load(str(directory), mmap=mmap, show_progress=False)
@@ -162,6 +154,20 @@ class Bm25Index:
         return {qid: self.top_k(text, k) for qid, text in queries.items()}
 
 
+def verify_index(directory: str | Path) -> dict[str, Any]:
+    """``bm25.json`` of a saved index, after checking every file against its sha256 (nothing is loaded)."""
+    directory = Path(directory)
+    meta = read_index_meta(directory)
+    for name, expected in meta["sha256"].items():
+        path = directory / name
+        if not path.is_file() or sha256_file(path) != expected:
+            raise IntegrityError(
+                f"{path}: missing or changed since the BM25 index was saved ({directory / INDEX_FILE}); delete the "
+                "folder and build the index again"
+            )
+    return meta
+
+
 def read_index_meta(directory: str | Path) -> dict[str, Any]:
     """``bm25.json`` of a saved index (its settings and file checksums); a folder without it is not a whole index."""
     path = Path(directory) / INDEX_FILE
@@ -173,4 +179,4 @@ def read_index_meta(directory: str | Path) -> dict[str, Any]:
     return meta
 
 
-__all__ = ["B", "K1", "RUN_TAG", "Bm25Index", "read_index_meta", "tokenize"]
+__all__ = ["B", "K1", "RUN_TAG", "Bm25Index", "read_index_meta", "tokenize", "verify_index"]

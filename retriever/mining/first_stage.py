@@ -3,7 +3,8 @@ candidate ids. They run in one process or as Ray Data actors (`retriever.mining.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import itertools
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -21,6 +22,12 @@ class FirstStage(Protocol):
 
 
 FIRST_STAGES: Registry[type] = Registry("first stage")
+
+
+def candidate_pool(ranked_ids: Iterable[str], positives: Iterable[str], pool_size: int) -> list[str]:
+    """The top ``pool_size`` of a ranking with the judged positives removed (the pool can be shorter)."""
+    judged = set(positives)
+    return [docid for docid in itertools.islice(ranked_ids, pool_size) if docid not in judged]
 
 
 @FIRST_STAGES.register("bm25")
@@ -73,4 +80,12 @@ class RunCandidates:
         yield from self.run.get(query_id, [])
 
 
-__all__ = ["FIRST_STAGES", "Bm25Candidates", "EncoderCandidates", "FirstStage", "Ranked", "RunCandidates"]
+__all__ = [
+    "FIRST_STAGES",
+    "Bm25Candidates",
+    "candidate_pool",
+    "EncoderCandidates",
+    "FirstStage",
+    "Ranked",
+    "RunCandidates",
+]

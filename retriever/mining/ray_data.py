@@ -65,27 +65,26 @@ def run_on_ray(
             num_cpus=cfg.cpus_per_worker + t.cpus_per_actor,
             **batching,
         )
-        candidate = None
-        score = False
-    if candidate is not None:
-        kind, options = candidate
-        dataset = dataset.map_batches(
-            CandidateStep,
-            fn_constructor_args=(kind, cfg.pool_size),
-            fn_constructor_kwargs=options,
-            compute=ray.data.ActorPoolStrategy(size=cfg.workers),
-            num_cpus=cfg.cpus_per_worker,
-            **batching,
-        )
-    if score:
-        dataset = dataset.map_batches(
-            ScoreStep,
-            fn_constructor_kwargs=score_kwargs,
-            compute=ray.data.ActorPoolStrategy(size=t.actors),
-            num_cpus=t.cpus_per_actor,
-            num_gpus=t.gpus_per_actor or None,
-            **batching,
-        )
+    else:
+        if candidate is not None:
+            kind, options = candidate
+            dataset = dataset.map_batches(
+                CandidateStep,
+                fn_constructor_args=(kind, cfg.pool_size),
+                fn_constructor_kwargs=options,
+                compute=ray.data.ActorPoolStrategy(size=cfg.workers),
+                num_cpus=cfg.cpus_per_worker,
+                **batching,
+            )
+        if score:
+            dataset = dataset.map_batches(
+                ScoreStep,
+                fn_constructor_kwargs=score_kwargs,
+                compute=ray.data.ActorPoolStrategy(size=t.actors),
+                num_cpus=t.cpus_per_actor,
+                num_gpus=t.gpus_per_actor or None,
+                **batching,
+            )
     yield from dataset.iter_batches(batch_size=None, batch_format="pyarrow")
 
 

@@ -39,7 +39,7 @@ from retriever.data.examples import (
     read_teacher_scores,
 )
 from retriever.errors import DataFormatError, IntegrityError, SettingError
-from retriever.mining.first_stage import RunCandidates
+from retriever.mining.first_stage import RunCandidates, candidate_pool
 from retriever.outputs import atomic_directory, atomic_file, output_lock, remove_partials, write_text_atomic
 
 logger = logging.getLogger(__name__)
@@ -275,7 +275,7 @@ def _model_record(model: str) -> dict[str, Any]:
 
 def _bm25_index(index: Path, corpus: str) -> dict[str, Any]:
     """Build the corpus's BM25 index at ``index`` when it is not there; check it and describe it."""
-    from retriever.bm25 import INDEX_FILE, Bm25Index, read_index_meta
+    from retriever.bm25 import INDEX_FILE, Bm25Index, verify_index
     from retriever.data.sources import load_source
 
     if not (index / INDEX_FILE).is_file():
@@ -285,8 +285,7 @@ def _bm25_index(index: Path, corpus: str) -> dict[str, Any]:
             meta = json.loads((tmp / INDEX_FILE).read_text(encoding="utf-8"))
             meta["corpus"] = corpus
             (tmp / INDEX_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-    Bm25Index.load(index, verify=True)  # every file against its checksum, once, before the actors map them
-    meta = read_index_meta(index)
+    meta = verify_index(index)  # every file against its checksum, once, before the actors map them
     if meta.get("corpus", corpus) != corpus:
         raise SettingError(
             f"{index}: a BM25 index of {meta['corpus']!r}, not of the corpus {corpus!r}; point first_stage.index "
@@ -429,9 +428,7 @@ def _ordered_queries(inputs: _Inputs) -> Iterator[str]:
 
 def _run_candidates(inputs: _Inputs, qid: str, positives: list[str]) -> list[str]:
     assert inputs.run is not None
-    judged = set(positives)
-    ranked = [docid for docid, _ in inputs.run.ranked(qid)][: inputs.cfg.pool_size]
-    return [docid for docid in ranked if docid not in judged]
+    return candidate_pool((docid for docid, _ in inputs.run.ranked(qid)), positives, inputs.cfg.pool_size)
 
 
 def _index_of(name: str) -> int:

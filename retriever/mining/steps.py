@@ -15,14 +15,14 @@ import pyarrow as pa
 
 from retriever.data.examples import as_text
 from retriever.errors import DataFormatError
-from retriever.mining.first_stage import FIRST_STAGES
+from retriever.mining.first_stage import FIRST_STAGES, FirstStage, candidate_pool
 
 
 class CandidateStep:
     """The first stage: the top ``pool_size`` candidates of each query, judged positives removed."""
 
     def __init__(self, kind: str, pool_size: int, **options: Any) -> None:
-        self.first_stage = FIRST_STAGES.get(kind)(**options)
+        self.first_stage: FirstStage = FIRST_STAGES.get(kind)(**options)
         self.pool_size = pool_size
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -31,7 +31,8 @@ class CandidateStep:
         positives = batch.column("positive_ids").to_pylist()
         ranked = self.first_stage.retrieve(ids, texts, self.pool_size)
         candidates = [
-            [docid for docid, _ in hits if docid not in set(judged)] for hits, judged in zip(ranked, positives)
+            candidate_pool((docid for docid, _ in hits), judged, self.pool_size)
+            for hits, judged in zip(ranked, positives)
         ]
         position = batch.schema.get_field_index("candidate_ids")
         column = pa.array(candidates, type=pa.list_(pa.string()))
