@@ -409,7 +409,7 @@ class DeploymentConfig(StrictModel):
 class RouterDeploymentConfig(DeploymentConfig):
     max_batch_size: int = Field(64, gt=0, description="searches answered together (one call per model and shard)")
     batch_wait_timeout_s: float = Field(
-        0.0, ge=0, description="wait for more searches before a batch starts while a slot is free (0: none)"
+        0.005, ge=0, description="wait for more searches before a batch starts while a slot is free (0: none)"
     )
     max_concurrent_batches: int = Field(
         3, gt=0, description="batches in flight at once (one is encoded while others are searched)"
@@ -442,10 +442,8 @@ class ServeConfig(StrictModel):
     retry_after_s: int = Field(2, gt=0)
     request_timeout_s: float = Field(30.0, gt=0, description="end-to-end HTTP timeout of the proxy")
     # The router sends each of them one call per batch; their own batching gathers calls of several routers.
-    encoder: DeploymentConfig = Field(
-        default_factory=lambda: DeploymentConfig(num_cpus=0.5, batch_wait_timeout_s=0.001)
-    )
-    shards: DeploymentConfig = Field(default_factory=lambda: DeploymentConfig(batch_wait_timeout_s=0.001))
+    encoder: DeploymentConfig = Field(default_factory=lambda: DeploymentConfig(num_cpus=0.5, batch_wait_timeout_s=0))
+    shards: DeploymentConfig = Field(default_factory=lambda: DeploymentConfig(batch_wait_timeout_s=0))
     router: RouterDeploymentConfig = Field(default_factory=RouterDeploymentConfig)
     max_models_per_replica: int = Field(4, gt=0, description="encoders one QueryEncoder replica keeps loaded")
     access_log: bool = Field(

@@ -232,6 +232,65 @@ SERVE_QUERIES = [
 ]
 
 
+def search_during_fault(
+    post,  # (query) -> requests.Response of POST /search with k=10
+    expected: dict[str, list[str]],
+    fault,  # () -> None: breaks something
+    recovered,  # () -> bool: the service has healed
+    *,
+    workers: int = 4,
+    timeout_s: float = 120.0,
+) -> tuple[dict[str, int], bool]:
+    """Searches from ``workers`` threads before, during and after ``fault``, until ``recovered()`` (checked every
+    second, at most ``timeout_s``) and 2 s more. Outcomes: ok (the expected ids), unavailable (503 with
+    Retry-After), wrong (other ids, or flagged partial), other (any other answer or no answer)."""
+    import threading
+
+    import requests
+
+    outcomes = {"ok": 0, "unavailable": 0, "wrong": 0, "other": 0}
+    stop = threading.Event()
+
+    def client(worker: int) -> None:
+        i = worker
+        while not stop.is_set():
+            query = SERVE_QUERIES[i % len(SERVE_QUERIES)]
+            i += 1
+            try:
+                response = post(query)
+            except requests.RequestException:
+                outcomes["other"] += 1
+                continue
+            if response.status_code == 200:
+                body = response.json()
+                ids = [h["docid"] for h in body["hits"]]
+                outcomes["wrong" if body["partial"] or ids != expected[query] else "ok"] += 1
+            elif response.status_code == 503 and response.headers.get("Retry-After"):
+                outcomes["unavailable"] += 1
+            else:
+                outcomes["other"] += 1
+
+    threads = [threading.Thread(target=client, args=(w,)) for w in range(workers)]
+    for thread in threads:
+        thread.start()
+    healed = False
+    try:
+        time.sleep(2)
+        fault()
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            time.sleep(1)
+            if recovered():
+                healed = True
+                break
+        time.sleep(2)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=60)
+    return outcomes, healed
+
+
 def serve_docs() -> list[tuple[str, str]]:
     """60 passages (two sentences of TINY_CORPUS each), ids d00..d59."""
     base = TINY_CORPUS[:10]

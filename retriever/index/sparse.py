@@ -37,6 +37,7 @@ class ExactSparseShard(IndexShard):
         self.docs = arrays["docs"]
         self.weights = arrays["weights"]
         self.term_max = term_maxima(self.offsets, self.weights)
+        self.nonnegative = self.weights.size == 0 or float(self.weights.min()) >= 0.0
 
     @classmethod
     def estimate_build_bytes(cls, n_docs: int, size: int, nnz: int, params: Mapping[str, Any]) -> int:
@@ -82,6 +83,7 @@ class ExactSparseShard(IndexShard):
             queries,
             k,
             term_max=self.term_max,
+            nonnegative=self.nonnegative,
             dynamic_pruning=bool(self.params.get("dynamic_pruning", True)),
         )
 

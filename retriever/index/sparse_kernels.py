@@ -12,6 +12,8 @@ document above the current k-th partial score, the remaining (usually long, low-
 scanned: the exact score of each remaining candidate is completed by galloping search in them. This is used for
 k <= 64 (for larger k the k-th score is too low for the bound to skip enough work), and a query falls back to the
 exhaustive scan when completing its candidates would cost more (dense-like vectors, where most documents share terms).
+A query with more postings than ``DENSE_LIKE`` times the documents is searched exhaustively from the start, marking
+documents without a branch per posting.
 
 Per search thread the index needs ``21 * n_docs`` bytes of scratch (score accumulators, flags, candidate lists).
 """
@@ -89,6 +91,7 @@ def _heap_drain(hs: np.ndarray, hp: np.ndarray, size: int, out_s: np.ndarray, ou
 
 _HEAP_MAX_K = 16  # up to this k a heap with an inline reject test is fastest; above, select by sort keys
 PRUNE_MAX_K = 64  # above this k the k-th score is too low for the bound to skip enough work: search exhaustively
+DENSE_LIKE = 4  # postings per document above which a query is searched exhaustively (see `_search_batch`)
 _SIGN = np.uint32(0x80000000)
 _LOW32 = np.uint64(0xFFFFFFFF)
 
@@ -239,10 +242,25 @@ def _clear(acc, flag, touched, m) -> None:
 
 
 @numba.njit(cache=True)
-def _query_exhaustive(offsets, docs, weights, qt, qw, acc, flag, touched, hs, hp, keys, buf, k, out_s, out_p):
+def _query_exhaustive(offsets, docs, weights, qt, qw, acc, flag, touched, hs, hp, keys, buf, k, out_s, out_p, work):
     m = 0
-    for j in range(qt.shape[0]):
-        m = _scan_postings(offsets, docs, weights, qt[j], qw[j], acc, flag, touched, m)
+    if work >= acc.shape[0]:
+        # As many postings as documents or more (dense-like vectors): most documents are hit, often several times,
+        # so marking them unconditionally and listing the marked ones afterwards beats a branch per posting.
+        for j in range(qt.shape[0]):
+            t = qt[j]
+            w = qw[j]
+            for p in range(offsets[t], offsets[t + 1]):
+                d = docs[p]
+                acc[d] += w * weights[p]
+                flag[d] = 1
+        for d in range(acc.shape[0]):
+            if flag[d]:
+                touched[m] = d
+                m += 1
+    else:
+        for j in range(qt.shape[0]):
+            m = _scan_postings(offsets, docs, weights, qt[j], qw[j], acc, flag, touched, m)
     _select(acc, touched, m, k, hs, hp, keys, buf, out_s, out_p)
     _clear(acc, flag, touched, m)
 
@@ -457,8 +475,13 @@ def _search_batch(
         for q in range(b, nq, blocks):
             qt = q_indices[q_indptr[q] : q_indptr[q + 1]]
             qw = q_weights[q_indptr[q] : q_indptr[q + 1]]
+            work = 0
+            for j in range(qt.shape[0]):
+                work += offsets[qt[j] + 1] - offsets[qt[j]]
             done = False
-            if prunable and qt.shape[0] > 1 and qw.min() > 0:
+            # A query whose postings outnumber the documents DENSE_LIKE times over shares terms with most of them:
+            # bounds cannot skip whole lists there, and trying costs up to half of the exhaustive scan.
+            if prunable and qt.shape[0] > 1 and work <= DENSE_LIKE * n_docs and qw.min() > 0:
                 done = _query_pruned(
                     offsets,
                     docs,
@@ -483,7 +506,7 @@ def _search_batch(
             if not done:
                 keys = acc64.view(np.uint64)
                 _query_exhaustive(
-                    offsets, docs, weights, qt, qw, acc, flag, touched, hs, hp, keys, buf, k, out_s[q], out_p[q]
+                    offsets, docs, weights, qt, qw, acc, flag, touched, hs, hp, keys, buf, k, out_s[q], out_p[q], work
                 )
 
 
@@ -496,12 +519,14 @@ def search_inverted(
     k: int,
     *,
     term_max: np.ndarray | None = None,
+    nonnegative: bool | None = None,
     dynamic_pruning: bool = True,
     skipped: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Top-k over posting lists (see the module docstring): (scores float32 [nq, k], index ids int64 [nq, k]).
-    ``term_max`` (largest weight per term, needed for pruning) is computed when not given. ``skipped``, a bool
-    array of ``nq`` entries when given, is set where a query's search skipped posting lists."""
+    ``term_max`` (largest weight per term, needed for pruning) and ``nonnegative`` (no weight below zero, the
+    condition for pruning) are computed when not given. ``skipped``, a bool array of ``nq`` entries when given, is
+    set where a query's search skipped posting lists."""
     nq = len(queries)
     k = max(1, min(k, n_docs))
     out_s = np.full((nq, k), -np.inf, dtype=np.float32)
@@ -510,7 +535,9 @@ def search_inverted(
         skipped = np.zeros(nq, dtype=np.bool_)
     if nq == 0 or n_docs == 0:
         return out_s, out_p
-    prunable = bool(dynamic_pruning) and k <= PRUNE_MAX_K and (weights.size == 0 or float(weights.min()) >= 0.0)
+    if nonnegative is None:
+        nonnegative = weights.size == 0 or float(weights.min()) >= 0.0
+    prunable = bool(dynamic_pruning) and k <= PRUNE_MAX_K and nonnegative
     if prunable and term_max is None:
         term_max = term_maxima(offsets, weights)
     if term_max is None:

@@ -18,7 +18,8 @@ Result = TypeVar("Result")
 
 class Coalescer(Generic[Item, Result]):
     """Runs ``handler`` on batches of submitted items, at most ``max_concurrent`` batches at a time. When a slot is
-    free and fewer than ``max_batch_size`` items wait, it waits ``wait_s`` for more (0: starts at once)."""
+    free while another batch runs and fewer than ``max_batch_size`` items wait, it waits ``wait_s`` for more (0:
+    starts at once); with nothing else running a batch starts at once, so an idle service adds no wait."""
 
     def __init__(
         self,
@@ -37,7 +38,8 @@ class Coalescer(Generic[Item, Result]):
         self.wait_s = wait_s
         self.on_batch = on_batch
         self._queue: list[tuple[Item, asyncio.Future[Result]]] = []
-        self._running = 0
+        self._running = 0  # batches started, waiting ones included
+        self._waiting = False  # a started batch is waiting for more items
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def submit(self, item: Item) -> Result:
@@ -47,18 +49,31 @@ class Coalescer(Generic[Item, Result]):
         return await future
 
     def _start_batches(self) -> None:
-        while self._queue and self._running < self.max_concurrent:
+        # One batch waits for more at a time; the items queued now are taken now, so each started batch has some.
+        while self._queue and self._running < self.max_concurrent and not self._waiting:
             self._running += 1
-            task = asyncio.create_task(self._run())
+            if self.wait_s and self._running > 1 and len(self._queue) < self.max_batch_size:
+                self._waiting = True
+                batch = None
+            else:
+                batch = self._take()
+            task = asyncio.create_task(self._run(batch))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    async def _run(self) -> None:
+    def _take(self) -> list[tuple[Item, asyncio.Future[Result]]]:
+        batch = self._queue[: self.max_batch_size]
+        del self._queue[: self.max_batch_size]
+        return batch
+
+    async def _run(self, batch: list[tuple[Item, asyncio.Future[Result]]] | None) -> None:
         try:
-            if self.wait_s and len(self._queue) < self.max_batch_size:
-                await asyncio.sleep(self.wait_s)
-            batch = self._queue[: self.max_batch_size]
-            del self._queue[: self.max_batch_size]
+            if batch is None:
+                try:
+                    await asyncio.sleep(self.wait_s)
+                finally:
+                    self._waiting = False
+                batch = self._take()
             if not batch:
                 return
             try:

@@ -167,16 +167,30 @@ def _trim(hit: ShardHit, explain: bool, text: bool) -> ShardHit:
     return {key: value for key, value in hit.items() if (key != "terms" or explain) and (key != "text" or text)}
 
 
+def handle_transport() -> dict[str, Any]:
+    """Handle options for the calls of this replica: over gRPC when Serve runs in its throughput mode (half the
+    CPU per call of Ray's actor calls here), else Ray's default. Serve gives that default only to handles made in a
+    process started with the mode's environment, and the handles a router receives were made where the application
+    was built (`retriever serve`'s own process, before its Ray existed), so the router decides from its replica's
+    environment, as Serve does: RAY_SERVE_USE_GRPC_BY_DEFAULT, else RAY_SERVE_THROUGHPUT_OPTIMIZED."""
+    grpc = os.environ.get("RAY_SERVE_USE_GRPC_BY_DEFAULT", os.environ.get("RAY_SERVE_THROUGHPUT_OPTIMIZED", "0"))
+    return {"_by_reference": grpc != "1"}
+
+
 class RayBackend:
     """The service's backend over deployment handles."""
 
     def __init__(
         self, encoder: DeploymentHandle, shards: dict[str, dict[str, DeploymentHandle]], models: Sequence[ServedModel]
     ) -> None:
-        self.shards = shards
+        transport = handle_transport()
+        self.shards = {
+            model: {shard: handle.options(**transport) for shard, handle in per_model.items()}
+            for model, per_model in shards.items()
+        }
         self.models = {model.name: model for model in models}
         # One handle per model, made once: the multiplexed model id routes each call to a replica holding it.
-        self.encoders = {model.name: encoder.options(multiplexed_model_id=model.name) for model in models}
+        self.encoders = {model.name: encoder.options(multiplexed_model_id=model.name, **transport) for model in models}
 
     def catalog(self) -> dict[str, ModelInfo]:
         return {name: model.info() for name, model in self.models.items()}

@@ -18,7 +18,7 @@ import requests
 import yaml
 
 from retriever.index import search_to_run
-from tests.conftest import REPO_ROOT, SERVE_QUERIES, free_port
+from tests.conftest import REPO_ROOT, SERVE_QUERIES, free_port, search_during_fault
 
 pytestmark = [
     pytest.mark.timeout(420),
@@ -33,6 +33,22 @@ def listening(pids: set[int]) -> list[tuple[str, int, str]]:
         if conn.status == psutil.CONN_LISTEN and conn.pid in pids:
             found.append((conn.laddr.ip, conn.laddr.port, psutil.Process(conn.pid).name()))
     return found
+
+
+def post(url: str, query: str) -> requests.Response:
+    return requests.post(url + "/search", json={"query": query, "k": 10, "model": "sparse"}, timeout=60)
+
+
+def replica_process(server: subprocess.Popen, deployment: str, not_pid: int | None = None) -> psutil.Process | None:
+    """The live process of the (one) replica of ``deployment`` under the service ``server``."""
+    for pid in tree(psutil.Process(server.pid)):
+        try:
+            process = psutil.Process(pid)
+            if f":{deployment}" in process.name() and pid != not_pid and process.status() != "zombie":
+                return process
+        except psutil.NoSuchProcess:
+            continue
+    return None
 
 
 def tree(process: psutil.Process) -> set[int]:
@@ -93,6 +109,23 @@ def test_serve_with_haproxy_ingress_answers_on_loopback_and_stops_cleanly(servin
                 want = list(expected[f"q{qid}"].items())
                 assert [h["docid"] for h in hits] == [d for d, _ in want]
                 np.testing.assert_allclose([h["score"] for h in hits], [s for _, s in want], rtol=0, atol=1e-5)
+        # Serve's throughput mode sends the router's calls over gRPC: a shard replica's process killed under load
+        # is restarted, and no answer meanwhile is a wrong or silently partial top-k.
+        expected = {query: [h["docid"] for h in post(url, query).json()["hits"]] for query in SERVE_QUERIES}
+        victim = replica_process(server, "sparse--shard-00001")
+        outcomes, healed = search_during_fault(
+            lambda query: post(url, query),
+            expected,
+            victim.kill,
+            lambda: (
+                replica_process(server, "sparse--shard-00001", not_pid=victim.pid) is not None
+                and post(url, SERVE_QUERIES[0]).status_code == 200
+            ),
+        )
+        print(f"load during the replica kill: {outcomes}")
+        assert healed, "Serve did not restart the killed shard replica within 120 s"
+        assert outcomes["wrong"] == 0 and outcomes["other"] == 0, outcomes
+        assert outcomes["ok"] > 0
         started = tree(psutil.Process(server.pid))  # now: HAProxy is restarted as replicas come up
         sockets = listening(started)
         # HAProxy holds the configured port; the router replica serves HTTP itself on a port of its own.

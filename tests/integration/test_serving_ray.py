@@ -9,8 +9,6 @@ import os
 import shutil
 import subprocess
 import sys
-import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -19,7 +17,7 @@ import pytest
 import requests
 
 from retriever.index import search_to_run
-from tests.conftest import REPO_ROOT, SERVE_QUERIES, free_port
+from tests.conftest import REPO_ROOT, SERVE_QUERIES, free_port, search_during_fault
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -189,53 +187,22 @@ def test_a_killed_shard_replica_is_restarted_and_no_answer_is_a_wrong_top_k(serv
     expected = {
         q: [h["docid"] for h in search(served, query=q, k=10, model="sparse").json()["hits"]] for q in SERVE_QUERIES
     }
-    outcomes = {"ok": 0, "unavailable": 0, "wrong": 0, "other": 0}
-    stop = threading.Event()
-
-    def client(worker: int) -> None:
-        i = worker
-        while not stop.is_set():
-            query = SERVE_QUERIES[i % len(SERVE_QUERIES)]
-            i += 1
-            try:
-                response = search(served, query=query, k=10, model="sparse")
-            except requests.RequestException:
-                outcomes["other"] += 1
-                continue
-            if response.status_code == 200:
-                body = response.json()
-                ids = [h["docid"] for h in body["hits"]]
-                if body["partial"] or ids != expected[query]:
-                    outcomes["wrong"] += 1
-                else:
-                    outcomes["ok"] += 1
-            elif response.status_code == 503 and response.headers.get("Retry-After"):
-                outcomes["unavailable"] += 1
-            else:
-                outcomes["other"] += 1
-
     replicas = shard_replicas()
     assert len(replicas) == 1, replicas
-    threads = [threading.Thread(target=client, args=(w,)) for w in range(4)]
-    for thread in threads:
-        thread.start()
-    time.sleep(2)
-    ray.kill(ray.get_actor(replicas[0], namespace="serve"), no_restart=True)
-    deadline = time.monotonic() + 120
-    recovered = False
-    while time.monotonic() < deadline:
-        time.sleep(1)
+
+    def recovered() -> bool:
         alive = [name for name in shard_replicas() if name != replicas[0]]
         status = serve.status().applications[APP].deployments["sparse--shard-00001"].status
-        if alive and status == "HEALTHY":
-            recovered = True
-            break
-    time.sleep(2)
-    stop.set()
-    for thread in threads:
-        thread.join(timeout=60)
+        return bool(alive) and status == "HEALTHY"
+
+    outcomes, healed = search_during_fault(
+        lambda query: search(served, query=query, k=10, model="sparse"),
+        expected,
+        lambda: ray.kill(ray.get_actor(replicas[0], namespace="serve"), no_restart=True),
+        recovered,
+    )
     print(f"load during the replica kill: {outcomes}")
-    assert recovered, "Serve did not restart the killed shard replica within 120 s"
+    assert healed, "Serve did not restart the killed shard replica within 120 s"
     assert outcomes["wrong"] == 0 and outcomes["other"] == 0, outcomes
     assert outcomes["ok"] > 0
     after = search(served, query=SERVE_QUERIES[0], k=10, model="sparse").json()

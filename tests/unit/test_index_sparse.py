@@ -107,6 +107,29 @@ def test_dense_like_vectors_are_searched_exhaustively() -> None:
     assert pruned == brute_force(q_batch.to_scipy(), doc_batch.to_scipy(), 10)
 
 
+@pytest.mark.parametrize("terms", [4, 20])  # about 1.6x and 8x as many postings as documents
+@pytest.mark.parametrize("k", [1, 10, 100])
+def test_queries_with_more_postings_than_documents_equal_brute_force(terms: int, k: int) -> None:
+    """Queries hitting most documents are scanned without a branch per posting (and, past DENSE_LIKE postings per
+    document, without trying the bound first); ties (weights in steps of 1/4) are still broken by doc index."""
+    n, vocab, count = 2000, 300, 40
+    docs = random_sparse(n, vocab, 0.4, seed=5, steps=True)
+    rng = np.random.default_rng(6)
+    rows = np.repeat(np.arange(count), terms)
+    cols = np.concatenate([rng.choice(vocab, terms, replace=False) for _ in range(count)])
+    values = (np.floor(rng.uniform(0, 1, count * terms) * 4) + 1).astype(np.float32) / 4
+    queries = sp.csr_matrix((values, (rows, cols)), shape=(count, vocab), dtype=np.float32)
+    doc_batch = SparseBatch.from_scipy([f"d{i:05d}" for i in range(n)], docs)
+    q_batch = SparseBatch.from_scipy([f"q{i}" for i in range(count)], queries)
+    offsets, postings, weights = invert(doc_batch)
+    work = [int(sum(offsets[t + 1] - offsets[t] for t in q_batch.row(i)[0])) for i in range(count)]
+    assert min(work) >= n  # every query takes the marking path
+    expected = brute_force(q_batch.to_scipy(), doc_batch.to_scipy(), k)
+    for dynamic_pruning in (True, False):
+        got = as_hits(*search_inverted(offsets, postings, weights, n, q_batch, k, dynamic_pruning=dynamic_pruning))
+        assert got == expected
+
+
 @pytest.mark.parametrize("k", [5, 17, 100, 700, 3000])
 def test_selection_with_a_crowd_of_tied_scores(k: int) -> None:
     """3000 documents share one term with the same weight (a crowd tied at one score), a few score higher or lower:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
@@ -30,6 +31,31 @@ def test_requests_that_queue_while_a_batch_runs_form_the_next_batch() -> None:
 
     assert run(main()) == [i * 10 for i in range(10)]
     assert sizes == [1, 4, 4, 1]
+
+
+def test_a_free_slot_waits_for_more_only_while_another_batch_runs() -> None:
+    starts: list[tuple[float, list[int]]] = []
+
+    async def handler(items: list[int]) -> list[int]:
+        starts.append((time.perf_counter(), list(items)))
+        await asyncio.sleep(0.3)
+        return items
+
+    async def main() -> float:
+        batcher = Coalescer(handler, max_batch_size=8, max_concurrent=2, wait_s=0.2)
+        began = time.perf_counter()
+        first = asyncio.create_task(batcher.submit(0))  # idle service: starts at once
+        await asyncio.sleep(0.02)
+        second = asyncio.create_task(batcher.submit(1))  # a batch runs: the free slot waits for more
+        await asyncio.sleep(0.05)
+        third = asyncio.create_task(batcher.submit(2))
+        assert await asyncio.gather(first, second, third) == [0, 1, 2]
+        return began
+
+    began = run(main())
+    assert [items for _, items in starts] == [[0], [1, 2]]
+    assert starts[0][0] - began < 0.1  # well before the wait would have ended
+    assert starts[1][0] - began >= 0.2
 
 
 def test_errors_reach_their_own_callers_only() -> None:

@@ -77,3 +77,31 @@ def test_each_haproxy_ingress_gets_its_own_files_and_ports() -> None:
     for env in (first, second):  # free ports, not Ray's fixed 8404 and 9101
         ports = {env["RAY_SERVE_HAPROXY_STATS_PORT"], env["RAY_SERVE_HAPROXY_METRICS_PORT"]}
         assert len(ports) == 2 and not ports & {"8404", "9101"}
+
+
+@pytest.mark.parametrize(
+    ("environment", "grpc"),
+    [
+        ({}, False),
+        ({"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}, True),
+        ({"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_USE_GRPC_BY_DEFAULT": "0"}, False),
+        ({"RAY_SERVE_USE_GRPC_BY_DEFAULT": "1"}, True),
+    ],
+)
+def test_router_calls_go_over_grpc_exactly_in_serves_throughput_mode(monkeypatch, environment, grpc) -> None:
+    from retriever.serving.deployments import handle_transport
+
+    for name in ("RAY_SERVE_THROUGHPUT_OPTIMIZED", "RAY_SERVE_USE_GRPC_BY_DEFAULT"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    assert handle_transport() == {"_by_reference": not grpc}
+
+
+def test_the_haproxy_ingress_environment_gives_the_router_grpc_calls(haproxy, monkeypatch) -> None:
+    monkeypatch.delenv("RAY_SERVE_USE_GRPC_BY_DEFAULT", raising=False)
+    for name, value in ingress_environment("haproxy")[1].items():
+        monkeypatch.setenv(name, value)
+    from retriever.serving.deployments import handle_transport
+
+    assert handle_transport() == {"_by_reference": False}
