@@ -10,9 +10,10 @@ every row, since it competes with the server for the same cores.
 
 Configurations (one replica per deployment; Serve's ingress is HAProxy when the `haproxy` binary is installed, as
 `retriever serve` starts it by default):
-  (a) serve        the router answers the searches that queued while it was busy in one batch (up to 64, three
-                   batches in flight), one encoder call per model and one call per shard; the QueryEncoder and
-                   IndexShards batch calls again (`@serve.batch`)
+  (a) serve        searches of the same model that queue while the router is busy form one batch (up to 64; two
+                   batches in flight per model; a free slot waits up to 5 ms for more while another batch runs):
+                   one encoder call and one call per shard per batch, over gRPC (Serve's throughput mode); the
+                   QueryEncoder and IndexShards batch calls again (`@serve.batch`, no wait)
   (b) serve-nobatch  the same with max_batch_size=1 at every hop (the router still runs up to 64 requests at once)
   (c) plain        `retriever serve --local`: one uvicorn process, torch on all cores
   (c1) plain-1t    the same with one torch thread (OMP_NUM_THREADS=1), the threads a Serve encoder replica gets

@@ -412,7 +412,10 @@ class RouterDeploymentConfig(DeploymentConfig):
         0.005, ge=0, description="wait for more searches before a batch starts while a slot is free (0: none)"
     )
     max_concurrent_batches: int = Field(
-        3, gt=0, description="batches in flight at once (one is encoded while others are searched)"
+        2,
+        gt=0,
+        description="batches in flight at once for each model (or hybrid set of models): one is encoded while "
+        "others are searched",
     )
 
 

@@ -89,13 +89,15 @@ def default_streams(device: torch.device) -> int:
 
 @contextlib.contextmanager
 def inference(encoder: RetrievalEncoder) -> Iterator[None]:
-    """Eval mode for the duration, restored afterwards."""
+    """Eval mode for the duration, restored afterwards (switching walks every submodule: only when training)."""
     was_training = encoder.training
-    encoder.eval()
+    if was_training:
+        encoder.eval()
     try:
         yield
     finally:
-        encoder.train(was_training)
+        if was_training:
+            encoder.train()
 
 
 @dataclass

@@ -9,8 +9,8 @@ tens of milliseconds needs batches sized by what piled up while it was busy.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Sequence
-from typing import Generic, TypeVar
+from collections.abc import Awaitable, Callable, Hashable, Sequence
+from typing import Any, Generic, TypeVar
 
 Item = TypeVar("Item")
 Result = TypeVar("Result")
@@ -94,3 +94,22 @@ class Coalescer(Generic[Item, Result]):
         finally:
             self._running -= 1
             self._start_batches()
+
+
+class KeyedCoalescer(Generic[Item, Result]):
+    """A `Coalescer` per key of the items (``key``; ``settings`` are the Coalescer's): items of different keys never
+    share a batch, so a batch is answered when its own work is done, not when the slowest key's is. Keys must come
+    from a bounded set (e.g. the served models a search names)."""
+
+    def __init__(self, key: Callable[[Item], Hashable], **settings: Any) -> None:
+        Coalescer(**settings)  # the settings are checked now, not at the first request
+        self.key = key
+        self.settings = settings
+        self.coalescers: dict[Hashable, Coalescer[Item, Result]] = {}
+
+    async def submit(self, item: Item) -> Result:
+        key = self.key(item)
+        coalescer = self.coalescers.get(key)
+        if coalescer is None:
+            coalescer = self.coalescers[key] = Coalescer(**self.settings)
+        return await coalescer.submit(item)

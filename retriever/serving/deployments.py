@@ -20,7 +20,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from retriever.config import DeploymentConfig, ServeConfig
-from retriever.serving.batching import Coalescer
+from retriever.serving.batching import KeyedCoalescer
 from retriever.serving.catalog import ServedModel, build_catalog, read_token
 from retriever.serving.encoder import Encoded, ServedEncoder
 from retriever.serving.http import create_app
@@ -211,7 +211,7 @@ class RayBackend:
 @serve.ingress()
 class Router:
     """The HTTP ingress: the API of `retriever.serving.http` over a `SearchService` on Ray handles; concurrent
-    searches are answered together (`search_many`, batched by a `Coalescer`)."""
+    searches of the same models are answered together (`search_many`, batched by a `KeyedCoalescer`)."""
 
     async def __init__(
         self,
@@ -225,8 +225,9 @@ class Router:
         self.service = SearchService(backend, self.settings, RayObserver())
         self.batch_stats = BatchStats(ROUTER_NAME)
         batching = self.settings.router
-        self.batcher = Coalescer(
-            self.service.search_many,
+        self.batcher = KeyedCoalescer(
+            self._batch_key,
+            handler=self.service.search_many,
             max_batch_size=batching.max_batch_size,
             max_concurrent=batching.max_concurrent_batches,
             wait_s=batching.batch_wait_timeout_s,
@@ -244,6 +245,13 @@ class Router:
 
     async def search(self, request: SearchRequest) -> SearchResponse:
         return await self.batcher.submit(request)
+
+    def _batch_key(self, request: SearchRequest) -> tuple[str, ...]:
+        """Searches of the same models share batches: a dense search does not wait for the sparse model's longer
+        encoding and search. Names that are not served share one key (their batch only reports the error), so the
+        keys stay bounded whatever clients send."""
+        names = (request.model,) if isinstance(request.model, str) else tuple(request.model)
+        return tuple(sorted(set(names))) if names and all(n in self.service.models for n in names) else ()
 
     def stats(self) -> dict[str, Any]:
         return self.batch_stats.summary()

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from retriever.serving.batching import Coalescer
+from retriever.serving.batching import Coalescer, KeyedCoalescer
 
 
 def run(coro):
@@ -95,3 +95,22 @@ def test_settings_are_checked() -> None:
 
     with pytest.raises(ValueError, match="at least 1"):
         Coalescer(handler, max_batch_size=0, max_concurrent=1)
+
+
+def test_items_of_different_keys_never_share_a_batch_and_a_slow_key_delays_no_other() -> None:
+    batches: list[list[str]] = []
+    finished: list[str] = []
+
+    async def handler(items: list[str]) -> list[str]:
+        batches.append(list(items))
+        await asyncio.sleep(0.3 if items[0].startswith("slow") else 0.01)
+        finished.extend(items)
+        return [item.upper() for item in items]
+
+    async def main() -> list[str]:
+        batcher = KeyedCoalescer(lambda item: item.split("-")[0], handler=handler, max_batch_size=8, max_concurrent=1)
+        return await asyncio.gather(*(batcher.submit(item) for item in ("slow-1", "fast-1", "slow-2", "fast-2")))
+
+    assert run(main()) == ["SLOW-1", "FAST-1", "SLOW-2", "FAST-2"]
+    assert all(len({item.split("-")[0] for item in batch}) == 1 for batch in batches), batches
+    assert sorted(finished[:2]) == ["fast-1", "fast-2"]  # both answered while the first slow batch still ran
