@@ -14,7 +14,8 @@ Configurations (one replica per deployment; Serve's ingress is HAProxy when the 
                    batches in flight per model; a free slot waits up to 5 ms for more while another batch runs):
                    one encoder call and one call per shard per batch, over gRPC (Serve's throughput mode); the
                    QueryEncoder and IndexShards batch calls again (`@serve.batch`, no wait)
-  (b) serve-nobatch  the same with max_batch_size=1 at every hop (the router still runs up to 64 requests at once)
+  (b) serve-nobatch  the same with max_batch_size=1 at every hop (the router still runs up to 64 requests per model
+                   at once)
   (c) plain        `retriever serve --local`: one uvicorn process, torch on all cores
   (c1) plain-1t    the same with one torch thread (OMP_NUM_THREADS=1), the threads a Serve encoder replica gets
   (d) serve-noop   Serve's own ceiling on this machine: a FastAPI ingress deployment answering a fixed top-10 (no
