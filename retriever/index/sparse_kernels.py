@@ -336,9 +336,28 @@ def _kth_largest(acc64: np.ndarray, items: np.ndarray, count: int, k: int, scrat
 
 @numba.njit(cache=True)
 def _query_pruned(
-    offsets, docs, weights, term_max, qt, qw, acc, acc64, flag, touched, cand, scratch, hs, hp, buf, k, out_s, out_p
+    offsets,
+    docs,
+    weights,
+    term_max,
+    qt,
+    qw,
+    acc,
+    acc64,
+    flag,
+    touched,
+    cand,
+    scratch,
+    hs,
+    hp,
+    buf,
+    k,
+    out_s,
+    out_p,
+    total_work,
 ) -> bool:
-    """Exact top-k with bound-based skipping (non-negative weights only). Returns False, having written nothing,
+    """Exact top-k with bound-based skipping (non-negative weights only; ``total_work``: the postings of the query's
+    terms). Returns False, having written nothing,
     when skipping would not pay off; the caller then runs the exhaustive search.
 
     Phase 1 accumulates whole posting lists (float64), largest bound first, until the bound on what the remaining
@@ -349,11 +368,8 @@ def _query_pruned(
     """
     n = qt.shape[0]
     ub = np.empty(n, dtype=np.float64)
-    total_work = 0
     for j in range(n):
-        t = qt[j]
-        ub[j] = np.float64(qw[j]) * np.float64(term_max[t])
-        total_work += offsets[t + 1] - offsets[t]
+        ub[j] = np.float64(qw[j]) * np.float64(term_max[qt[j]])
     order = np.argsort(-ub)
     suffix = np.zeros(n + 1, dtype=np.float64)  # suffix[i]: bound on what terms order[i:] can still add
     for i in range(n - 1, -1, -1):
@@ -501,6 +517,7 @@ def _search_batch(
                     k,
                     out_s[q],
                     out_p[q],
+                    work,
                 )
             skipped[q] = done
             if not done:

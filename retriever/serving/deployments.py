@@ -168,8 +168,8 @@ def _trim(hit: ShardHit, explain: bool, text: bool) -> ShardHit:
 
 
 def handle_transport() -> dict[str, Any]:
-    """Handle options for the calls of this replica: over gRPC when Serve runs in its throughput mode (half the
-    CPU per call of Ray's actor calls here), else Ray's default. Serve gives that default only to handles made in a
+    """Handle options for the calls of this replica: over gRPC when Serve runs in its throughput mode (less CPU
+    per call than Ray's actor calls), else Ray's default. Serve gives that default only to handles made in a
     process started with the mode's environment, and the handles a router receives were made where the application
     was built (`retriever serve`'s own process, before its Ray existed), so the router decides from its replica's
     environment, as Serve does: RAY_SERVE_USE_GRPC_BY_DEFAULT, else RAY_SERVE_THROUGHPUT_OPTIMIZED."""
@@ -250,7 +250,7 @@ class Router:
         """Searches of the same models share batches: a dense search does not wait for the sparse model's longer
         encoding and search. Names that are not served share one key (their batch only reports the error), so the
         keys stay bounded whatever clients send."""
-        names = (request.model,) if isinstance(request.model, str) else tuple(request.model)
+        names = request.model_names
         return tuple(sorted(set(names))) if names and all(n in self.service.models for n in names) else ()
 
     def stats(self) -> dict[str, Any]:

@@ -24,6 +24,11 @@ class SearchRequest(Request):
     explain: StrictBool = Field(False, description="sparse models: the matched terms of every hit")
     text: StrictBool = Field(False, description="return each hit's passage text (models served with a corpus)")
 
+    @property
+    def model_names(self) -> list[str]:
+        """The model or models asked, as a list."""
+        return [self.model] if isinstance(self.model, str) else list(self.model)
+
 
 class Term(BaseModel):
     term: str = Field(description="the vocabulary term as text")

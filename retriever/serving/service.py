@@ -113,7 +113,7 @@ class SearchService:
 
     def check_search(self, request: SearchRequest) -> list[str]:
         """The request's model names, after every check that needs no encoder or shard."""
-        names = [request.model] if isinstance(request.model, str) else list(request.model)
+        names = request.model_names
         if not names:
             raise BadRequestError("model is an empty list; name at least one served model")
         if len(set(names)) != len(names):
