@@ -20,7 +20,7 @@ from retriever.errors import DataFormatError
 from retriever.models.tokenizers import tokenize
 
 if TYPE_CHECKING:
-    from retriever.data.examples import DocTexts
+    from retriever.data.sources import DocTexts
 
 
 @dataclass

@@ -56,7 +56,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from retriever.errors import DataFormatError, SettingError, UnknownNameError
+from retriever.data.sources import DocTexts
+from retriever.errors import DataFormatError, SettingError
 from retriever.outputs import atomic_file
 
 if TYPE_CHECKING:
@@ -458,38 +459,6 @@ class _DocLookup:
 
     def text(self, docid: str) -> str:
         return self._texts[docid]
-
-
-class DocTexts:
-    """Document id → text (``docs[id]``) over a mapping, an ir_datasets docs store or any ``.get`` store, for
-    training examples that hold passage ids."""
-
-    def __init__(self, store: Any, name: str = "the docs store") -> None:
-        if not callable(getattr(store, "get", None)):
-            raise TypeError(f"docs must be a mapping or have .get(doc_id), got {type(store).__name__}")
-        self._store = store
-        self._name = name
-
-    def __getitem__(self, docid: str) -> str:
-        try:
-            value = self._store.get(docid)
-        except KeyError:
-            value = None
-        if value is None:
-            raise UnknownNameError(
-                f"document {docid!r} is not in {self._name}; the examples and data.docs do not match"
-            )
-        return as_text(value, docid)
-
-
-def as_text(value: Any, docid: str) -> str:
-    if isinstance(value, str):
-        return value
-    if callable(getattr(value, "default_text", None)):
-        return str(value.default_text())
-    if isinstance(getattr(value, "text", None), str):
-        return value.text
-    raise TypeError(f"document {docid!r}: cannot turn a {type(value).__name__} into text (expected str or .text)")
 
 
 def _lines(path: Path) -> Iterator[tuple[int, str]]:

@@ -18,7 +18,7 @@ import difflib
 import os
 import warnings
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,7 +42,7 @@ from ir_datasets.util.fileio import (
 from retriever.data import local as local_data
 from retriever.data.classic import CLASSIC_IDS, import_classic
 from retriever.data.passage_pool import load_passage_pool, register_passage_pool
-from retriever.errors import UnknownNameError, UserError
+from retriever.errors import DataFormatError, UnknownNameError, UserError
 from retriever.registry import Registry
 
 __all__ = [
@@ -50,6 +50,7 @@ __all__ = [
     "CLASSIC_IDS",
     "MSMARCO",
     "PRODUCT_DATASETS",
+    "DocTexts",
     "IrDatasetsSource",
     "MissingEntityError",
     "MissingFile",
@@ -145,14 +146,66 @@ def downloads_allowed(download: bool | None = None) -> bool:
 
 
 def doc_text(doc: Any) -> str:
-    """The text of an ir_datasets document: ``title + " " + text`` when it has both (BEIR convention, stripped
-    when the title is empty), else its ``default_text()``, else its ``text``."""
+    """The text of a document: a string as it is; an ir_datasets document's ``title + " " + text`` when it has both
+    (BEIR convention, stripped when the title is empty), else its ``default_text()``, else its ``text``. Training,
+    mining and indexing all read passages through this, so a passage is the same text in each."""
+    if isinstance(doc, str):
+        return doc
     title, text = getattr(doc, "title", None), getattr(doc, "text", None)
     if isinstance(title, str) and isinstance(text, str):
         return local_data.join_title_text(title, text)
-    if hasattr(doc, "default_text"):
+    if callable(getattr(doc, "default_text", None)):
         return str(doc.default_text()).strip()
-    return str(text or "").strip()
+    if isinstance(text, str):
+        return text.strip()
+    raise TypeError(f"cannot turn a {type(doc).__name__} into text (expected str, .text or .default_text())")
+
+
+class DocTexts:
+    """Document id → text (`doc_text`) over a mapping, an ir_datasets docs store or any ``.get`` store: one at a time
+    (``docs[id]``, a KeyError when unknown) or many (`get_many`, in one pass of the store's own ``get_many``)."""
+
+    def __init__(self, store: Any, name: str = "the docs store") -> None:
+        if not callable(getattr(store, "get", None)):
+            raise TypeError(f"docs must be a mapping or have .get(doc_id), got {type(store).__name__}")
+        self._store = store
+        self.name = name
+
+    def __getitem__(self, docid: str) -> str:
+        try:
+            value = self._store.get(docid)
+        except KeyError:
+            value = None
+        if value is None:
+            raise UnknownNameError(
+                f"document {docid!r} is not in {self.name}; the examples and data.docs do not match"
+            )
+        return _text_of(value, docid)
+
+    def get_many(self, doc_ids: Iterable[str], needed_by: Mapping[str, str] | None = None) -> dict[str, str]:
+        """Texts of ``doc_ids`` (each once, in first-seen order). An unknown id is a `DataFormatError` naming what
+        asked for it: ``needed_by`` maps an id to that (e.g. "query 'q7'"), else "a query"."""
+        wanted = list(dict.fromkeys(doc_ids))
+        get_many = getattr(self._store, "get_many", None)
+        if callable(get_many) and not isinstance(self._store, Mapping):
+            found = dict(get_many(wanted))
+        else:
+            found = {docid: value for docid in wanted if (value := self._store.get(docid)) is not None}
+        for docid in wanted:
+            if docid not in found:
+                who = (needed_by or {}).get(docid, "a query")
+                raise DataFormatError(
+                    f"{who}: unknown document id {docid!r} (not in {self.name}); fix the id or use the corpus it "
+                    "comes from"
+                )
+        return {docid: _text_of(found[docid], docid) for docid in wanted}
+
+
+def _text_of(value: Any, docid: str) -> str:
+    try:
+        return doc_text(value)
+    except TypeError as exc:
+        raise TypeError(f"document {docid!r}: {exc}") from None
 
 
 def query_text(query: Any) -> str:
@@ -345,13 +398,8 @@ class Source(ABC):
         """Number of documents."""
 
     def doc_texts(self, doc_ids: Iterable[str]) -> dict[str, str]:
-        """Texts of the given documents, looked up in the docs store; unknown ids raise KeyError."""
-        ids = list(dict.fromkeys(doc_ids))
-        found = self.docs_store().get_many(ids)
-        absent = [d for d in ids if d not in found]
-        if absent:
-            raise UnknownNameError(f"{self.id}: {len(absent)} unknown doc id(s), e.g. {absent[:5]}")
-        return {d: doc_text(found[d]) for d in ids}
+        """Texts of the given documents, looked up in the docs store (`DocTexts.get_many`)."""
+        return DocTexts(self.docs_store(), f"dataset {self.id!r}").get_many(doc_ids)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.id!r})"

@@ -8,13 +8,12 @@ A batch holds one row per query: ``shard``, ``position`` (the query's place in t
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import pyarrow as pa
 
-from retriever.data.examples import as_text
-from retriever.errors import DataFormatError
+from retriever.data.sources import DocTexts, load_source
 from retriever.mining.first_stage import FIRST_STAGES, FirstStage, candidate_pool
 
 
@@ -39,42 +38,13 @@ class CandidateStep:
         return batch.set_column(position, "candidate_ids", column)
 
 
-class PassageTexts:
-    """Passage id → text from a dataset's docs store, many at a time; an unknown id is an error naming it."""
-
-    def __init__(self, corpus: str | Mapping[str, str]) -> None:
-        if isinstance(corpus, Mapping):
-            self.store: Any = corpus
-            self.name = "the corpus"
-        else:
-            from retriever.data.sources import load_source
-
-            self.store = load_source(corpus).docs_store()
-            self.name = f"corpus {corpus!r}"
-
-    def get(self, doc_ids: Sequence[str], needed_by: Mapping[str, str]) -> dict[str, str]:
-        """Texts of ``doc_ids``; ``needed_by`` maps an id to what asked for it (for the error)."""
-        wanted = list(dict.fromkeys(doc_ids))
-        if isinstance(self.store, Mapping):
-            found = {d: self.store[d] for d in wanted if d in self.store}
-        else:
-            found = dict(self.store.get_many(wanted))
-        for docid in wanted:
-            if docid not in found:
-                raise DataFormatError(
-                    f"{needed_by.get(docid, 'a query')}: unknown document id {docid!r} (not in {self.name}); fix the "
-                    "id or mine from the corpus the candidates come from"
-                )
-        return {docid: as_text(found[docid], docid) for docid in wanted}
-
-
 class ScoreStep:
     """Passage texts for every (query, positive) and (query, candidate) pair, and the teacher's scores of them."""
 
     def __init__(
         self, corpus: str, *, teacher: Mapping[str, Any] | None, inline_text: bool, use_gpu: bool = False
     ) -> None:
-        self.texts = PassageTexts(corpus)
+        self.texts = DocTexts(load_source(corpus).docs_store(), f"corpus {corpus!r}")
         self.inline_text = inline_text
         self.teacher = None
         if teacher is not None:
@@ -90,7 +60,7 @@ class ScoreStep:
         candidates = batch.column("candidate_ids").to_pylist()
         needed_by = {d: f"query {qid!r}" for qid, cands in zip(ids, candidates) for d in cands}
         needed_by.update({d: f"query {qid!r} (a judged positive)" for qid, pos in zip(ids, positives) for d in pos})
-        texts = self.texts.get([d for docs in (*positives, *candidates) for d in docs], needed_by)
+        texts = self.texts.get_many([d for docs in (*positives, *candidates) for d in docs], needed_by)
         if self.teacher is not None:
             pair_queries = [q for q, pos, cands in zip(queries, positives, candidates) for _ in (*pos, *cands)]
             pair_docs = [texts[d] for pos, cands in zip(positives, candidates) for d in (*pos, *cands)]
@@ -125,4 +95,4 @@ def _with(batch: pa.Table, name: str, values: list[list[Any]], value_type: pa.Da
     return batch.append_column(name, pa.array(values, type=pa.list_(value_type)))
 
 
-__all__ = ["CandidateAndScoreStep", "CandidateStep", "PassageTexts", "ScoreStep"]
+__all__ = ["CandidateAndScoreStep", "CandidateStep", "ScoreStep"]

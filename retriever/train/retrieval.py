@@ -18,7 +18,7 @@ from retriever.models.backbone import is_random_preset
 from retriever.models.encoders import RetrievalEncoder, build_encoder
 
 if TYPE_CHECKING:
-    from retriever.data.examples import DocTexts
+    from retriever.data.sources import DocTexts
 
 
 class PairModule(nn.Module):

@@ -24,7 +24,7 @@ from retriever.registry import Registry
 from retriever.tracking import RunTracker, TrackingTarget, end_running_runs, open_experiment
 
 if TYPE_CHECKING:
-    from retriever.data.examples import DocTexts
+    from retriever.data.sources import DocTexts
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +121,7 @@ def prepare_training_data(cfg: ExperimentConfig) -> Path:
 def training_docs(cfg: ExperimentConfig) -> DocTexts | None:
     """Passage texts for examples that hold ids: the `data.docs` dataset's docs, or the synthetic corpus."""
     from retriever.data.catalog import resolve_dataset
-    from retriever.data.examples import DocTexts
+    from retriever.data.sources import DocTexts
 
     if cfg.data.docs is not None:
         from retriever.data.sources import load_source

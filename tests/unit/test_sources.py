@@ -27,6 +27,7 @@ from retriever.data.local import (
 from retriever.data.sources import (
     BEIR_13,
     MSMARCO,
+    DocTexts,
     IrDatasetsSource,
     Source,
     SourceUnavailableError,
@@ -99,6 +100,43 @@ def test_doc_text_joins_title_and_text() -> None:
     assert doc_text(BeirTitleDoc("a", "the text", "The Title")) == "The Title the text"
     assert doc_text(BeirTitleDoc("b", " the text ", "")) == "the text"
     assert doc_text(ir_datasets.formats.GenericDoc("c", "plain\n")) == "plain"
+    assert doc_text(" as given ") == " as given "  # texts given as strings are taken as they are
+    with pytest.raises(TypeError, match="cannot turn a int into text"):
+        doc_text(7)
+
+
+class _Store:
+    """A docs store with ``get`` and ``get_many`` like ir_datasets' (``get_many`` leaves unknown ids out)."""
+
+    def __init__(self, docs: dict[str, object]) -> None:
+        self.docs = docs
+        self.get_many_calls = 0
+
+    def get(self, docid: str) -> object:
+        return self.docs[docid]  # ir_datasets raises KeyError for an unknown id
+
+    def get_many(self, ids: list[str]) -> dict[str, object]:
+        self.get_many_calls += 1
+        return {d: self.docs[d] for d in ids if d in self.docs}
+
+
+def test_doc_texts_read_passages_one_way_from_any_store() -> None:
+    docs = {"d1": BeirTitleDoc("d1", "body one", "Title"), "d2": BeirTitleDoc("d2", " body two ", "")}
+    store = _Store(docs)
+    texts = DocTexts(store, "the store")
+    assert texts["d2"] == "body two"  # the text an index encodes (`doc_text`), not the raw default_text
+    assert texts.get_many(["d2", "d1", "d2"]) == {"d2": "body two", "d1": "Title body one"}
+    assert store.get_many_calls == 1  # one pass of the store's own get_many
+    with pytest.raises(KeyError, match="document 'd9' is not in the store"):
+        texts["d9"]
+    with pytest.raises(DataFormatError, match=r"query 'q3': unknown document id 'd9' \(not in the store\)"):
+        texts.get_many(["d1", "d9"], {"d9": "query 'q3'"})
+    mapping = DocTexts({"a": "alpha", "b": "beta"}, "the mapping")
+    assert mapping.get_many(["b", "a"]) == {"b": "beta", "a": "alpha"} and mapping["a"] == "alpha"
+    with pytest.raises(DataFormatError, match="a query: unknown document id 'z'"):
+        mapping.get_many(["z"])
+    with pytest.raises(TypeError, match="docs must be a mapping or have .get"):
+        DocTexts(["a", "b"])
 
 
 def test_cranfield_codes_become_gains() -> None:
@@ -121,7 +159,7 @@ def test_beir_folder_iterates_joins_titles_and_filters_queries(home: Path, tmp_p
     store = source.docs_store()
     assert store.get("d2").text == " body two "
     assert source.doc_texts(["d3", "d1"]) == {"d3": "body three", "d1": "Title one body one"}
-    with pytest.raises(KeyError, match="unknown doc id"):
+    with pytest.raises(DataFormatError, match=r"a query: unknown document id 'nope' \(not in dataset"):
         source.doc_texts(["nope"])
     # the same dataset straight from ir_datasets
     assert [q.query_id for q in ir_datasets.load("local/tiny-beir").queries_iter()] == ["q1", "q2"]
