@@ -112,7 +112,7 @@ def build_training_examples(
     existing file is replaced only with ``overwrite``).
 
     ``docs`` maps document id → text: a ``Mapping`` or any object with ``.get(id)`` (an ir_datasets docs store
-    works; documents with ``default_text()`` or ``.text`` are turned into text). Every document id in the qrels, the
+    works; documents are turned into text by `retriever.data.sources.doc_text`). Every document id in the qrels, the
     run and the teacher file must be known to it. One row per (query, positive) in qrels order; queries without a
     positive judgment are skipped. ``max_candidates`` caps the negatives kept per row (after removing positives).
     """
