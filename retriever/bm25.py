@@ -18,6 +18,10 @@ sentence keeps its period (``"word."`` and ``"word"`` are different tokens). Thi
 numbers of the default synthetic benchmark (seed 0, 2,000 docs, 200 test queries): nDCG@10 0.7261, MRR@10 0.9577,
 R@100 0.7888 (``retriever.data.synthetic``'s own candidate generator strips periods first and ranks differently).
 
+**Build.** Token ids are streamed in int32 chunks reduced to (document, term, count) triples, and the score matrix
+is computed with numpy: bm25s's own matrix bit for bit, faster and in less memory than ``bm25s.BM25.index`` on
+Python lists of token ids (``benchmarks/bench_bm25_build.py``). bm25s searches it.
+
 **Saved indexes.** ``Bm25Index.save`` writes bm25s's arrays, the vocabulary, the document ids (a fixed-width numpy
 array) and ``bm25.json`` (settings, document count, sha256 of every file; written last, so a folder without it is
 incomplete); ``Bm25Index.load`` checks them and memory-maps the arrays (a corpus-sized index is not read whole).
@@ -30,10 +34,13 @@ ties at the k-th place included in that order, so a run does not depend on the l
 from __future__ import annotations
 
 import json
+import math
+from array import array
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+import numba
 import numpy as np
 
 from retriever.checksums import sha256_file
@@ -54,7 +61,8 @@ def tokenize(text: str) -> list[str]:
 
 
 class Bm25Index:
-    """A BM25 index over ``(doc_id, text)`` pairs, built in memory with ``bm25s`` (Lucene idf, k1, b)."""
+    """A BM25 index over ``(doc_id, text)`` pairs: the score matrix built here with numpy, searched with ``bm25s``
+    (Lucene idf, k1, b)."""
 
     def __init__(
         self, docs: Iterable[tuple[str, str]], *, k1: float = K1, b: float = B, dtype: str = "float32"
@@ -67,7 +75,7 @@ class Bm25Index:
         self.doc_ids: list[str] = []
         seen: set[str] = set()
         vocab: dict[str, int] = {}
-        token_ids: list[list[int]] = []
+        counts = _TermCounts()
         for i, pair in enumerate(docs):
             if not (isinstance(pair, tuple | list) and len(pair) == 2):
                 raise TypeError(f"document {i}: expected a (doc_id, text) pair, got {pair!r:.80}")
@@ -78,13 +86,16 @@ class Bm25Index:
                 raise DataFormatError(f"document {i}: duplicate doc_id {doc_id!r}")
             seen.add(doc_id)
             self.doc_ids.append(doc_id)
-            # token ids as we go rather than lists of strings: the corpus can be large
-            token_ids.append([vocab.setdefault(token, len(vocab)) for token in tokenize(text)])
+            counts.add([vocab.setdefault(token, len(vocab)) for token in tokenize(text)])
         if not self.doc_ids:
             raise DataFormatError("BM25 needs at least one document (the corpus is empty)")
         self._model = bm25s.BM25(k1=self.k1, b=self.b, method="lucene", dtype=dtype)
-        self._model.index((token_ids, vocab), show_progress=False)
-        self._vocab = vocab
+        self._model.scores = counts.score_matrix(len(vocab), self.k1, self.b, np.dtype(dtype))
+        self._model.nonoccurrence_array = None
+        # bm25s's own index() adds the empty token (it scores nothing; `tokenize` never yields it)
+        self._model.vocab_dict = {**vocab, "": len(vocab)} if "" not in vocab else vocab
+        self._model.unique_token_ids_set = set(self._model.vocab_dict.values())
+        self._vocab = self._model.vocab_dict
 
     def save(self, directory: str | Path) -> Path:
         """Write the index into the empty or new folder ``directory`` (see the module docstring)."""
@@ -152,6 +163,78 @@ class Bm25Index:
             if not isinstance(qid, str) or not isinstance(text, str):
                 raise TypeError(f"queries must map str query id -> str text, got {qid!r}: {text!r:.80}")
         return {qid: self.top_k(text, k) for qid, text in queries.items()}
+
+
+class _TermCounts:
+    """Per-document term counts of a corpus streamed in: the token ids of ``CHUNK_DOCS`` documents at a time (int32),
+    reduced to (document, term, count) triples per chunk, so a corpus-sized build holds compact arrays, not Python
+    lists of token ids."""
+
+    CHUNK_DOCS = 65_536
+
+    def __init__(self) -> None:
+        self.lengths: list[int] = []
+        self._pending = array("i")
+        self._pending_docs = 0
+        self._chunks: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # (documents, terms, counts)
+
+    def add(self, token_ids: list[int]) -> None:
+        self._pending.extend(token_ids)
+        self.lengths.append(len(token_ids))
+        self._pending_docs += 1
+        if self._pending_docs == self.CHUNK_DOCS:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._pending_docs:
+            return
+        first = len(self.lengths) - self._pending_docs
+        lengths = np.asarray(self.lengths[first:], dtype=np.int64)
+        docs = np.repeat(np.arange(first, len(self.lengths), dtype=np.int64), lengths)
+        keys = (docs << 32) | np.frombuffer(self._pending, dtype=np.int32).astype(np.int64)
+        pairs, tf = np.unique(keys, return_counts=True)  # sorted by (document, term)
+        tf = tf.astype(np.uint16 if tf.max(initial=0) < 2**16 else np.int32)
+        self._chunks.append(((pairs >> 32).astype(np.int32), (pairs & 0xFFFFFFFF).astype(np.int32), tf))
+        self._pending = array("i")
+        self._pending_docs = 0
+
+    def score_matrix(self, n_terms: int, k1: float, b: float, dtype: np.dtype) -> dict[str, Any]:
+        """bm25s's score matrix (CSC over terms: ``data``, ``indices`` = documents, ``indptr``, ``num_docs``) for
+        Lucene BM25, value for value what ``bm25s.BM25(method="lucene").index`` computes: the same float64 operations
+        in the same order, rounded to ``dtype`` at the end."""
+        self._flush()
+        lengths = np.asarray(self.lengths, dtype=np.int64)
+        n_docs = len(lengths)
+        df = np.zeros(n_terms, dtype=np.int64)
+        for _, terms, _ in self._chunks:
+            df += np.bincount(terms, minlength=n_terms)
+        values, where = np.unique(df, return_inverse=True)
+        # math.log per distinct document frequency, as bm25s (np.log may differ from it in the last bit)
+        idf = np.array([math.log(1 + (n_docs - v + 0.5) / (v + 0.5)) if v else 0.0 for v in values.tolist()])
+        idf = idf.astype(dtype)[where]
+        norm = k1 * ((1 - b) + b * lengths / lengths.mean())
+        indptr = np.zeros(n_terms + 1, dtype=np.int64)
+        np.cumsum(df, out=indptr[1:])
+        data = np.empty(int(indptr[-1]), dtype=dtype)
+        indices = np.empty(int(indptr[-1]), dtype=np.int32)
+        fill = indptr[:-1].copy()
+        while self._chunks:  # chunk by chunk: the float64 intermediates stay chunk-sized
+            docs, terms, counts = self._chunks.pop(0)
+            tf = counts.astype(dtype)
+            scores = (idf[terms] * (tf / (norm[docs] + tf))).astype(dtype)
+            _scatter_by_term(docs, terms, scores, fill, indices, data)
+        return {"data": data, "indices": indices, "indptr": indptr, "num_docs": n_docs}
+
+
+@numba.njit(cache=True)
+def _scatter_by_term(docs, terms, scores, fill, indices, data) -> None:
+    """Append each (document, term, score) to its term's column (``fill``: the next free slot of every column).
+    Documents arrive in ascending order, so each column's documents stay ascending, as in bm25s's matrix."""
+    for i in range(terms.shape[0]):
+        slot = fill[terms[i]]
+        indices[slot] = docs[i]
+        data[slot] = scores[i]
+        fill[terms[i]] = slot + 1
 
 
 def verify_index(directory: str | Path) -> dict[str, Any]:
