@@ -181,6 +181,8 @@ def main() -> int:
     )
     parser.add_argument("--noop-server", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.pairs < 1:
+        parser.error("--pairs must be at least 1 (the first pair is the main rows)")
     if args.noop_server:
         noop_server(args.noop_server)
         return 0
@@ -219,17 +221,19 @@ def main() -> int:
         "plain-1t: one torch thread"
     )
 
-    def run(name: str, concurrency: list[int]) -> list[tuple[str, int, dict]]:
-        """Start configuration ``name`` as a user would, warm it up, measure each concurrency, stop it."""
+    def run(name: str, concurrency: list[int], label: str = "") -> list[tuple[str, int, dict]]:
+        """Start configuration ``name`` as a user would, warm it up, measure each concurrency, stop it; rows and
+        log are named ``label`` (default: the name)."""
+        label = label or name
         extra, variant_env = variants[name]
         port = free_port()
         url = f"http://127.0.0.1:{port}"
         if name == "serve-noop":
             command = [sys.executable, __file__, "--noop-server", str(port)]
-            log = (work / f"{name}.log").open("w")
+            log = (work / f"{label}.log").open("w")
             process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
         else:
-            process = start(config, port, extra, variant_env, work / f"{name}.log")
+            process = start(config, port, extra, variant_env, work / f"{label}.log")
         measured = []
         try:
             began = time.perf_counter()
@@ -238,10 +242,10 @@ def main() -> int:
             asyncio.run(load(url, queries, 4, 3.0, 200, args.k))  # warm-up: models loaded, kernels compiled
             for clients in concurrency:
                 result = asyncio.run(load(url, queries, clients, args.duration, args.max_requests, args.k))
-                measured.append((name, clients, result))
+                measured.append((label, clients, result))
                 failed = sum(result["errors"].values())
                 print(
-                    f"{name:<14} clients {clients:>3}  {result['qps']:8.1f} QPS  p50 {result['p50']:7.1f} ms  "
+                    f"{label:<14} clients {clients:>3}  {result['qps']:8.1f} QPS  p50 {result['p50']:7.1f} ms  "
                     f"p95 {result['p95']:7.1f} ms  p99 {result['p99']:7.1f} ms  errors {failed}"
                     f"  load generator {100 * result['loadgen_cpu']:.0f}% of the machine  (ready in {ready:.0f} s)",
                     flush=True,
@@ -256,8 +260,8 @@ def main() -> int:
         # This machine's speed drifts between minutes, so one (a) and one (b) row minutes apart can be off by a third:
         # (a) and (b) are measured again, alternately, and the ratio is taken per adjacent pair.
         pairs = [(by[("serve", 16)]["qps"], by[("serve-nobatch", 16)]["qps"])]
-        for _ in range(args.pairs - 1):
-            again = {name: run(name, [16])[0] for name in ("serve", "serve-nobatch")}
+        for pair in range(2, args.pairs + 1):
+            again = {name: run(name, [16], f"{name} (pair {pair})")[0] for name in ("serve", "serve-nobatch")}
             rows.extend(again.values())
             pairs.append((again["serve"][2]["qps"], again["serve-nobatch"][2]["qps"]))
         ratios = [a / b for a, b in pairs]

@@ -205,6 +205,8 @@ class _TermCounts:
         self._flush()
         lengths = np.asarray(self.lengths, dtype=np.int64)
         n_docs = len(lengths)
+        if not lengths.any():
+            raise DataFormatError(f"BM25 needs at least one token; all {n_docs} documents are empty or whitespace")
         df = np.zeros(n_terms, dtype=np.int64)
         for _, terms, _ in self._chunks:
             df += np.bincount(terms, minlength=n_terms)

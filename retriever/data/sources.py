@@ -171,11 +171,14 @@ class DocTexts:
         self._store = store
         self.name = name
 
-    def __getitem__(self, docid: str) -> str:
+    def _get(self, docid: str) -> Any:
         try:
-            value = self._store.get(docid)
-        except KeyError:
-            value = None
+            return self._store.get(docid)
+        except KeyError:  # ir_datasets stores raise it for an unknown id, mappings return None
+            return None
+
+    def __getitem__(self, docid: str) -> str:
+        value = self._get(docid)
         if value is None:
             raise UnknownNameError(
                 f"document {docid!r} is not in {self.name}; the examples and data.docs do not match"
@@ -183,19 +186,20 @@ class DocTexts:
         return _text_of(value, docid)
 
     def get_many(self, doc_ids: Iterable[str], needed_by: Mapping[str, str] | None = None) -> dict[str, str]:
-        """Texts of ``doc_ids`` (each once, in first-seen order). An unknown id is a `DataFormatError` naming what
-        asked for it: ``needed_by`` maps an id to that (e.g. "query 'q7'"), else "a query"."""
+        """Texts of ``doc_ids`` (each once, in first-seen order). An unknown id is a `DataFormatError`, naming what
+        asked for it where ``needed_by`` maps the id to that (e.g. "query 'q7'")."""
         wanted = list(dict.fromkeys(doc_ids))
         get_many = getattr(self._store, "get_many", None)
         if callable(get_many) and not isinstance(self._store, Mapping):
             found = dict(get_many(wanted))
         else:
-            found = {docid: value for docid in wanted if (value := self._store.get(docid)) is not None}
+            found = {docid: value for docid in wanted if (value := self._get(docid)) is not None}
         for docid in wanted:
             if docid not in found:
-                who = (needed_by or {}).get(docid, "a query")
+                who = (needed_by or {}).get(docid)
+                where = f"{who}: " if who else ""
                 raise DataFormatError(
-                    f"{who}: unknown document id {docid!r} (not in {self.name}); fix the id or use the corpus it "
+                    f"{where}unknown document id {docid!r} (not in {self.name}); fix the id or use the corpus it "
                     "comes from"
                 )
         return {docid: _text_of(found[docid], docid) for docid in wanted}

@@ -59,6 +59,8 @@ def test_tokens_are_whitespace_split_only() -> None:
 def test_bad_input_fails_clearly() -> None:
     with pytest.raises(ValueError, match="at least one document"):
         Bm25Index([])
+    with pytest.raises(ValueError, match="at least one token; all 2 documents are empty"):
+        Bm25Index([("d1", ""), ("d2", "  ")])
     with pytest.raises(ValueError, match="duplicate doc_id 'd1'"):
         Bm25Index([("d1", "a"), ("d1", "b")])
     with pytest.raises(TypeError, match=r"document 1: expected a \(doc_id, text\) pair"):
