@@ -357,8 +357,8 @@ def _query_pruned(
     total_work,
 ) -> bool:
     """Exact top-k with bound-based skipping (non-negative weights only; ``total_work``: the postings of the query's
-    terms). Returns False, having written nothing,
-    when skipping would not pay off; the caller then runs the exhaustive search.
+    terms). Returns False, having written nothing, when skipping would not pay off; the caller then runs the
+    exhaustive search.
 
     Phase 1 accumulates whole posting lists (float64), largest bound first, until the bound on what the remaining
     terms can add is below the k-th partial score theta: no unseen document can reach the top-k. Phase 2 completes
