@@ -20,7 +20,7 @@ import pytest
 import requests
 import yaml
 
-from tests.conftest import REPO_ROOT, SERVE_QUERIES, free_port, free_ports, stop_group, write_experiment
+from tests.conftest import REPO_ROOT, SERVE_QUERIES, free_ports, stop_group, write_experiment
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(900)]
 
@@ -65,11 +65,11 @@ def cluster():
     """A Ray head (job API on the dashboard port), an MLflow server and a Prometheus, all on loopback; stopped at the
     end with every process they started (each runs in its own process group)."""
     root = Path(tempfile.mkdtemp(prefix="rj", dir="/tmp"))  # short: Ray's socket paths have a length limit
-    gcs, dashboard, client, agent, agent_grpc, env_agent, metrics, node_manager, object_manager, mlflow_port = (
-        free_ports(10)
-    )
-    prometheus_port = free_port()
-    workers = free_ports(48)
+    # One call: ports drawn in separate calls can repeat, and Ray refuses a port given to two of its components.
+    # The Serve port too: a later free_port() may hand out a worker port that no worker has bound yet.
+    ports = free_ports(12 + 48)
+    gcs, dashboard, client, agent, agent_grpc, env_agent, metrics, node_manager, object_manager = ports[:9]
+    mlflow_port, prometheus_port, serve_port, workers = ports[9], ports[10], ports[11], ports[12:]
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
     env.pop("RAY_ADDRESS", None)
     # Every process of the cluster sends its metrics to the node's exporter each second (Ray's default: 10 s).
@@ -108,6 +108,7 @@ def cluster():
             "mlflow": f"http://127.0.0.1:{mlflow_port}",
             "prometheus": f"http://127.0.0.1:{prometheus_port}" if prometheus else None,
             "started": time.time(),
+            "serve_port": serve_port,
         }
     finally:
         for process in (head, mlflow, prometheus):
@@ -270,7 +271,7 @@ def test_prometheus_scraping_the_cluster_has_data_for_every_dashboard_panel(clus
     from ray.job_submission import JobStatus
 
     root, client = cluster["root"], jobs["client"]
-    port = free_port()
+    port = cluster["serve_port"]
     serve_config = root / "serve.yaml"
     settings = {
         "models": [{"name": "one", "encoder": str(jobs["encoder"]), "index": str(root / "indexed" / "index")}],
