@@ -10,8 +10,8 @@ every row, since it competes with the server for the same cores.
 
 Configurations (one replica per deployment; Serve's ingress is HAProxy when the `haproxy` binary is installed, as
 `retriever serve` starts it by default):
-  (a) serve        searches of the same model that queue while the router is busy form one batch (up to 64; two
-                   batches in flight per model; a free slot waits up to 5 ms for more while another batch runs):
+  (a) serve        searches of the same model that queue while the router is busy form one batch (up to 64; one
+                   batch in flight per model; the next waits up to 5 ms for the clients just answered to return):
                    one encoder call and one call per shard per batch, over gRPC (Serve's throughput mode); the
                    QueryEncoder and IndexShards batch calls again (`@serve.batch`, no wait)
   (b) serve-nobatch  the same with max_batch_size=1 at every hop (the router still runs up to 64 requests per model

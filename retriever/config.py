@@ -409,13 +409,16 @@ class DeploymentConfig(StrictModel):
 class RouterDeploymentConfig(DeploymentConfig):
     max_batch_size: int = Field(64, gt=0, description="searches answered together (one call per model and shard)")
     batch_wait_timeout_s: float = Field(
-        0.005, ge=0, description="wait for more searches before a batch starts while a slot is free (0: none)"
+        0.005,
+        ge=0,
+        description="longest wait of a free batch slot for the searches expected back (as many as were outstanding "
+        "before); 0: none",
     )
     max_concurrent_batches: int = Field(
-        2,
+        1,
         gt=0,
-        description="batches in flight at once for each model (or hybrid set of models): one is encoded while "
-        "others are searched",
+        description="batches in flight at once for each model (or hybrid set of models); more overlap one batch's "
+        "encoding with another's search, but split a closed loop of clients into smaller batches",
     )
 
 

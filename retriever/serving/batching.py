@@ -1,5 +1,6 @@
-"""Adaptive batching for the router: a request waits only while every batch slot is busy, and a freed slot takes
-everything that queued up meanwhile (up to the batch size).
+"""Adaptive batching for the router: a request waits only while every batch slot is busy or while the callers of a
+batch just answered are expected back, and a freed slot takes everything that queued up meanwhile (up to the batch
+size).
 
 Why not `@serve.batch` here: it forms a batch as soon as its wait ends, whether or not the previous one is done, so
 under load it builds many small batches that then queue behind each other; a router whose downstream calls take
@@ -17,9 +18,12 @@ Result = TypeVar("Result")
 
 
 class Coalescer(Generic[Item, Result]):
-    """Runs ``handler`` on batches of submitted items, at most ``max_concurrent`` batches at a time. When a slot is
-    free while another batch runs and fewer than ``max_batch_size`` items wait, it waits ``wait_s`` for more (0:
-    starts at once); with nothing else running a batch starts at once, so an idle service adds no wait."""
+    """Runs ``handler`` on batches of submitted items, at most ``max_concurrent`` batches at a time.
+
+    A free slot waits up to ``wait_s`` for more (0: starts at once) while fewer items queue than were outstanding
+    (queued or in a batch) at the peak since the last batch started, capped at ``max_batch_size``, and starts as soon
+    as that many queue. So callers that come back right after their answer (a closed loop of clients) join one
+    batch instead of splitting into groups that alternate, and a lone caller never waits: its peak is one."""
 
     def __init__(
         self,
@@ -40,20 +44,31 @@ class Coalescer(Generic[Item, Result]):
         self._queue: list[tuple[Item, asyncio.Future[Result]]] = []
         self._running = 0  # batches started, waiting ones included
         self._waiting = False  # a started batch is waiting for more items
+        self._filled: asyncio.Event | None = None  # set when the waiting batch has what it waits for
+        self._outstanding = 0  # items queued or in a running batch
+        self._peak = 0  # the most outstanding at once since the last batch was taken
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def submit(self, item: Item) -> Result:
         future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
         self._queue.append((item, future))
+        self._outstanding += 1
+        self._peak = max(self._peak, self._outstanding)
+        if self._filled is not None and len(self._queue) >= self._wanted():
+            self._filled.set()
         self._start_batches()
         return await future
+
+    def _wanted(self) -> int:
+        return min(self._peak, self.max_batch_size)
 
     def _start_batches(self) -> None:
         # One batch waits for more at a time; the items queued now are taken now, so each started batch has some.
         while self._queue and self._running < self.max_concurrent and not self._waiting:
             self._running += 1
-            if self.wait_s and self._running > 1 and len(self._queue) < self.max_batch_size:
+            if self.wait_s and len(self._queue) < self._wanted():
                 self._waiting = True
+                self._filled = asyncio.Event()
                 batch = None
             else:
                 batch = self._take()
@@ -64,15 +79,21 @@ class Coalescer(Generic[Item, Result]):
     def _take(self) -> list[tuple[Item, asyncio.Future[Result]]]:
         batch = self._queue[: self.max_batch_size]
         del self._queue[: self.max_batch_size]
+        self._peak = self._outstanding
         return batch
 
     async def _run(self, batch: list[tuple[Item, asyncio.Future[Result]]] | None) -> None:
         try:
             if batch is None:
+                filled = self._filled
                 try:
-                    await asyncio.sleep(self.wait_s)
+                    async with asyncio.timeout(self.wait_s):
+                        if filled is not None:
+                            await filled.wait()
+                except TimeoutError:
+                    pass
                 finally:
-                    self._waiting = False
+                    self._waiting, self._filled = False, None
                 batch = self._take()
             if not batch:
                 return
@@ -92,6 +113,7 @@ class Coalescer(Generic[Item, Result]):
                     if not future.done():
                         future.set_exception(exc)
         finally:
+            self._outstanding -= len(batch or ())
             self._running -= 1
             self._start_batches()
 

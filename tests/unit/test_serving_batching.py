@@ -33,7 +33,7 @@ def test_requests_that_queue_while_a_batch_runs_form_the_next_batch() -> None:
     assert sizes == [1, 4, 4, 1]
 
 
-def test_a_free_slot_waits_for_more_only_while_another_batch_runs() -> None:
+def test_a_free_slot_waits_for_more_while_another_batch_runs_and_an_idle_one_starts_at_once() -> None:
     starts: list[tuple[float, list[int]]] = []
 
     async def handler(items: list[int]) -> list[int]:
@@ -56,6 +56,57 @@ def test_a_free_slot_waits_for_more_only_while_another_batch_runs() -> None:
     assert [items for _, items in starts] == [[0], [1, 2]]
     assert starts[0][0] - began < 0.1  # well before the wait would have ended
     assert starts[1][0] - began >= 0.2
+
+
+def closed_loop(callers: int, rounds: int, wait_s: float) -> list[int]:
+    """Batch sizes when ``callers`` each submit ``rounds`` times, coming back 2 ms after every answer (the way back
+    to the client and its next request); caller 0 starts alone, the others 5 ms later, while its batch runs."""
+    sizes: list[int] = []
+
+    async def handler(items: list[int]) -> list[int]:
+        sizes.append(len(items))
+        await asyncio.sleep(0.02)
+        return items
+
+    async def main() -> None:
+        batcher = Coalescer(handler, max_batch_size=64, max_concurrent=1, wait_s=wait_s)
+
+        async def caller(i: int) -> None:
+            await asyncio.sleep(0.005 if i else 0)
+            for _ in range(rounds):
+                assert await batcher.submit(i) == i
+                await asyncio.sleep(0.002)
+
+        await asyncio.gather(*(caller(i) for i in range(callers)))
+
+    run(main())
+    return sizes
+
+
+def test_callers_that_come_back_after_their_answer_join_one_batch() -> None:
+    # Without a wait the latecomers and caller 0 alternate as two groups for ever: each batch starts with whoever
+    # queued while the other group's batch ran.
+    assert closed_loop(8, 6, wait_s=0) == [1, 7] * 6
+    # With one, the batch after caller 0's waits for it (8 were outstanding) and from then on all 8 go together; the
+    # wait ends when the 8th is back, not after the 0.2 s.
+    began = time.perf_counter()
+    sizes = closed_loop(8, 6, wait_s=0.2)
+    assert sizes[:2] == [1, 8] and sizes.count(8) >= 5, sizes
+    assert time.perf_counter() - began < 0.6
+
+
+def test_a_lone_caller_never_waits() -> None:
+    async def handler(items: list[int]) -> list[int]:
+        return items
+
+    async def main() -> float:
+        batcher = Coalescer(handler, max_batch_size=8, max_concurrent=1, wait_s=0.5)
+        began = time.perf_counter()
+        for i in range(5):
+            assert await batcher.submit(i) == i
+        return time.perf_counter() - began
+
+    assert run(main()) < 0.5
 
 
 def test_errors_reach_their_own_callers_only() -> None:
