@@ -229,8 +229,51 @@ def atomic_file(target: str | Path, *, overwrite: bool = False, what: str = "the
 
 
 def write_text_atomic(target: str | Path, text: str) -> None:
-    """Replace the small file `target` with `text` in one step (a reader sees the old or the new text)."""
+    """Replace the small file `target` with `text` in one step (a reader sees the old or the new text).
+
+    These files (manifests, sweep state) are written without a lock, so no later writer may remove a temporary
+    sibling left behind: the text goes into an unnamed file in the target's folder (Linux `O_TMPFILE`) that gets a
+    name only once complete, so a writer killed while writing leaves nothing. Where the system or the filesystem
+    cannot, a named sibling is written instead."""
     target = Path(target)
+    data = text.encode()
     tmp = partial_path(target)
-    tmp.write_text(text)
+    try:
+        fd = os.open(target.parent, os.O_TMPFILE | os.O_WRONLY, 0o666)
+    except (AttributeError, OSError):
+        fd = None
+    if fd is not None:
+        try:
+            _write_all(fd, data)
+            named = _name_unnamed(fd, tmp)
+        finally:
+            os.close(fd)
+        if named:
+            os.replace(tmp, target)
+            return
+    try:
+        tmp.write_bytes(data)
+    except BaseException:
+        _remove(tmp)
+        raise
     os.replace(tmp, target)
+
+
+def _name_unnamed(fd: int, path: Path) -> bool:
+    """Give the `O_TMPFILE` file `fd` the name `path` (linkat through /proc, following the link); False where that
+    is impossible (no /proc mounted)."""
+    folder = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        # A destination folder fd makes os.link call linkat, which follows /proc's link to the file (link() won't).
+        os.link(f"/proc/self/fd/{fd}", path.name, dst_dir_fd=folder, follow_symlinks=True)
+        return True
+    except FileNotFoundError:
+        return False
+    finally:
+        os.close(folder)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import subprocess
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from retriever import outputs
 from retriever.errors import OutputBusyError
 from retriever.outputs import atomic_directory, atomic_file, lock_path, output_lock, write_text_atomic
 
@@ -115,6 +117,63 @@ def test_a_killed_writer_leaves_nothing_in_place_and_the_next_one_succeeds(tmp_p
         (tmp / "whole.txt").write_text("whole")
     assert _tree(out) == {"whole.txt": b"whole"}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "ready"]  # the killed writer's partial is gone
+
+
+def test_a_small_file_whose_writer_fails_or_is_killed_mid_write_leaves_the_old_text_and_nothing_else(
+    tmp_path, monkeypatch
+):
+    folder, ready = tmp_path / "run", tmp_path / "ready"
+    folder.mkdir()
+    out = folder / "state.json"
+    write_text_atomic(out, "old\n")
+
+    def half_then_full_disk(fd: int, data: bytes) -> None:
+        os.write(fd, data[: len(data) // 2])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(outputs, "_write_all", half_then_full_disk)
+        with pytest.raises(OSError, match="No space left"):
+            write_text_atomic(out, "new text\n")
+    assert [p.name for p in folder.iterdir()] == ["state.json"] and out.read_text() == "old\n"
+
+    script = textwrap.dedent(
+        f"""
+        import os, time
+        from pathlib import Path
+        from retriever import outputs
+
+        def stall(fd, data):
+            os.write(fd, data[:10])
+            Path({str(ready)!r}).write_text("1")
+            time.sleep(60)
+
+        outputs._write_all = stall
+        outputs.write_text_atomic(Path({str(out)!r}), "x" * 100)
+        """
+    )
+    writer = subprocess.Popen([sys.executable, "-c", script])
+    try:
+        deadline = time.monotonic() + 30
+        while not ready.exists():
+            assert time.monotonic() < deadline and writer.poll() is None, "the writer did not start"
+            time.sleep(0.05)
+        writer.send_signal(signal.SIGKILL)
+        writer.wait(timeout=30)
+    finally:
+        if writer.poll() is None:
+            writer.kill()
+    assert [p.name for p in folder.iterdir()] == ["state.json"] and out.read_text() == "old\n"
+    write_text_atomic(out, "new\n")
+    assert [p.name for p in folder.iterdir()] == ["state.json"] and out.read_text() == "new\n"
+
+
+def test_a_small_file_is_written_through_a_named_sibling_where_unnamed_files_are_unsupported(tmp_path, monkeypatch):
+    monkeypatch.delattr(os, "O_TMPFILE")
+    out = tmp_path / "state.json"
+    write_text_atomic(out, "one\n")
+    write_text_atomic(out, "two\n")
+    assert [p.name for p in tmp_path.iterdir()] == ["state.json"] and out.read_text() == "two\n"
 
 
 def test_an_unwritable_location_is_named(tmp_path):
