@@ -242,27 +242,34 @@ def write_text_atomic(target: str | Path, text: str) -> None:
         fd = os.open(target.parent, os.O_TMPFILE | os.O_WRONLY, 0o666)
     except (AttributeError, OSError):
         fd = None
+    named = False
     if fd is not None:
         try:
             _write_all(fd, data)
             named = _name_unnamed(fd, tmp)
         finally:
             os.close(fd)
-        if named:
-            os.replace(tmp, target)
-            return
+    if not named:
+        _write_named(tmp, data)
+    try:
+        os.replace(tmp, target)
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+def _write_named(tmp: Path, data: bytes) -> None:
     try:
         tmp.write_bytes(data)
     except BaseException:
         _remove(tmp)
         raise
-    os.replace(tmp, target)
 
 
 def _name_unnamed(fd: int, path: Path) -> bool:
     """Give the `O_TMPFILE` file `fd` the name `path` (linkat through /proc, following the link); False where that
     is impossible (no /proc mounted)."""
-    folder = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    folder = os.open(path.parent, os.O_PATH | os.O_DIRECTORY)  # O_PATH: a folder we may write but not list
     try:
         # A destination folder fd makes os.link call linkat, which follows /proc's link to the file (link() won't).
         os.link(f"/proc/self/fd/{fd}", path.name, dst_dir_fd=folder, follow_symlinks=True)

@@ -38,10 +38,28 @@ SHARED_DATA = Path(os.environ.get("RETRIEVER_SHARED_DATA", REPO_ROOT.parent / "s
 
 
 def free_ports(count: int) -> list[int]:
-    """``count`` distinct loopback ports that were free just now."""
+    """``count`` distinct loopback ports that were free just now, drawn between Ray's default worker ports (up to
+    19999) and the kernel's ephemeral range, where `bind(0)` and outgoing connections get theirs: so no other
+    process is handed one of them before the test's server binds it."""
+    import random
     import socket
 
-    sockets = [socket.socket() for _ in range(count)]
+    try:
+        ephemeral = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral = 32768
+    candidates = random.sample(range(20000, ephemeral), k=max(0, ephemeral - 20000))
+    ports: list[int] = []
+    for port in candidates:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        ports.append(port)
+        if len(ports) == count:
+            return ports
+    sockets = [socket.socket() for _ in range(count)]  # no such range here: the kernel's choice
     try:
         for s in sockets:
             s.bind(("127.0.0.1", 0))

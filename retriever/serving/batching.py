@@ -13,6 +13,8 @@ import asyncio
 from collections.abc import Awaitable, Callable, Hashable, Sequence
 from typing import Any, Generic, TypeVar
 
+IDLE_FORGET_WAITS = 10  # waits with nothing outstanding after which a Coalescer forgets its peak
+
 Item = TypeVar("Item")
 Result = TypeVar("Result")
 
@@ -23,7 +25,9 @@ class Coalescer(Generic[Item, Result]):
     A free slot waits up to ``wait_s`` for more (0: starts at once) while fewer items queue than were outstanding
     (queued or in a batch) at the peak since the last batch started, capped at ``max_batch_size``, and starts as soon
     as that many queue. So callers that come back right after their answer (a closed loop of clients) join one
-    batch instead of splitting into groups that alternate, and a lone caller never waits: its peak is one."""
+    batch instead of splitting into groups that alternate. The peak is forgotten after ``IDLE_FORGET_WAITS`` waits
+    with nothing outstanding, so a lone caller never waits; callers that do not come back (open-loop traffic right
+    after a larger batch) cost a batch at most ``wait_s``."""
 
     def __init__(
         self,
@@ -47,10 +51,14 @@ class Coalescer(Generic[Item, Result]):
         self._filled: asyncio.Event | None = None  # set when the waiting batch has what it waits for
         self._outstanding = 0  # items queued or in a running batch
         self._peak = 0  # the most outstanding at once since the last batch was taken
+        self._idle_since = float("-inf")  # loop time when nothing was outstanding any more
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def submit(self, item: Item) -> Result:
-        future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Result] = loop.create_future()
+        if not self._outstanding and loop.time() - self._idle_since > IDLE_FORGET_WAITS * self.wait_s:
+            self._peak = 0  # the callers of the last batches are not coming back
         self._queue.append((item, future))
         self._outstanding += 1
         self._peak = max(self._peak, self._outstanding)
@@ -95,6 +103,7 @@ class Coalescer(Generic[Item, Result]):
                 finally:
                     self._waiting, self._filled = False, None
                 batch = self._take()
+                self._start_batches()  # what is left over (more than a batch queued) takes a free slot now
             if not batch:
                 return
             try:
@@ -114,6 +123,8 @@ class Coalescer(Generic[Item, Result]):
                         future.set_exception(exc)
         finally:
             self._outstanding -= len(batch or ())
+            if not self._outstanding:
+                self._idle_since = asyncio.get_running_loop().time()
             self._running -= 1
             self._start_batches()
 

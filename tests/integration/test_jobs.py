@@ -66,7 +66,6 @@ def cluster():
     end with every process they started (each runs in its own process group)."""
     root = Path(tempfile.mkdtemp(prefix="rj", dir="/tmp"))  # short: Ray's socket paths have a length limit
     # One call: ports drawn in separate calls can repeat, and Ray refuses a port given to two of its components.
-    # The Serve port too: a later free_port() may hand out a worker port that no worker has bound yet.
     ports = free_ports(12 + 48)
     gcs, dashboard, client, agent, agent_grpc, env_agent, metrics, node_manager, object_manager = ports[:9]
     mlflow_port, prometheus_port, serve_port, workers = ports[9], ports[10], ports[11], ports[12:]

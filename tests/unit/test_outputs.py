@@ -119,9 +119,17 @@ def test_a_killed_writer_leaves_nothing_in_place_and_the_next_one_succeeds(tmp_p
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "ready"]  # the killed writer's partial is gone
 
 
+def needs_unnamed_files(folder: Path) -> None:
+    try:
+        os.close(os.open(folder, os.O_TMPFILE | os.O_WRONLY, 0o600))
+    except (AttributeError, OSError) as exc:
+        pytest.skip(f"no O_TMPFILE files in {folder} ({exc}): write_text_atomic writes a named sibling there")
+
+
 def test_a_small_file_whose_writer_fails_or_is_killed_mid_write_leaves_the_old_text_and_nothing_else(
     tmp_path, monkeypatch
 ):
+    needs_unnamed_files(tmp_path)
     folder, ready = tmp_path / "run", tmp_path / "ready"
     folder.mkdir()
     out = folder / "state.json"
@@ -174,6 +182,18 @@ def test_a_small_file_is_written_through_a_named_sibling_where_unnamed_files_are
     write_text_atomic(out, "one\n")
     write_text_atomic(out, "two\n")
     assert [p.name for p in tmp_path.iterdir()] == ["state.json"] and out.read_text() == "two\n"
+    with monkeypatch.context() as patched:  # the named sibling is removed when writing it fails
+        patched.setattr(Path, "write_bytes", lambda self, data: (self.open("wb").write(data[:3]), 1 / 0))
+        with pytest.raises(ZeroDivisionError):
+            write_text_atomic(out, "three\n")
+    assert [p.name for p in tmp_path.iterdir()] == ["state.json"] and out.read_text() == "two\n"
+
+
+def test_a_small_file_that_cannot_replace_its_target_leaves_no_sibling(tmp_path):
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(IsADirectoryError):
+        write_text_atomic(tmp_path / "taken", "text\n")
+    assert [p.name for p in tmp_path.iterdir()] == ["taken"]
 
 
 def test_an_unwritable_location_is_named(tmp_path):

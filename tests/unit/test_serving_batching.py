@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from retriever.serving.batching import Coalescer, KeyedCoalescer
+from retriever.serving.batching import IDLE_FORGET_WAITS, Coalescer, KeyedCoalescer
 
 
 def run(coro):
@@ -87,12 +87,52 @@ def test_callers_that_come_back_after_their_answer_join_one_batch() -> None:
     # Without a wait the latecomers and caller 0 alternate as two groups for ever: each batch starts with whoever
     # queued while the other group's batch ran.
     assert closed_loop(8, 6, wait_s=0) == [1, 7] * 6
-    # With one, the batch after caller 0's waits for it (8 were outstanding) and from then on all 8 go together; the
-    # wait ends when the 8th is back, not after the 0.2 s.
+    # With one, the batch after caller 0's waits for it (8 were outstanding) and from then on all 8 go together; each
+    # wait ends when the 8th is back, not after the 1 s (only the last batch, which caller 0 has left, waits it out).
     began = time.perf_counter()
-    sizes = closed_loop(8, 6, wait_s=0.2)
+    sizes = closed_loop(8, 6, wait_s=1.0)
     assert sizes[:2] == [1, 8] and sizes.count(8) >= 5, sizes
-    assert time.perf_counter() - began < 0.6
+    assert time.perf_counter() - began < 3.0  # about 1.2 s; 6 s if waits ran to their end
+
+
+def test_the_peak_is_forgotten_when_nothing_was_outstanding_for_a_while() -> None:
+    async def handler(items: list[int]) -> list[int]:
+        await asyncio.sleep(0.01)
+        return items
+
+    async def main() -> float:
+        batcher = Coalescer(handler, max_batch_size=8, max_concurrent=1, wait_s=0.05)
+        assert await asyncio.gather(*(batcher.submit(i) for i in range(8))) == list(range(8))
+        await asyncio.sleep(0.05 * IDLE_FORGET_WAITS + 0.1)  # idle: those 8 are not coming back
+        began = time.perf_counter()
+        assert await batcher.submit(8) == 8
+        return time.perf_counter() - began
+
+    assert run(main()) < 0.05  # the 10 ms search, not the 50 ms wait
+
+
+def test_what_is_left_over_when_a_waiting_batch_fills_starts_in_a_free_slot_at_once() -> None:
+    starts: list[tuple[float, int]] = []
+
+    async def handler(items: list[int]) -> list[int]:
+        starts.append((time.perf_counter(), len(items)))
+        await asyncio.sleep(0.4)
+        return items
+
+    async def main() -> float:
+        batcher = Coalescer(handler, max_batch_size=4, max_concurrent=3, wait_s=1.0)
+        first = asyncio.create_task(batcher.submit(0))  # runs 0.4 s; the next free slot waits for more
+        await asyncio.sleep(0.01)
+        began = time.perf_counter()
+        rest = [asyncio.create_task(batcher.submit(i)) for i in range(1, 11)]
+        assert [await task for task in rest] == list(range(1, 11))
+        await first
+        return began
+
+    began = run(main())
+    assert [size for _, size in starts] == [1, 4, 4, 2]
+    # The second batch of 4 takes the third slot as soon as the waiting one fills, not when a running batch ends.
+    assert starts[1][0] - began < 0.2 and starts[2][0] - began < 0.2
 
 
 def test_a_lone_caller_never_waits() -> None:
