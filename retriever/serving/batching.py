@@ -47,8 +47,7 @@ class Coalescer(Generic[Item, Result]):
         self.on_batch = on_batch
         self._queue: list[tuple[Item, asyncio.Future[Result]]] = []
         self._running = 0  # batches started, waiting ones included
-        self._waiting = False  # a started batch is waiting for more items
-        self._filled: asyncio.Event | None = None  # set when the waiting batch has what it waits for
+        self._filled: asyncio.Event | None = None  # while a started batch waits for more: set when it has them
         self._outstanding = 0  # items queued or in a running batch
         self._peak = 0  # the most outstanding at once since the last batch was taken
         self._idle_since = float("-inf")  # loop time when nothing was outstanding any more
@@ -72,15 +71,13 @@ class Coalescer(Generic[Item, Result]):
 
     def _start_batches(self) -> None:
         # One batch waits for more at a time; the items queued now are taken now, so each started batch has some.
-        while self._queue and self._running < self.max_concurrent and not self._waiting:
+        while self._queue and self._running < self.max_concurrent and self._filled is None:
             self._running += 1
             if self.wait_s and len(self._queue) < self._wanted():
-                self._waiting = True
                 self._filled = asyncio.Event()
-                batch = None
+                task = asyncio.create_task(self._run(None, self._filled))
             else:
-                batch = self._take()
-            task = asyncio.create_task(self._run(batch))
+                task = asyncio.create_task(self._run(self._take()))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
@@ -90,18 +87,19 @@ class Coalescer(Generic[Item, Result]):
         self._peak = self._outstanding
         return batch
 
-    async def _run(self, batch: list[tuple[Item, asyncio.Future[Result]]] | None) -> None:
+    async def _run(
+        self, batch: list[tuple[Item, asyncio.Future[Result]]] | None, filled: asyncio.Event | None = None
+    ) -> None:
+        """Answer ``batch``; with ``filled`` instead, first wait for it (or ``wait_s``) and take the batch then."""
         try:
-            if batch is None:
-                filled = self._filled
+            if filled is not None:
                 try:
                     async with asyncio.timeout(self.wait_s):
-                        if filled is not None:
-                            await filled.wait()
+                        await filled.wait()
                 except TimeoutError:
                     pass
                 finally:
-                    self._waiting, self._filled = False, None
+                    self._filled = None
                 batch = self._take()
                 self._start_batches()  # what is left over (more than a batch queued) takes a free slot now
             if not batch:

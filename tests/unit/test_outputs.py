@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import signal
@@ -9,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -84,6 +86,23 @@ def test_a_second_writer_is_refused_with_the_holder_named(tmp_path):
     assert not lock_path(out).exists()
 
 
+@contextlib.contextmanager
+def stalled_writer(script: str, ready: Path) -> Iterator[subprocess.Popen]:
+    """A Python process running ``script``, yielded once it has written ``ready``; killed (SIGKILL) at the end."""
+    writer = subprocess.Popen([sys.executable, "-c", script])
+    try:
+        deadline = time.monotonic() + 30
+        while not ready.exists():
+            assert time.monotonic() < deadline and writer.poll() is None, "the writer did not start"
+            time.sleep(0.05)
+        yield writer
+        writer.send_signal(signal.SIGKILL)
+        writer.wait(timeout=30)
+    finally:
+        if writer.poll() is None:
+            writer.kill()
+
+
 def test_a_killed_writer_leaves_nothing_in_place_and_the_next_one_succeeds(tmp_path):
     out = tmp_path / "out"
     ready = tmp_path / "ready"
@@ -98,20 +117,10 @@ def test_a_killed_writer_leaves_nothing_in_place_and_the_next_one_succeeds(tmp_p
             time.sleep(60)
         """
     )
-    writer = subprocess.Popen([sys.executable, "-c", script])
-    try:
-        deadline = time.monotonic() + 30
-        while not ready.exists():
-            assert time.monotonic() < deadline and writer.poll() is None, "the writer did not start"
-            time.sleep(0.05)
+    with stalled_writer(script, ready) as writer:
         with pytest.raises(OutputBusyError, match=f"pid {writer.pid}"):
             with atomic_directory(out):
                 pass
-        writer.send_signal(signal.SIGKILL)
-        writer.wait(timeout=30)
-    finally:
-        if writer.poll() is None:
-            writer.kill()
     assert not out.exists()
     with atomic_directory(out) as tmp:
         (tmp / "whole.txt").write_text("whole")
@@ -160,17 +169,8 @@ def test_a_small_file_whose_writer_fails_or_is_killed_mid_write_leaves_the_old_t
         outputs.write_text_atomic(Path({str(out)!r}), "x" * 100)
         """
     )
-    writer = subprocess.Popen([sys.executable, "-c", script])
-    try:
-        deadline = time.monotonic() + 30
-        while not ready.exists():
-            assert time.monotonic() < deadline and writer.poll() is None, "the writer did not start"
-            time.sleep(0.05)
-        writer.send_signal(signal.SIGKILL)
-        writer.wait(timeout=30)
-    finally:
-        if writer.poll() is None:
-            writer.kill()
+    with stalled_writer(script, ready):
+        pass
     assert [p.name for p in folder.iterdir()] == ["state.json"] and out.read_text() == "old\n"
     write_text_atomic(out, "new\n")
     assert [p.name for p in folder.iterdir()] == ["state.json"] and out.read_text() == "new\n"

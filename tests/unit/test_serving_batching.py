@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 
 import pytest
 
@@ -33,13 +34,20 @@ def test_requests_that_queue_while_a_batch_runs_form_the_next_batch() -> None:
     assert sizes == [1, 4, 4, 1]
 
 
-def test_a_free_slot_waits_for_more_while_another_batch_runs_and_an_idle_one_starts_at_once() -> None:
+def timed_handler(seconds: float) -> tuple[list[tuple[float, list[int]]], Callable[[list[int]], Awaitable[list[int]]]]:
+    """A handler that answers each batch after ``seconds``, and the (start time, items) of every batch it got."""
     starts: list[tuple[float, list[int]]] = []
 
     async def handler(items: list[int]) -> list[int]:
         starts.append((time.perf_counter(), list(items)))
-        await asyncio.sleep(0.3)
+        await asyncio.sleep(seconds)
         return items
+
+    return starts, handler
+
+
+def test_a_free_slot_waits_for_more_while_another_batch_runs_and_an_idle_one_starts_at_once() -> None:
+    starts, handler = timed_handler(0.3)
 
     async def main() -> float:
         batcher = Coalescer(handler, max_batch_size=8, max_concurrent=2, wait_s=0.2)
@@ -112,12 +120,7 @@ def test_the_peak_is_forgotten_when_nothing_was_outstanding_for_a_while() -> Non
 
 
 def test_what_is_left_over_when_a_waiting_batch_fills_starts_in_a_free_slot_at_once() -> None:
-    starts: list[tuple[float, int]] = []
-
-    async def handler(items: list[int]) -> list[int]:
-        starts.append((time.perf_counter(), len(items)))
-        await asyncio.sleep(0.4)
-        return items
+    starts, handler = timed_handler(0.4)
 
     async def main() -> float:
         batcher = Coalescer(handler, max_batch_size=4, max_concurrent=3, wait_s=1.0)
@@ -130,7 +133,7 @@ def test_what_is_left_over_when_a_waiting_batch_fills_starts_in_a_free_slot_at_o
         return began
 
     began = run(main())
-    assert [size for _, size in starts] == [1, 4, 4, 2]
+    assert [len(items) for _, items in starts] == [1, 4, 4, 2]
     # The second batch of 4 takes the third slot as soon as the waiting one fills, not when a running batch ends.
     assert starts[1][0] - began < 0.2 and starts[2][0] - began < 0.2
 
