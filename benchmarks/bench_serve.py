@@ -6,7 +6,8 @@ indexes of its synthetic evaluation corpus (2,000 passages), exactly what `retri
 configuration is started as a user starts it (`retriever serve CONFIG`, `... --local`) in its own process tree;
 requests alternate between the two models; queries are the synthetic benchmark's test queries. The load generator
 is this process (asyncio + aiohttp, one connection per client); its CPU share of the machine is reported next to
-every row, since it competes with the server for the same cores.
+every row, since it competes with the server for the same cores. So is the server's CPU per search and share of the
+machine (every process of its tree: Ray's services, the replicas, HAProxy): the cost that batching removes.
 
 Configurations (one replica per deployment; Serve's ingress is HAProxy when the `haproxy` binary is installed, as
 `retriever serve` starts it by default):
@@ -76,6 +77,32 @@ def wait_healthy(url: str, process: subprocess.Popen, timeout_s: float) -> None:
 def start(config: Path, port: int, extra: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
     command = [sys.executable, "-m", "retriever", "serve", str(config), "--set", f"port={port}", *extra]
     return subprocess.Popen(command, cwd=ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
+
+
+def tree_cpu_seconds(pid: int) -> dict[tuple[int, float], float]:
+    """CPU seconds (user + system) of process ``pid`` and all its descendants: with `retriever serve` that is Ray's
+    services, every replica and HAProxy. Keyed by (pid, start time), so a reused pid is not mistaken for another."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        processes = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return {}
+    out = {}
+    for process in processes:
+        try:
+            times = process.cpu_times()
+            out[(process.pid, process.create_time())] = times.user + times.system
+        except psutil.NoSuchProcess:
+            continue
+    return out
+
+
+def server_cpu_seconds(before: dict[tuple[int, float], float], after: dict[tuple[int, float], float]) -> float:
+    """CPU the server's processes spent between two `tree_cpu_seconds` samples (one started in between counts from
+    its start; one that ended in between is lost, which no row here has)."""
+    return sum(seconds - before.get(key, 0.0) for key, seconds in after.items())
 
 
 def stop(process: subprocess.Popen) -> None:
@@ -241,13 +268,18 @@ def main() -> int:
             ready = time.perf_counter() - began
             asyncio.run(load(url, queries, 4, 3.0, 200, args.k))  # warm-up: models loaded, kernels compiled
             for clients in concurrency:
+                cpu_before, wall_before = tree_cpu_seconds(process.pid), time.perf_counter()
                 result = asyncio.run(load(url, queries, clients, args.duration, args.max_requests, args.k))
+                cpu = server_cpu_seconds(cpu_before, tree_cpu_seconds(process.pid))
+                result["server_cpu_ms"] = 1000 * cpu / max(result["requests"], 1)
+                result["server_cpu"] = cpu / (time.perf_counter() - wall_before) / (os.cpu_count() or 1)
                 measured.append((label, clients, result))
                 failed = sum(result["errors"].values())
                 print(
                     f"{label:<14} clients {clients:>3}  {result['qps']:8.1f} QPS  p50 {result['p50']:7.1f} ms  "
                     f"p95 {result['p95']:7.1f} ms  p99 {result['p99']:7.1f} ms  errors {failed}"
-                    f"  load generator {100 * result['loadgen_cpu']:.0f}% of the machine  (ready in {ready:.0f} s)",
+                    f"  server CPU {result['server_cpu_ms']:.2f} ms/search, {100 * result['server_cpu']:.0f}%"
+                    f"  load generator {100 * result['loadgen_cpu']:.0f}%  (ready in {ready:.0f} s)",
                     flush=True,
                 )
         finally:
@@ -259,24 +291,36 @@ def main() -> int:
     if ("serve", 16) in by and ("serve-nobatch", 16) in by:
         # This machine's speed drifts between minutes, so one (a) and one (b) row minutes apart can be off by a third:
         # (a) and (b) are measured again, alternately, and the ratio is taken per adjacent pair.
-        pairs = [(by[("serve", 16)]["qps"], by[("serve-nobatch", 16)]["qps"])]
+        first = (by[("serve", 16)], by[("serve-nobatch", 16)])
+        pairs = [first]
         for pair in range(2, args.pairs + 1):
             again = {name: run(name, [16], f"{name} (pair {pair})")[0] for name in ("serve", "serve-nobatch")}
             rows.extend(again.values())
-            pairs.append((again["serve"][2]["qps"], again["serve-nobatch"][2]["qps"]))
-        ratios = [a / b for a, b in pairs]
-        listed = ", ".join(f"{a:.0f}/{b:.0f} = {a / b:.2f}x" for a, b in pairs)
+            pairs.append((again["serve"][2], again["serve-nobatch"][2]))
+        ratios = [a["qps"] / b["qps"] for a, b in pairs]
+        listed = ", ".join(f"{a['qps']:.0f}/{b['qps']:.0f} = {a['qps'] / b['qps']:.2f}x" for a, b in pairs)
         print(f"\nat 16 clients, (a) batched / (b) unbatched, pair by pair: {listed}")
         print(f"median of {len(ratios)} pairs: {float(np.median(ratios)):.2f}x (goal >= 3x)")
+        # Server CPU per search is the cost that batching removes; it moves less with the machine's speed than QPS.
+        costs = ", ".join(f"{b['server_cpu_ms']:.2f}/{a['server_cpu_ms']:.2f} ms" for a, b in pairs)
+        cost_ratios = [b["server_cpu_ms"] / a["server_cpu_ms"] for a, b in pairs]
+        print(
+            f"server CPU per search, (b) unbatched / (a) batched, pair by pair: {costs}; "
+            f"median {float(np.median(cost_ratios)):.2f}x"
+        )
         if ("plain", 16) in by:
             a, c = by[("serve", 16)]["qps"], by[("plain", 16)]["qps"]
             print(f"at 16 clients: serve / plain {a / c:.2f} (goal >= 1)")
-    print("\n| configuration | clients | QPS | p50 ms | p95 ms | p99 ms | errors | load generator CPU |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print(
+        "\n| configuration | clients | QPS | p50 ms | p95 ms | p99 ms | errors | server CPU ms/search | server CPU "
+        "| load generator CPU |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name, clients, r in rows:
         print(
             f"| {name} | {clients} | {r['qps']:.1f} | {r['p50']:.1f} | {r['p95']:.1f} | {r['p99']:.1f} | "
-            f"{sum(r['errors'].values())} | {100 * r['loadgen_cpu']:.0f}% |"
+            f"{sum(r['errors'].values())} | {r['server_cpu_ms']:.2f} | {100 * r['server_cpu']:.0f}% | "
+            f"{100 * r['loadgen_cpu']:.0f}% |"
         )
     total_errors = sum(sum(r["errors"].values()) for _, _, r in rows)
     print(f"errors in all rows: {total_errors}")
