@@ -101,7 +101,7 @@ def tree_cpu_seconds(pid: int) -> dict[tuple[int, float], float]:
 
 def server_cpu_seconds(before: dict[tuple[int, float], float], after: dict[tuple[int, float], float]) -> float:
     """CPU the server's processes spent between two `tree_cpu_seconds` samples (one started in between counts from
-    its start; one that ended in between is lost, which no row here has)."""
+    its start; one that ended in between is not counted)."""
     return sum(seconds - before.get(key, 0.0) for key, seconds in after.items())
 
 
@@ -291,8 +291,7 @@ def main() -> int:
     if ("serve", 16) in by and ("serve-nobatch", 16) in by:
         # This machine's speed drifts between minutes, so one (a) and one (b) row minutes apart can be off by a third:
         # (a) and (b) are measured again, alternately, and the ratio is taken per adjacent pair.
-        first = (by[("serve", 16)], by[("serve-nobatch", 16)])
-        pairs = [first]
+        pairs = [(by[("serve", 16)], by[("serve-nobatch", 16)])]
         for pair in range(2, args.pairs + 1):
             again = {name: run(name, [16], f"{name} (pair {pair})")[0] for name in ("serve", "serve-nobatch")}
             rows.extend(again.values())
@@ -301,7 +300,7 @@ def main() -> int:
         listed = ", ".join(f"{a['qps']:.0f}/{b['qps']:.0f} = {a['qps'] / b['qps']:.2f}x" for a, b in pairs)
         print(f"\nat 16 clients, (a) batched / (b) unbatched, pair by pair: {listed}")
         print(f"median of {len(ratios)} pairs: {float(np.median(ratios)):.2f}x (goal >= 3x)")
-        # Server CPU per search is the cost that batching removes; it moves less with the machine's speed than QPS.
+        # Server CPU per search is the cost that batching removes.
         costs = ", ".join(f"{b['server_cpu_ms']:.2f}/{a['server_cpu_ms']:.2f} ms" for a, b in pairs)
         cost_ratios = [b["server_cpu_ms"] / a["server_cpu_ms"] for a, b in pairs]
         print(
