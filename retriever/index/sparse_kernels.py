@@ -16,9 +16,13 @@ A query with more postings than ``DENSE_LIKE`` times the documents is searched e
 documents without a branch per posting.
 
 Per search thread the index needs ``21 * n_docs`` bytes of scratch (score accumulators, flags, candidate lists).
+A search runs without the GIL, so a server's event loop and other Python threads go on meanwhile.
 """
 
 from __future__ import annotations
+
+import contextlib
+import threading
 
 import numba
 import numpy as np
@@ -92,6 +96,8 @@ def _heap_drain(hs: np.ndarray, hp: np.ndarray, size: int, out_s: np.ndarray, ou
 _HEAP_MAX_K = 16  # up to this k a heap with an inline reject test is fastest; above, select by sort keys
 PRUNE_MAX_K = 64  # above this k the k-th score is too low for the bound to skip enough work: search exhaustively
 DENSE_LIKE = 4  # postings per document above which a query is searched exhaustively (see `_search_batch`)
+THREADSAFE_LAYERS = ("omp", "tbb")  # Numba's `workqueue` layer aborts the process when launched from two threads
+_LAUNCH_LOCK = threading.Lock()
 _SIGN = np.uint32(0x80000000)
 _LOW32 = np.uint64(0xFFFFFFFF)
 
@@ -470,7 +476,17 @@ def _query_pruned(
     return True
 
 
-@numba.njit(parallel=True, cache=True)
+def _launch_guard() -> contextlib.AbstractContextManager[object]:
+    """Nothing where Numba's threading layer is threadsafe, else a lock, so searches from several threads (a
+    server's `asyncio.to_thread`) take turns there instead of aborting the process."""
+    try:
+        layer = numba.threading_layer()
+    except ValueError:  # no parallel launch yet: the first one picks the layer
+        return _LAUNCH_LOCK
+    return contextlib.nullcontext() if layer in THREADSAFE_LAYERS else _LAUNCH_LOCK
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
 def _search_batch(
     offsets, docs, weights, term_max, n_docs, prunable, q_indptr, q_indices, q_weights, threads, out_s, out_p, skipped
 ):
@@ -559,21 +575,22 @@ def search_inverted(
         term_max = term_maxima(offsets, weights)
     if term_max is None:
         term_max = np.zeros(0, dtype=np.float32)
-    _search_batch(
-        offsets,
-        docs,
-        weights,
-        term_max,
-        n_docs,
-        prunable,
-        queries.indptr,
-        queries.indices,
-        queries.weights,
-        numba.get_num_threads(),
-        out_s,
-        out_p,
-        skipped,
-    )
+    with _launch_guard():
+        _search_batch(
+            offsets,
+            docs,
+            weights,
+            term_max,
+            n_docs,
+            prunable,
+            queries.indptr,
+            queries.indices,
+            queries.weights,
+            numba.get_num_threads(),
+            out_s,
+            out_p,
+            skipped,
+        )
     return out_s, out_p
 
 

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import threading
+import time
+
 import numpy as np
 import pytest
 import scipy.sparse as sp
@@ -238,3 +244,83 @@ def test_sparse_batch_validation_errors() -> None:
         SparseBatch.from_terms(["a", "b"], [(np.array([1]), np.array([1.0])), (np.array([2]), np.array([0.0]))], 5)
     with pytest.raises(EncodingFormatError, match="row 1 .id 'b'.: weight nan"):
         SparseBatch.from_terms(["a", "b"], [(np.array([1]), np.array([1.0])), (np.array([2]), np.array([np.nan]))], 5)
+
+
+def full_postings(n_docs: int, terms: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every document holds every term (weights vary by document): each query scans ``n_docs`` postings per term."""
+    offsets = np.arange(terms + 1, dtype=np.int64) * n_docs
+    docs = np.tile(np.arange(n_docs, dtype=np.int32), terms)
+    weights = (np.arange(n_docs * terms, dtype=np.float32) % 97 + 1) / 97
+    return offsets, docs, weights
+
+
+def test_a_search_lets_other_python_threads_run() -> None:
+    """A server searches in a worker thread so that its event loop keeps serving, which needs a search that does not
+    hold the GIL: while one long search runs, this thread's longest stall is far shorter than the search (with the
+    GIL held it would be the whole search)."""
+    n_docs, terms = 200_000, 16
+    offsets, docs, weights = full_postings(n_docs, terms)
+    queries = SparseBatch.from_scipy(
+        [f"q{i}" for i in range(96)], sp.csr_matrix(np.ones((96, terms), dtype=np.float32))
+    )
+    search_inverted(offsets, docs, weights, n_docs, queries.take(np.arange(1)), 10)  # compiled before timing
+    took: list[float] = []
+
+    def search() -> None:
+        start = time.perf_counter()
+        search_inverted(offsets, docs, weights, n_docs, queries, 10, dynamic_pruning=False)
+        took.append(time.perf_counter() - start)
+
+    worker = threading.Thread(target=search)
+    last = time.perf_counter()
+    worker.start()
+    stall = 0.0
+    while worker.is_alive():
+        now = time.perf_counter()
+        stall, last = max(stall, now - last), now
+    stall = max(stall, time.perf_counter() - last)
+    worker.join()
+    assert took[0] > 0.2, "the search must be long enough to tell a held GIL from scheduling noise"
+    assert stall < took[0] / 2, (stall, took[0])
+
+
+CONCURRENT_SEARCHES = """
+import threading
+import numpy as np
+import scipy.sparse as sp
+from retriever.encoding import SparseBatch
+from retriever.index.sparse_kernels import invert, search_inverted
+
+docs = sp.random(3000, 400, density=0.05, random_state=1, format="csr", dtype=np.float32)
+queries = sp.random(64, 400, density=0.05, random_state=2, format="csr", dtype=np.float32)
+doc_batch = SparseBatch.from_scipy([str(i) for i in range(3000)], docs)
+q_batch = SparseBatch.from_scipy([str(i) for i in range(64)], queries)
+offsets, postings, weights = invert(doc_batch)
+expected = search_inverted(offsets, postings, weights, 3000, q_batch, 10)
+results = [None] * 8
+
+def search(i):
+    for _ in range(20):
+        results[i] = search_inverted(offsets, postings, weights, 3000, q_batch, 10)
+
+threads = [threading.Thread(target=search, args=(i,)) for i in range(8)]
+[t.start() for t in threads]
+[t.join() for t in threads]
+assert all(np.array_equal(r[0], expected[0]) and np.array_equal(r[1], expected[1]) for r in results)
+import numba
+print(numba.threading_layer())
+"""
+
+
+@pytest.mark.parametrize("layer", ["workqueue", "omp"])
+def test_searches_from_several_threads_at_once(layer: str) -> None:
+    """Numba's `workqueue` layer (the one every installation has) aborts the process when two threads launch a
+    parallel kernel at once; searches there take turns, and with a threadsafe layer they run side by side."""
+    if layer == "omp":
+        pytest.importorskip("numba.np.ufunc.omppool", reason="no OpenMP threading layer in this Numba")
+    env = {**os.environ, "NUMBA_THREADING_LAYER": layer}
+    done = subprocess.run(
+        [sys.executable, "-c", CONCURRENT_SEARCHES], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[-1] == layer
