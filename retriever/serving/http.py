@@ -32,8 +32,10 @@ from retriever.serving.service import SearchService, ServiceUnavailableError, Un
 Search = Callable[[SearchRequest], Awaitable[SearchResponse]]
 _ERROR = {"model": ErrorResponse}
 # What each route may answer besides 200, documented in the OpenAPI schema (FastAPI's own 422 body is replaced).
-AUTH_ERRORS: dict[int | str, dict[str, Any]] = {401: _ERROR, 413: _ERROR}
-REQUEST_ERRORS: dict[int | str, dict[str, Any]] = {**AUTH_ERRORS, 400: _ERROR, 404: _ERROR, 422: _ERROR, 503: _ERROR}
+Responses = dict[int | str, dict[str, Any]]
+LIMIT_ERRORS: Responses = {413: _ERROR}
+AUTH_ERRORS: Responses = {401: _ERROR}
+REQUEST_ERRORS: Responses = {400: _ERROR, 404: _ERROR, 422: _ERROR, 503: _ERROR}
 BEARER = HTTPBearer(auto_error=False)
 Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)]
 
@@ -131,16 +133,27 @@ def create_app(
     )
     run_search: Search = search or service.search
 
-    async def authorize(credentials: Credentials) -> None:  # async: no thread hop per request
-        if token is None:
-            return
-        given = credentials.credentials if credentials is not None else ""
-        # Constant-time comparison: response time must not reveal how much of the token matched.
-        if not hmac.compare_digest(given.encode("utf-8"), token.encode("utf-8")):
-            from fastapi import HTTPException
+    # Without a token no route checks one, and the schema names neither the bearer scheme nor a 401 (the check
+    # would be a quarter of the app's own time per request).
+    guarded: list[Any] = []
+    guarded_errors: Responses = dict(LIMIT_ERRORS)
+    if token is not None:
+        expected = token.encode("utf-8")
 
-            reason = "missing bearer token" if credentials is None else "wrong bearer token"
-            raise HTTPException(401, f"{reason}; send `Authorization: Bearer <token>`", {"WWW-Authenticate": "Bearer"})
+        async def authorize(credentials: Credentials) -> None:  # async: no thread hop per request
+            given = credentials.credentials if credentials is not None else ""
+            # Constant-time comparison: response time must not reveal how much of the token matched.
+            if not hmac.compare_digest(given.encode("utf-8"), expected):
+                from fastapi import HTTPException
+
+                reason = "missing bearer token" if credentials is None else "wrong bearer token"
+                raise HTTPException(
+                    401, f"{reason}; send `Authorization: Bearer <token>`", {"WWW-Authenticate": "Bearer"}
+                )
+
+        guarded = [Depends(authorize)]
+        guarded_errors.update(AUTH_ERRORS)
+    request_errors = {**guarded_errors, **REQUEST_ERRORS}
 
     @app.exception_handler(UnknownModelError)
     async def _unknown_model(request: Request, exc: UnknownModelError) -> JSONResponse:
@@ -170,7 +183,7 @@ def create_app(
     async def healthz() -> Health:
         return Health(status="ok", models=sorted(service.models))
 
-    @app.get("/models", response_model=ModelsResponse, dependencies=[Depends(authorize)], responses=AUTH_ERRORS)
+    @app.get("/models", response_model=ModelsResponse, dependencies=guarded, responses=guarded_errors)
     async def models() -> ModelsResponse:
         return ModelsResponse(models=service.catalog())
 
@@ -178,8 +191,8 @@ def create_app(
         "/search",
         response_model=SearchResponse,
         response_model_exclude_none=True,
-        dependencies=[Depends(authorize)],
-        responses=REQUEST_ERRORS,
+        dependencies=guarded,
+        responses=request_errors,
     )
     async def search_route(request: SearchRequest) -> SearchResponse:
         started = time.perf_counter()
@@ -191,8 +204,8 @@ def create_app(
         "/encode",
         response_model=EncodeResponse,
         response_model_exclude_none=True,
-        dependencies=[Depends(authorize)],
-        responses=REQUEST_ERRORS,
+        dependencies=guarded,
+        responses=request_errors,
     )
     async def encode_route(request: EncodeRequest) -> EncodeResponse:
         return await service.encode(request)

@@ -234,6 +234,28 @@ def test_the_server_answers_after_bad_input(client) -> None:
     assert ok.status_code == 200 and len(ok.json()["hits"]) == 3
 
 
+GUARDED_ROUTES = [("/search", "post"), ("/encode", "post"), ("/models", "get")]
+
+
+@pytest.mark.parametrize("token", [None, TOKEN], ids=["no token", "token"])
+def test_the_schema_names_the_bearer_scheme_only_where_a_token_is_checked(serving_world, token) -> None:
+    cfg = serve_config(serving_world)
+    with TestClient(create_app(SearchService(LocalBackend(build_catalog(cfg)), cfg), token=token)) as test_client:
+        schema = test_client.get("/openapi.json").json()
+        search = test_client.post("/search", json={"query": "the lazy dog", "k": 2, "model": "dense"})
+    responses = {path: set(schema["paths"][path][method]["responses"]) for path, method in GUARDED_ROUTES}
+    schemes = schema.get("components", {}).get("securitySchemes", {})
+    if token is None:
+        assert search.status_code == 200
+        assert not schemes and all("401" not in codes and "413" in codes for codes in responses.values())
+    else:
+        assert search.status_code == 401 and search.headers["WWW-Authenticate"] == "Bearer"
+        assert schemes["HTTPBearer"]["scheme"] == "bearer"
+        assert all({"401", "413"} <= codes for codes in responses.values())
+        security = [schema["paths"][path][method]["security"] for path, method in GUARDED_ROUTES]
+        assert security == [[{"HTTPBearer": []}]] * len(GUARDED_ROUTES)
+
+
 class _SilentShard:
     """Wraps a backend so that one shard never answers (a hung or lost replica)."""
 
