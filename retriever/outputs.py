@@ -7,9 +7,10 @@
 The lock is `.<name>.lock` next to the output, held with `flock` (released by the kernel when the process dies, so
 a killed writer never blocks the next one) and naming its holder (pid, host, command) for the refusal message.
 Temporary siblings are `.partial-<id>-<name>` (ending in the output's own name, so a `.gz` output is still
-compressed); one left by a killed writer is removed by the next writer of the same output. On object stores, where
-rename is not atomic, an output is complete only once the manifest it writes last exists (encodings:
-`encoding.json`, index: `shards.json`, checkpoints: their checksum manifest).
+compressed); one left by a killed writer is removed by the next writer of the same output (for the small files
+written without a lock, once it is an hour old). On object stores, where rename is not atomic, an output is complete
+only once the manifest it writes last exists (encodings: `encoding.json`, index: `shards.json`, checkpoints: their
+checksum manifest).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import contextlib
 import ctypes
 import errno
 import fcntl
+import glob
 import json
 import os
 import shutil
@@ -32,6 +34,10 @@ from retriever.errors import OutputBusyError
 
 PARTIAL = ".partial-"
 _ID_CHARS = 8
+# A named sibling of a small file this old has no live writer: its writer names it after the last byte and renames
+# it a system call later, so only a writer killed in between (or on a filesystem without O_TMPFILE, killed while
+# writing a few KB) leaves one. An hour leaves room for clocks of a network filesystem that disagree.
+STALE_SIBLING_S = 3600.0
 _RENAME_EXCHANGE = 2  # renameat2 flag (Linux >= 3.15): swap two paths atomically
 _AT_FDCWD = -100
 
@@ -125,10 +131,25 @@ def partial_path(target: Path) -> Path:
     return target.parent / f"{PARTIAL}{uuid.uuid4().hex[:_ID_CHARS]}-{target.name}"
 
 
+def _partials(target: Path) -> Iterator[Path]:
+    # Escaped: a name like `run[1].json` must not match the siblings of `run1.json`.
+    return target.parent.glob(f"{PARTIAL}{'?' * _ID_CHARS}-{glob.escape(target.name)}")
+
+
 def remove_partials(target: Path) -> None:
     """Temporary siblings left by a writer of `target` that was killed (call while holding its lock)."""
-    for stale in target.parent.glob(f"{PARTIAL}{'?' * _ID_CHARS}-{target.name}"):
+    for stale in _partials(target):
         _remove(stale)
+
+
+def remove_stale_siblings(target: Path, older_than_s: float = STALE_SIBLING_S) -> None:
+    """Named siblings of the small file `target` (see `write_text_atomic`) untouched for `older_than_s`: left by a
+    killed writer, as no live one keeps its sibling that long. Younger ones may belong to a writer at work."""
+    cutoff = time.time() - older_than_s
+    for sibling in _partials(target):
+        with contextlib.suppress(FileNotFoundError):  # another writer removed it first
+            if sibling.is_file() and not sibling.is_symlink() and sibling.stat().st_mtime < cutoff:
+                sibling.unlink()
 
 
 def _exchange(first: Path, second: Path) -> bool:
@@ -231,11 +252,14 @@ def atomic_file(target: str | Path, *, overwrite: bool = False, what: str = "the
 def write_text_atomic(target: str | Path, text: str) -> None:
     """Replace the small file `target` with `text` in one step (a reader sees the old or the new text).
 
-    These files (manifests, sweep state) are written without a lock, so no later writer may remove a temporary
-    sibling left behind: the text goes into an unnamed file in the target's folder (Linux `O_TMPFILE`) that gets a
-    name only once complete, so a writer killed while writing leaves nothing. Where the system or the filesystem
-    cannot, a named sibling is written instead."""
+    These files (manifests, sweep state) are written without a lock, so a later writer may not remove a sibling
+    that another writer may still rename: the text goes into an unnamed file in the target's folder (Linux
+    `O_TMPFILE`) that gets a name only once complete, so a writer killed while writing leaves nothing. Where the
+    system or the filesystem cannot, a named sibling is written instead. A named sibling a killed writer left (also
+    one killed between naming its file and renaming it) is removed by a later write once it is an hour old
+    (`remove_stale_siblings`)."""
     target = Path(target)
+    remove_stale_siblings(target)
     data = text.encode()
     tmp = partial_path(target)
     try:

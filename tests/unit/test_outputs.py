@@ -189,6 +189,31 @@ def test_a_small_file_is_written_through_a_named_sibling_where_unnamed_files_are
     assert [p.name for p in tmp_path.iterdir()] == ["state.json"] and out.read_text() == "two\n"
 
 
+def test_a_small_files_sibling_left_by_a_killed_writer_is_removed_once_stale(tmp_path, monkeypatch):
+    monkeypatch.delattr(os, "O_TMPFILE")  # named siblings, as on a filesystem without unnamed files
+    out = tmp_path / "state.json"
+    write_text_atomic(out, "one\n")
+    stale, young = tmp_path / ".partial-0badc0de-state.json", tmp_path / ".partial-0000beef-state.json"
+    other = tmp_path / ".partial-0badc0de-state.json.bak"  # another file's sibling: never ours to remove
+    for path in (stale, young, other):
+        path.write_text("half a manifest")
+    hour_ago = time.time() - outputs.STALE_SIBLING_S - 60
+    for path in (stale, other):
+        os.utime(path, (hour_ago, hour_ago))
+    write_text_atomic(out, "two\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([out.name, young.name, other.name])
+    assert out.read_text() == "two\n"
+
+
+def test_siblings_are_matched_by_the_exact_name(tmp_path):
+    (tmp_path / ".partial-0badc0de-run1.json").write_text("another output's")
+    outputs.remove_partials(tmp_path / "run[1].json")  # a glob pattern of a name would match run1.json
+    assert [p.name for p in tmp_path.iterdir()] == [".partial-0badc0de-run1.json"]
+    (tmp_path / ".partial-0badc0de-run[1].json").write_text("its own")
+    outputs.remove_partials(tmp_path / "run[1].json")
+    assert [p.name for p in tmp_path.iterdir()] == [".partial-0badc0de-run1.json"]
+
+
 def test_a_small_file_that_cannot_replace_its_target_leaves_no_sibling(tmp_path):
     (tmp_path / "taken").mkdir()
     with pytest.raises(IsADirectoryError):
